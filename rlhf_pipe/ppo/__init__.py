@@ -1,0 +1,1 @@
+"""PPO and critic-free RL math: pure tensor functions, no I/O, no config objects."""
