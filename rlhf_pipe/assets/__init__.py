@@ -1,0 +1,1 @@
+"""Tiny, deterministic models, tokenizer and data built in code (no model hub)."""

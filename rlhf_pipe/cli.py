@@ -1,0 +1,79 @@
+"""`rlhf-pipe` command line: train, plan, bench, apply-vllm-patch.
+
+Errors a user can fix (a bad config, a bad data file, a missing model folder) print one line
+and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE_ERROR = 2
+
+
+def _user_errors():
+    from rlhf_pipe.config import ConfigError
+    from rlhf_pipe.data import DataError
+    from rlhf_pipe.models import ModelLoadError
+
+    return (ConfigError, DataError, ModelLoadError)
+
+
+def _load(args):
+    from rlhf_pipe.config import load_config, parse_override
+
+    overrides = dict(parse_override(s) for s in args.set or [])
+    if getattr(args, "pipe", None) is not None:
+        overrides["PIPE_MICRO_BATCH_NUM"] = args.pipe
+    if getattr(args, "work_dir", None):
+        overrides["train_config.work_dir"] = args.work_dir
+    if getattr(args, "max_steps", None) is not None:
+        overrides["train_config.max_train_step"] = args.max_steps
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    cfg = _load(args)
+    from rlhf_pipe.trainer import RLHFTrainer
+
+    trainer = RLHFTrainer(cfg)
+    history = trainer.learn()
+    trainer.close()
+    rewards = [h["reward"] for h in history]
+    k = min(5, len(rewards) // 2) or 1
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    print(f"mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} "
+          f"({'+' if last >= first else ''}{last - first:.4f})")
+    print(f"metrics: {trainer.logger.jsonl_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "apply-vllm-patch":
+        from rlhf_pipe.vllm_patch.tool import main as patch_main
+
+        return patch_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="rlhf-pipe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a config (one process; torchrun for many)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. train_config.max_train_step=3")
+    p.add_argument("--pipe", type=int, help="PIPE_MICRO_BATCH_NUM")
+    p.add_argument("--work-dir")
+    p.add_argument("--max-steps", type=int)
+    p.set_defaults(fn=cmd_train)
+    sub.add_parser("apply-vllm-patch", help="add generate_to_queue to the installed vLLM "
+                   "(see rlhf-pipe apply-vllm-patch --help)")
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Typed run configuration, loaded from a Python config file and validated once at start.
+
+A config file is plain Python read with `mmengine.Config.fromfile`. Its top-level lowercase
+names are the sections below; UPPERCASE names are free constants (PIPE_MICRO_BATCH_NUM is read
+from there) and names starting with "_" are private helpers. Any other key is an error, so a
+typo never passes silently. Every check lives in this module and raises `ConfigError` with a
+single line: "<file>: <key>: expected ..., got ...".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A bad config value. `str(err)` is the whole one-line message."""
+
+
+def _ge(lo):
+    return {"ge": lo}
+
+
+def _range(lo, hi, lo_open=False):
+    return {"ge": lo, "le": hi, "lo_open": lo_open}
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass
+class ParallelConfig:
+    data: dict = field(default_factory=lambda: {"size": 1})
+    tensor: dict = field(default_factory=lambda: {"size": 1})
+
+
+@dataclass
+class TrainerConfig:
+    """How one model runs: precision, optimiser, parallel sizes, DeepSpeed dict."""
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lr: float = field(default=1e-6, metadata=_range(0.0, 1.0))
+    weight_decay: float = field(default=0.0, metadata=_ge(0.0))
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = field(default=1e-8, metadata=_range(0.0, 1.0, lo_open=True))
+    lr_warmup_steps: int = field(default=0, metadata=_ge(0))
+    max_grad_norm: Optional[float] = field(default=1.0, metadata=_ge(0.0))
+    gradient_checkpointing: bool = False
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed_config: Optional[dict] = None
+    offload: bool = False  # reference/reward: weights to CPU between uses
+
+
+@dataclass
+class GeneratorConfig:
+    generator_type: Literal["vllm", "hf"] = "vllm"
+    num_engines: int = field(default=1, metadata=_ge(1))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+@dataclass
+class ModelConfig:
+    model_path: Optional[str] = None
+    model_type: Optional[str] = None
+    trust_remote_code: bool = False
+    trainer_config: TrainerConfig = field(default_factory=TrainerConfig)
+    generator_config: Optional[GeneratorConfig] = None
+    # reward only: a rule-based function "module:function" used instead of / beside a model
+    reward_fn: Optional[str] = None
+
+
+@dataclass
+class ModelConfigs:
+    policy: ModelConfig
+    critic: Optional[ModelConfig] = None
+    reference: Optional[ModelConfig] = None
+    reward: Optional[ModelConfig] = None
+
+
+@dataclass
+class TokenizerConfig:
+    tokenizer_path: Optional[str] = None
+    padding_side: Literal["left"] = "left"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = field(default=64, metadata=_ge(1))
+    temperature: float = field(default=1.0, metadata=_ge(0.0))
+    top_p: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    top_k: int = -1
+    n: int = field(default=1, metadata=_ge(1))
+    ignore_eos: bool = False
+    stop_token_list: Optional[str] = None  # ";"-separated stop strings
+    max_model_len: Optional[int] = field(default=None, metadata=_ge(1))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpu_memory_utilization: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+    enforce_eager: bool = True
+    seed: int = 0
+    # Passed to vllm.LLM as they are (block_size, max_num_batched_tokens, swap_space, ...).
+    engine_kwargs: dict = field(default_factory=dict)
+    # Generation of a whole batch may legitimately take long; this bounds the wait for the
+    # *next* finished request, so a dead engine becomes an error, not a hang.
+    request_timeout_s: float = field(default=600.0, metadata=_range(0.0, 1e6, lo_open=True))
+
+
+@dataclass
+class RepeaterConfig:
+    kl_coeff: float = field(default=0.01, metadata=_ge(0.0))
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    gamma: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    gae_lambda: float = field(default=0.99, metadata=_range(0.0, 1.0))
+    clip_reward_min: Optional[float] = -5.0
+    clip_reward_max: Optional[float] = 5.0
+    # 'running': per micro-batch running mean/std (the reference's behaviour, not equal to
+    # serial); 'batch': whole-batch, exact; False: off.
+    norm_rewards: Union[Literal["running", "batch"], bool] = "running"
+
+
+@dataclass
+class TrainConfig:
+    pipe_micro_bs: Optional[int] = field(default=None, metadata=_ge(1))
+    train_micro_bs: int = field(default=1, metadata=_ge(1))
+    infer_micro_bs: int = field(default=1, metadata=_ge(1))
+    ppo_epochs: int = field(default=1, metadata=_ge(1))
+    num_mini_batches: int = field(default=1, metadata=_ge(1))
+    policy_clip: float = field(default=0.2, metadata=_range(0.0, 1.0, lo_open=True))
+    value_clip: Optional[float] = field(default=0.5, metadata=_ge(0.0))
+    ppo_loss_weight: float = field(default=1.0, metadata=_ge(0.0))
+    pretrain_loss_weight: float = field(default=0.5, metadata=_ge(0.0))
+    value_loss_weight: float = field(default=1.0, metadata=_ge(0.0))
+    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    critic_warmup_step: int = field(default=0, metadata=_ge(0))
+    max_train_step: int = field(default=10, metadata=_ge(1))
+    save_interval: int = field(default=0, metadata=_ge(0))  # 0: only at the end
+    log_interval: int = field(default=1, metadata=_ge(1))
+    seed: int = 0
+    work_dir: str = "work_dirs/rlhf_pipe"
+    on_policy: bool = True  # assert every trained sample came from the current policy version
+    stage_timeout_s: float = field(default=600.0, metadata=_range(0.0, 1e6, lo_open=True))
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class PromptDatasetConfig:
+    message_datasets: list = field(default_factory=list)  # "path::ratio[SYS]:name" strings
+    samples_each_epoch: int = field(default=0, metadata=_ge(1))  # prompts per PPO step
+    max_len: int = field(default=1024, metadata=_ge(1))  # max prompt tokens
+    prompt_key: str = "prompt"
+    shuffle: bool = True
+    seed: int = 0
+
+
+@dataclass
+class PretrainDatasetConfig:
+    message_datasets: list = field(default_factory=list)
+    samples_each_epoch: int = field(default=0, metadata=_ge(1))
+    max_len: int = field(default=1024, metadata=_ge(1))
+    text_key: str = "text"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """The validated config. Derived sizes are filled in by `validate`."""
+    model_configs: ModelConfigs
+    prompt_dataset_config: PromptDatasetConfig
+    rollout_config: RolloutConfig = field(default_factory=RolloutConfig)
+    repeater_config: RepeaterConfig = field(default_factory=RepeaterConfig)
+    train_config: TrainConfig = field(default_factory=TrainConfig)
+    tokenizer_config: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pretrain_dataset_config: Optional[PretrainDatasetConfig] = None
+    pipe_micro_batch_num: int = 1
+    constants: dict = field(default_factory=dict)
+    source: str = "<config>"
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompt_dataset_config.samples_each_epoch * self.rollout_config.n
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.model_configs.critic is not None
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)
+            if f.name not in ("pipe_micro_batch_num", "constants", "source")}
+
+
+# ----------------------------------------------------------------------------- typed building
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if dataclasses.is_dataclass(tp):
+        return "a dict"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str, src: str):
+    """Return `value` checked against annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, src)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        # bool is an int subclass, so compare types too: True must not match 1.
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            return value
+        raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{src}: {key}: expected None, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: {key}: expected a dict, got {value!r}")
+        return build_section(tp, value, key, src)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (bool, str, dict, list):
+        if isinstance(value, tp) or (tp is list and isinstance(value, tuple)):
+            return list(value) if tp is list else value
+    else:
+        return value
+    raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _check_range(value, meta: dict, key: str, src: str) -> None:
+    if value is None or not meta:
+        return
+    lo, hi = meta.get("ge"), meta.get("le")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"{src}: {key}: expected a value {op} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{src}: {key}: expected a value <= {hi}, got {value!r}")
+
+
+def build_section(cls, data: dict, prefix: str, src: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{src}: {prefix}.{unknown[0]}: unknown key "
+                          f"(known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{src}: {key}: required key is missing")
+            continue
+        value = _coerce(data[name], hints[name], key, src)
+        _check_range(value, f.metadata, key, src)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- cross checks
+
+def _fail(src, key, msg):
+    raise ConfigError(f"{src}: {key}: {msg}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """All divisibility, range and presence checks that span keys. Fills derived sizes."""
+    src, t, r = cfg.source, cfg.train_config, cfg.rollout_config
+    m = cfg.pipe_micro_batch_num
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        _fail(src, "PIPE_MICRO_BATCH_NUM", f"expected an int >= 1, got {m!r}")
+    prompts = cfg.prompt_dataset_config.samples_each_epoch
+    if prompts < 1:
+        _fail(src, "prompt_dataset_config.samples_each_epoch", "required, expected an int >= 1")
+    if not cfg.prompt_dataset_config.message_datasets:
+        _fail(src, "prompt_dataset_config.message_datasets", "expected at least one dataset")
+    total = cfg.samples_per_step
+    if total % m:
+        _fail(src, "PIPE_MICRO_BATCH_NUM",
+              f"samples per step ({prompts} prompts x n={r.n} = {total}) must be divisible "
+              f"by PIPE_MICRO_BATCH_NUM={m}")
+    if t.pipe_micro_bs is None:
+        t.pipe_micro_bs = total // m
+    elif t.pipe_micro_bs * m != total:
+        _fail(src, "train_config.pipe_micro_bs",
+              f"expected samples per step / PIPE_MICRO_BATCH_NUM = {total}/{m} = {total // m}, "
+              f"got {t.pipe_micro_bs}")
+    for name in ("train_micro_bs", "infer_micro_bs"):
+        size = getattr(t, name)
+        if t.pipe_micro_bs % size:
+            _fail(src, f"train_config.{name}",
+                  f"must divide pipe_micro_bs={t.pipe_micro_bs} (so micro-batch chunks are the "
+                  f"same in pipelined and serial runs), got {size}")
+    if total % t.num_mini_batches:
+        _fail(src, "train_config.num_mini_batches",
+              f"must divide samples per step ({total}), got {t.num_mini_batches}")
+    if (total // t.num_mini_batches) % t.train_micro_bs:
+        _fail(src, "train_config.train_micro_bs",
+              f"must divide the mini-batch size {total // t.num_mini_batches}")
+
+    mc = cfg.model_configs
+    if not mc.policy.model_path:
+        _fail(src, "model_configs.policy.model_path", "required key is missing")
+    if mc.policy.generator_config is None:
+        mc.policy.generator_config = GeneratorConfig()
+    reward = mc.reward
+    if reward is None or (not reward.model_path and not reward.reward_fn):
+        _fail(src, "model_configs.reward", "expected a model_path, a reward_fn or both")
+    if reward.reward_fn and ":" not in reward.reward_fn:
+        _fail(src, "model_configs.reward.reward_fn",
+              f"expected 'module:function', got {reward.reward_fn!r}")
+    if mc.critic is not None and not mc.critic.model_path:
+        _fail(src, "model_configs.critic.model_path", "required key is missing")
+    if mc.reference is not None and not mc.reference.model_path:
+        _fail(src, "model_configs.reference.model_path", "required key is missing")
+    for role in ("policy", "critic", "reference", "reward"):
+        model = getattr(mc, role)
+        if model is not None and model.model_path and not os.path.isdir(model.model_path):
+            _fail(src, f"model_configs.{role}.model_path",
+                  f"no such folder: {model.model_path}")
+
+    if r.max_model_len is not None and r.max_model_len <= r.max_new_tokens:
+        _fail(src, "rollout_config.max_model_len",
+              f"must exceed max_new_tokens={r.max_new_tokens}, got {r.max_model_len}")
+    lo, hi = cfg.repeater_config.clip_reward_min, cfg.repeater_config.clip_reward_max
+    if lo is not None and hi is not None and lo >= hi:
+        _fail(src, "repeater_config.clip_reward_min",
+              f"must be below clip_reward_max={hi}, got {lo}")
+    if mc.critic is None and t.critic_warmup_step:
+        _fail(src, "train_config.critic_warmup_step", "set, but there is no critic model")
+    if len(mc.policy.trainer_config.betas) != 2:
+        _fail(src, "model_configs.policy.trainer_config.betas",
+              f"expected two floats, got {mc.policy.trainer_config.betas!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
+    """Build and validate a RunConfig from a plain dict (the config file's top-level names)."""
+    sections, constants = {}, {}
+    for key, value in raw.items():
+        if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue
+        if key.isupper():
+            constants[key] = value
+        elif key in SECTIONS:
+            sections[key] = value
+        else:
+            raise ConfigError(f"{source}: {key}: unknown key (known: {', '.join(sorted(SECTIONS))})")
+    hints = typing.get_type_hints(RunConfig)
+    kwargs = {}
+    for name, f in SECTIONS.items():
+        if name in sections:
+            value = _coerce(sections[name], hints[name], name, source)
+            kwargs[name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: {name}: required section is missing")
+    cfg = RunConfig(**kwargs, pipe_micro_batch_num=constants.get("PIPE_MICRO_BATCH_NUM", 1),
+                    constants=constants, source=source)
+    return validate(cfg)
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> RunConfig:
+    """Load a Python config file. `overrides` maps dotted keys to values (CLI --set)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    if not path.endswith(".py"):
+        raise ConfigError(f"{path}: expected a Python config file ending in .py")
+    from mmengine import Config  # imported here: the math and data modules must not need it
+
+    try:
+        raw = Config.fromfile(path, lazy_import=False).to_dict()
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:  # the file is user code: report its first error on one line
+        raise ConfigError(f"{path}: failed to load: {type(e).__name__}: {e}".splitlines()[0]) from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return from_dict(raw, source=path)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=3' -> ('a.b', 3); the value is a Python literal, else a string."""
+    import ast
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE")
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
+
+
+def work_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.train_config.work_dir)

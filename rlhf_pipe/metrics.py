@@ -1,0 +1,91 @@
+"""Per-step metrics to the console, a JSONL file and TensorBoard; a live progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+
+CONSOLE_KEYS = ("reward", "kl", "entropy", "actor/policy_loss", "critic/value_loss",
+                "actor/clip_frac", "response_len", "step_s", "samples_per_s",
+                "idle_frac/train", "sync/seconds")
+
+
+class MetricsLogger:
+    def __init__(self, work_dir: str | Path, tensorboard: bool = True, console: bool = True):
+        self.dir = Path(work_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.dir / "metrics.jsonl"
+        self.console = console
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                print("warning: tensorboard is not installed; metrics go to JSONL only",
+                      file=sys.stderr)
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.jsonl_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a crash must not lose the steps already reported
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self.console:
+            shown = " ".join(f"{k.split('/')[-1] if '/' in k and k.count('/') == 1 and k.startswith(('actor', 'critic')) else k}={_fmt(record[k])}"
+                             for k in CONSOLE_KEYS if k in record)
+            print(f"step {step}: {shown}", flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    return v
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class StageProgress:
+    """A tqdm bar per step whose postfix shows which micro-batch each stage has finished."""
+
+    def __init__(self, step: int, num_micro_batches: int, enabled: bool):
+        self._lock = threading.Lock()
+        self._done = {"generate": 0, "forward": 0, "train": 0}
+        self._m = num_micro_batches
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=3 * num_micro_batches, desc=f"step {step}", leave=False,
+                             dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, stage: str, micro_batch: int) -> None:
+        if self._bar is None or stage not in self._done:
+            return
+        with self._lock:
+            self._done[stage] += 1
+            self._bar.set_postfix_str(" ".join(f"{s[0].upper()}:{n}/{self._m}"
+                                               for s, n in self._done.items()))
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,120 @@
+"""Loading the four models from local HF folders and running them on padded batches.
+
+Actor and reference are `AutoModelForCausalLM`. Critic and reward are
+`AutoModelForSequenceClassification` with one label: a causal-LM trunk plus a scalar head, a
+plain HF folder both ways. A critic may be started from a causal-LM folder (the head is then
+freshly initialised). Models run with dropout off (eval mode) in every stage, so the log-probs
+of the Forward stage are those the Train stage recomputes.
+
+Notation: b = samples, P = prompt width, R = response width, V = vocab.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from rlhf_pipe.pipeline.batch import PaddedBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _check_folder(path: str, role: str) -> None:
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"{role}: model folder not found: {path}")
+    names = os.listdir(path)
+    if not any(n.endswith((".safetensors", ".bin")) or n.endswith(".safetensors.index.json")
+               for n in names):
+        raise ModelLoadError(f"{role}: no weights (*.safetensors or *.bin) in {path}")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                   role: str = "policy") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    _check_folder(path, role)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                 trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def load_value_model(path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                     role: str = "critic") -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    _check_folder(path, role)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a fresh value head on a causal-LM folder is expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = 0
+    _value_head(model)  # fail early if the architecture has no scalar head we know
+    return model.eval()
+
+
+def _trunk(model: nn.Module) -> nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def _value_head(model: nn.Module) -> nn.Module:
+    for name in ("score", "v_head", "value_head", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ModelLoadError(f"{type(model).__name__}: no scalar value head found")
+
+
+def response_logits(model: nn.Module, batch: PaddedBatch) -> Tensor:
+    """Logits that predict each response token: (b, R, V)."""
+    R = batch.response_width
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False)
+    return out.logits[:, :-1]  # position t predicts token t + 1
+
+
+def token_values(model: nn.Module, batch: PaddedBatch) -> Tensor:
+    """Critic value of the state before each response token: (b, R)."""
+    R, P = batch.response_width, batch.prompt_width
+    hidden = _trunk(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    return _value_head(model)(hidden[:, P - 1:P - 1 + R]).squeeze(-1).float()
+
+
+def sequence_scores(model: nn.Module, batch: PaddedBatch) -> Tensor:
+    """Reward-model score read at each row's last real token: (b,)."""
+    hidden = _trunk(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, batch.last_index]  # (b, H)
+    return _value_head(model)(last).squeeze(-1).float()
+
+
+def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> None:
+    """Save in HF format via safetensors (works on any rank of an initialised world)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

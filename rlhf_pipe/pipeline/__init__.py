@@ -1,0 +1,1 @@
+"""Queue-fed pipeline stages: Generate -> Forward -> Advantage -> Train."""

@@ -1,0 +1,108 @@
+"""Samples as they travel through the stages, and padding them into model batches.
+
+A `Sample` keeps its own unpadded tensors, so any stage can regroup samples (forward chunks,
+train chunks, PPO mini-batches) and padding depends only on the chunk, never on how the
+pipeline happened to slice the step. That is what makes pipelined == serial.
+
+Notation: b = samples in a chunk, P = padded prompt width, R = padded response width,
+P_i / R_i = one sample's own lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Sample:
+    sample_id: int
+    prompt_index: int
+    version: int                     # policy version that generated the response
+    prompt_ids: Tensor               # (P_i,) long
+    response_ids: Tensor             # (R_i,) long
+    prompt_text: str = ""
+    response_text: str = ""
+    finish_reason: str | None = None
+    # Forward stage
+    old_logp: Tensor | None = None   # (R_i,) actor log-probs at generation weights
+    ref_logp: Tensor | None = None   # (R_i,)
+    values: Tensor | None = None     # (R_i,) critic values
+    score: Tensor | None = None      # () reward before clipping / normalisation
+    # Advantage stage
+    kl: Tensor | None = None         # (R_i,)
+    token_rewards: Tensor | None = None  # (R_i,)
+    advantages: Tensor | None = None     # (R_i,)
+    returns: Tensor | None = None        # (R_i,)
+
+    @property
+    def num_actions(self) -> int:
+        return int(self.response_ids.numel())
+
+
+@dataclass
+class MicroBatch:
+    """PIPE micro-batch: `index` counts in completion order within a step."""
+    index: int
+    samples: list[Sample]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class PaddedBatch:
+    input_ids: Tensor        # (b, P+R) prompt left-padded, response right-padded
+    attention_mask: Tensor   # (b, P+R)
+    position_ids: Tensor     # (b, P+R)
+    response_mask: Tensor    # (b, R) float, 1 on real response tokens
+    prompt_width: int        # P
+    last_index: Tensor       # (b,) position of each row's last real token
+
+    @property
+    def response_width(self) -> int:
+        return self.response_mask.shape[1]
+
+    def to(self, device) -> "PaddedBatch":
+        return PaddedBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                           self.position_ids.to(device), self.response_mask.to(device),
+                           self.prompt_width, self.last_index.to(device))
+
+
+def collate(samples: list[Sample], pad_id: int) -> PaddedBatch:
+    P = max(int(s.prompt_ids.numel()) for s in samples)
+    R = max(max(s.num_actions for s in samples), 1)
+    b = len(samples)
+    input_ids = torch.full((b, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, P + R), dtype=torch.long)
+    response_mask = torch.zeros((b, R), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = int(s.prompt_ids.numel()), s.num_actions
+        input_ids[i, P - p:P] = s.prompt_ids
+        input_ids[i, P:P + r] = s.response_ids
+        attention_mask[i, P - p:P + r] = 1
+        response_mask[i, :r] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    # With an empty answer the last real token is the prompt's last token (index P - 1).
+    last_index = P - 1 + response_mask.sum(-1).long()
+    return PaddedBatch(input_ids, attention_mask, position_ids, response_mask, P, last_index)
+
+
+def pad_field(samples: list[Sample], name: str, width: int) -> Tensor:
+    """Stack a per-token field of `samples` into (b, width), zero padded on the right."""
+    out = torch.zeros((len(samples), width), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        value = getattr(s, name)
+        out[i, :value.numel()] = value
+    return out
+
+
+def unpad_into(samples: list[Sample], name: str, padded: Tensor) -> None:
+    """Inverse of pad_field: store row i's first R_i entries on samples[i].`name`."""
+    padded = padded.detach().float().cpu()
+    for i, s in enumerate(samples):
+        setattr(s, name, padded[i, :s.num_actions].clone())
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,343 @@
+"""One PPO step as four stage threads joined by bounded channels.
+
+```
+prompts -> [Generate] --completions--> [Forward] --micro-batches--> [Advantage] --> [Train]
+             vLLM streams             ref | reward | critic | actor    KL, (norm), GAE   grads
+             finished requests        (concurrent, per micro-batch)                     accumulate
+after the last micro-batch: one optimizer step per model (then the trainer syncs weights)
+```
+
+Micro-batches form in completion order: micro-batch i is the i-th group of `pipe_micro_bs`
+samples to finish. PIPE_MICRO_BATCH_NUM = 1 is the serial baseline. Each stage records its
+busy intervals so the trainer can report busy/idle seconds and draw the timeline.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf_pipe.pipeline.batch import MicroBatch, Sample, chunks, pad_field, unpad_into
+from rlhf_pipe.pipeline.channel import END, Channel, PipelineAborted, StageTimeout
+from rlhf_pipe.ppo import core
+from rlhf_pipe.roles import grad_divisor as _grad_divisor
+from rlhf_pipe.rollout.types import Completion, SamplingSettings
+
+STAGES = ("generate", "forward", "advantage", "train")
+
+
+class StageError(RuntimeError):
+    """The first failure of a step, naming its stage."""
+
+
+@dataclass(frozen=True)
+class AdvantageSettings:
+    kl_coeff: float
+    kl_estimator: str
+    gamma: float
+    gae_lambda: float
+    clip_reward_min: float | None
+    clip_reward_max: float | None
+    norm_rewards: object  # "running" | "batch" | False
+
+
+@dataclass
+class StepPlan:
+    """What one step needs beyond the roles: sizes, settings and the prompts."""
+    prompt_ids: list[list[int]]
+    prompt_texts: list[str]
+    seeds: list[int]
+    sampling: SamplingSettings
+    pipe_micro_bs: int
+    samples_per_step: int
+    advantage: AdvantageSettings
+    loss: object                      # roles.LossSettings
+    update_actor: bool
+    ppo_epochs: int = 1
+    num_mini_batches: int = 1
+    on_policy_version: int | None = None
+    timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    ptx_token_ids: list[list[int]] | None = None
+    ptx_weight: float = 0.0
+
+
+@dataclass
+class StepOutput:
+    samples: list[Sample]
+    train_metrics: dict
+    timeline: list[tuple[str, int, float, float]]   # (stage, micro-batch, start, end), seconds
+    wall_s: float
+    extra: dict = field(default_factory=dict)
+
+
+class _Run:
+    """Threads of one step: the first error aborts the rest and is re-raised by join()."""
+
+    def __init__(self):
+        self.abort = threading.Event()
+        self.error: tuple[str, BaseException, str] | None = None
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.t0 = time.perf_counter()
+        self.timeline: list[tuple[str, int, float, float]] = []
+
+    def spawn(self, name: str, fn) -> None:
+        def body():
+            try:
+                fn()
+            except PipelineAborted:
+                pass
+            except BaseException as e:
+                with self._lock:
+                    if self.error is None:
+                        self.error = (name, e, traceback.format_exc())
+                self.abort.set()
+
+        t = threading.Thread(target=body, name=f"rlhf_pipe-{name}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def record(self, stage: str, mb: int, start: float) -> None:
+        with self._lock:
+            self.timeline.append((stage, mb, start - self.t0, time.perf_counter() - self.t0))
+
+    def join(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(deadline - time.monotonic(), 0.0))
+        if any(t.is_alive() for t in self._threads) and self.error is None:
+            self.abort.set()
+            alive = [t.name for t in self._threads if t.is_alive()]
+            self.error = ("pipeline", StageTimeout(f"threads still running after "
+                                                   f"{timeout_s:.0f} s: {alive}"), "")
+        if self.error is not None:
+            stage, exc, tb = self.error
+            raise StageError(f"stage '{stage}' failed: {type(exc).__name__}: {exc}") from exc
+
+
+class StepPipeline:
+    """Runs one step through the stages. Roles are objects with the methods of
+    rlhf_pipe.roles (or remote proxies with the same methods)."""
+
+    def __init__(self, engine, actor, critic, reference, reward, tokenizer, pad_id: int,
+                 on_event=None):
+        self.engine, self.actor, self.critic = engine, actor, critic
+        self.reference, self.reward = reference, reward
+        self.tokenizer, self.pad_id = tokenizer, pad_id
+        self.running = core.RunningMoments()
+        self.on_event = on_event or (lambda stage, mb: None)
+        # Forward calls of the four models run side by side.
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rlhf_pipe-fwd")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ stages
+
+    def _generate(self, run: _Run, plan: StepPlan, out: Channel) -> None:
+        start = time.perf_counter()
+        indices = list(range(len(plan.prompt_ids)))
+        self.engine.generate(plan.prompt_ids, indices, plan.sampling, plan.seeds, out)
+        run.record("generate", -1, start)
+        out.close()
+
+    def _forward(self, run: _Run, plan: StepPlan, inp: Channel, out: Channel) -> None:
+        pending: list[Completion] = []
+        index = 0
+        seen: set[int] = set()
+        gen_start = time.perf_counter()
+        while True:
+            item = inp.get(timeout_s=plan.request_timeout_s)
+            if item is not END:
+                if item.sample_id in seen:
+                    raise RuntimeError(f"sample {item.sample_id} produced twice")
+                seen.add(item.sample_id)
+                pending.append(item)
+            if len(pending) == plan.pipe_micro_bs or (item is END and pending):
+                run.record("gen_mb", index, gen_start)
+                self.on_event("generate", index)
+                start = time.perf_counter()
+                mb = MicroBatch(index, [self._to_sample(c, plan) for c in pending])
+                self._forward_models(mb.samples)
+                run.record("forward", index, start)
+                self.on_event("forward", index)
+                out.put(mb)
+                index, pending, gen_start = index + 1, [], time.perf_counter()
+            if item is END:
+                break
+        if len(seen) != plan.samples_per_step:
+            raise RuntimeError(f"generation produced {len(seen)} samples, expected "
+                               f"{plan.samples_per_step}")
+        out.close()
+
+    def _to_sample(self, c: Completion, plan: StepPlan) -> Sample:
+        return Sample(
+            sample_id=c.sample_id, prompt_index=c.prompt_index, version=c.version,
+            prompt_ids=torch.tensor(c.prompt_ids, dtype=torch.long),
+            response_ids=torch.tensor(c.response_ids, dtype=torch.long),
+            prompt_text=plan.prompt_texts[c.prompt_index],
+            response_text=self.tokenizer.decode(c.response_ids, skip_special_tokens=True),
+            finish_reason=c.finish_reason)
+
+    def _forward_models(self, samples: list[Sample]) -> None:
+        jobs = {"old_logp": self._pool.submit(self.actor.logprobs, samples),
+                "score": self._pool.submit(self.reward.scores, samples)}
+        if self.reference is not None:
+            jobs["ref_logp"] = self._pool.submit(self.reference.logprobs, samples)
+        if self.critic is not None:
+            jobs["values"] = self._pool.submit(self.critic.values, samples)
+        for name, job in jobs.items():
+            for s, value in zip(samples, job.result()):
+                setattr(s, name, value)
+
+    def _advantage(self, run: _Run, plan: StepPlan, inp: Channel, out: Channel) -> None:
+        a = plan.advantage
+        held: list[MicroBatch] = []
+        for mb in inp:
+            if a.norm_rewards == "batch":
+                # Exact whole-batch normalisation needs every score of the step first.
+                held.append(mb)
+                continue
+            start = time.perf_counter()
+            self._advantages(mb.samples, a)
+            run.record("advantage", mb.index, start)
+            out.put(mb)
+        if held:
+            start = time.perf_counter()
+            every = [s for mb in held for s in mb.samples]
+            self._advantages(every, a)
+            run.record("advantage", -1, start)
+            for mb in held:
+                out.put(mb)
+        out.close()
+
+    def _advantages(self, samples: list[Sample], a: AdvantageSettings) -> None:
+        R = max(max(s.num_actions for s in samples), 1)
+        mask = pad_field_mask(samples, R)
+        scores = torch.stack([s.score for s in samples]).float()  # (b,)
+        if a.clip_reward_min is not None or a.clip_reward_max is not None:
+            scores = scores.clamp(min=a.clip_reward_min, max=a.clip_reward_max)
+        if a.norm_rewards == "running":
+            self.running.update(scores)
+            scores = core.normalize(scores, self.running.mean, self.running.std)
+        elif a.norm_rewards == "batch":
+            scores = core.normalize(scores, scores.mean(), scores.std(unbiased=False))
+        old = pad_field(samples, "old_logp", R)
+        if samples[0].ref_logp is not None:
+            kl = core.kl_penalty(old, pad_field(samples, "ref_logp", R), a.kl_estimator) * mask
+        else:
+            kl = torch.zeros_like(old)
+        rewards = core.token_rewards(scores, kl, mask, a.kl_coeff, None, None)
+        values = pad_field(samples, "values", R)
+        adv, ret = core.gae_advantages(rewards, values, mask, a.gamma, a.gae_lambda)
+        unpad_into(samples, "kl", kl)
+        unpad_into(samples, "token_rewards", rewards)
+        unpad_into(samples, "advantages", adv)
+        unpad_into(samples, "returns", ret)
+
+    def _train(self, run: _Run, plan: StepPlan, inp: Channel, result: dict) -> None:
+        streaming = plan.ppo_epochs * plan.num_mini_batches == 1
+        got: list[Sample] = []
+        metrics: dict = {}
+        for mb in inp:
+            self._check_versions(mb.samples, plan)
+            got.extend(mb.samples)
+            if streaming:
+                start = time.perf_counter()
+                _merge(metrics, self._train_on(mb.samples, plan, plan.samples_per_step))
+                run.record("train", mb.index, start)
+                self.on_event("train", mb.index)
+        if len(got) != plan.samples_per_step:
+            raise RuntimeError(f"train stage got {len(got)} samples, expected "
+                               f"{plan.samples_per_step}")
+        start = time.perf_counter()
+        if streaming:
+            _merge(metrics, self._finish(plan, got))
+        else:
+            # Several updates per batch: mini-batches are contiguous in completion order.
+            size = plan.samples_per_step // plan.num_mini_batches
+            for _ in range(plan.ppo_epochs):
+                for mini in chunks(got, size):
+                    _merge(metrics, self._train_on(mini, plan, len(mini)))
+                    _merge(metrics, self._finish(plan, mini))
+        run.record("optimizer", -1, start)
+        result["samples"] = got
+        result["metrics"] = metrics
+
+    def _train_on(self, samples, plan: StepPlan, num_samples: int) -> dict:
+        metrics = {}
+        if plan.update_actor:
+            _merge(metrics, self.actor.train(samples, plan.loss, num_samples))
+        if self.critic is not None:
+            _merge(metrics, self.critic.train(samples, plan.loss, num_samples))
+        return metrics
+
+    def _finish(self, plan: StepPlan, samples: list[Sample]) -> dict:
+        divisor = _grad_divisor(plan.loss.loss_agg, sum(s.num_actions for s in samples))
+        metrics = {}
+        if plan.update_actor:
+            if plan.ptx_token_ids:
+                # Added after the policy gradient is normalised, with its own normaliser.
+                _divide_grads(self.actor.model, divisor)
+                _merge(metrics, self.actor.ptx(plan.ptx_token_ids, plan.ptx_weight))
+                actor_divisor = 1.0
+            else:
+                actor_divisor = divisor
+            metrics.update({f"actor/{k}": v for k, v in
+                            self.actor.finish_step(actor_divisor).items()})
+        if self.critic is not None:
+            metrics.update({f"critic/{k}": v for k, v in
+                            self.critic.finish_step(divisor).items()})
+        return metrics
+
+    @staticmethod
+    def _check_versions(samples: list[Sample], plan: StepPlan) -> None:
+        if plan.on_policy_version is None:
+            return
+        stale = [s.sample_id for s in samples if s.version != plan.on_policy_version]
+        if stale:
+            raise RuntimeError(f"on-policy check: samples {stale[:5]} were generated by a policy "
+                               f"version other than {plan.on_policy_version}")
+
+    # ------------------------------------------------------------------ driver
+
+    def run(self, plan: StepPlan) -> StepOutput:
+        run = _Run()
+        # Bounded: generation may run at most one step's worth ahead of the Forward stage;
+        # between the later stages two micro-batches in flight are enough to overlap.
+        gen_q = Channel("generate->forward", plan.samples_per_step, run.abort, plan.timeout_s)
+        fwd_q = Channel("forward->advantage", 2, run.abort, plan.timeout_s)
+        adv_q = Channel("advantage->train", 2 if plan.advantage.norm_rewards != "batch"
+                        else plan.samples_per_step, run.abort, plan.timeout_s)
+        result: dict = {}
+        run.spawn("generate", lambda: self._generate(run, plan, gen_q))
+        run.spawn("forward", lambda: self._forward(run, plan, gen_q, fwd_q))
+        run.spawn("advantage", lambda: self._advantage(run, plan, fwd_q, adv_q))
+        run.spawn("train", lambda: self._train(run, plan, adv_q, result))
+        run.join(plan.timeout_s + plan.request_timeout_s)
+        return StepOutput(result["samples"], result["metrics"], run.timeline,
+                          time.perf_counter() - run.t0)
+
+
+def pad_field_mask(samples: list[Sample], width: int) -> torch.Tensor:
+    mask = torch.zeros((len(samples), width), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        mask[i, :s.num_actions] = 1
+    return mask
+
+
+def _divide_grads(model, divisor: float) -> None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and divisor != 1.0:
+        torch._foreach_div_(grads, divisor)
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        into[k] = into[k] + v if k in into and not k.endswith(("grad_norm", "lr")) else v

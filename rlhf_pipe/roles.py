@@ -1,0 +1,238 @@
+"""The four model roles as objects the stages call: forward on samples, train on samples.
+
+This is the seam between the pipeline's control and where a model lives. Here every role is a
+model in this process; the distributed runner puts the same methods behind rank groups. A role
+takes and returns per-sample tensors (unpadded), so the caller never sees padding.
+
+Metrics come back as detached tensors (sums and counts); the trainer moves them to the host once
+per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rlhf_pipe.models import response_logits, sequence_scores, token_values
+from rlhf_pipe.pipeline.batch import Sample, chunks, collate, pad_field
+from rlhf_pipe.ppo import core
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    policy_clip: float
+    value_clip: float | None
+    ppo_loss_weight: float
+    value_loss_weight: float
+    loss_agg: str            # "token_mean" | "seq_mean_token_mean"
+
+
+def grad_divisor(loss_agg: str, num_tokens: int) -> float:
+    """token_mean sums per-token losses while the batch streams in; its normaliser (the batch's
+    response-token count) is only known at the end, so the summed gradient is divided once
+    before clipping and the step. seq_mean_token_mean normalises by the sample count, known
+    up front, inside the loss."""
+    return float(num_tokens) if loss_agg == "token_mean" else 1.0
+
+
+def _loss(per_token: Tensor, mask: Tensor, loss_agg: str, num_samples: int) -> Tensor:
+    if loss_agg == "token_mean":
+        return core.aggregate(per_token, mask, 1.0)
+    return core.seq_mean_token_mean(per_token, mask, num_samples)
+
+
+def _make_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
+                    warmup_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps,
+                            weight_decay=weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+    return opt, sched
+
+
+class _Trainable:
+    model: nn.Module
+
+    def __init__(self, model, lr, betas, eps, weight_decay, warmup_steps, max_grad_norm):
+        self.model = model
+        self.model.requires_grad_(True)
+        self.optimizer, self.scheduler = _make_optimizer(model, lr, betas, eps, weight_decay,
+                                                         warmup_steps)
+        self.max_grad_norm = max_grad_norm
+        self.device = next(model.parameters()).device
+
+    def finish_step(self, grad_divisor: float, apply: bool = True) -> dict:
+        """Divide accumulated grads, clip, step, zero. `apply=False` drops the grads."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not apply or not params:
+            self.optimizer.zero_grad(set_to_none=True)
+            return {}
+        if grad_divisor != 1.0:
+            torch._foreach_div_([p.grad for p in params], grad_divisor)
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, self.max_grad_norm if self.max_grad_norm else math.inf)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient norm {norm.item()}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm.detach(), "lr": self.scheduler.get_last_lr()[0]}
+
+
+class PolicyRole(_Trainable):
+    """The actor: log-probs for the Forward stage, PPO (and PTX) updates for the Train stage."""
+
+    def __init__(self, model, pad_id: int, *, lr, betas, eps, weight_decay, warmup_steps,
+                 max_grad_norm, infer_micro_bs: int, train_micro_bs: int):
+        super().__init__(model, lr, betas, eps, weight_decay, warmup_steps, max_grad_norm)
+        self.pad_id, self.infer_micro_bs, self.train_micro_bs = pad_id, infer_micro_bs, train_micro_bs
+
+    @torch.no_grad()
+    def logprobs(self, samples: list[Sample]) -> list[Tensor]:
+        return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
+                           lambda b: core.logprobs_from_logits(
+                               response_logits(self.model, b), _labels(b)))
+
+    def train(self, samples: list[Sample], loss: LossSettings, num_samples: int) -> dict:
+        """Forward + backward over `samples` in train chunks; grads accumulate."""
+        sums = _Sums()
+        for chunk in chunks(samples, self.train_micro_bs):
+            b = collate(chunk, self.pad_id).to(self.device)
+            logits = response_logits(self.model, b)
+            logp = core.logprobs_from_logits(logits, _labels(b))
+            R, mask = b.response_width, b.response_mask
+            old = pad_field(chunk, "old_logp", R).to(self.device)
+            adv = pad_field(chunk, "advantages", R).to(self.device)
+            per_token, clipped = core.policy_loss(logp, old, adv, loss.policy_clip)
+            (loss.ppo_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples)).backward()
+            with torch.no_grad():
+                sums.add(policy_loss=core.masked_sum(per_token, mask),
+                         clip_frac=core.masked_sum(clipped, mask),
+                         entropy=core.masked_sum(core.entropy_from_logits(logits), mask),
+                         approx_kl=core.masked_sum(0.5 * (logp - old) ** 2, mask),
+                         tokens=mask.sum())
+        return sums.values
+
+    def ptx(self, token_ids: list[list[int]], weight: float) -> dict:
+        """Pretrain loss on plain text, token-mean over this step's PTX batch."""
+        total = sum(max(len(t) - 1, 0) for t in token_ids)
+        sums = _Sums()
+        for chunk in chunks(token_ids, self.train_micro_bs):
+            width = max(len(t) for t in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.float32)
+            for i, t in enumerate(chunk):
+                ids[i, :len(t)] = torch.tensor(t)
+                mask[i, :len(t)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+            nll = core.ptx_loss(logits[:, :-1], ids[:, 1:], mask[:, 1:])
+            (weight * core.aggregate(nll, mask[:, 1:], total)).backward()
+            sums.add(ptx_loss=core.masked_sum(nll.detach(), mask[:, 1:]), ptx_tokens=mask[:, 1:].sum())
+        return sums.values
+
+    def named_weights(self):
+        return ((name, p.detach()) for name, p in self.model.state_dict().items())
+
+
+class CriticRole(_Trainable):
+    def __init__(self, model, pad_id: int, *, lr, betas, eps, weight_decay, warmup_steps,
+                 max_grad_norm, infer_micro_bs: int, train_micro_bs: int):
+        super().__init__(model, lr, betas, eps, weight_decay, warmup_steps, max_grad_norm)
+        self.pad_id, self.infer_micro_bs, self.train_micro_bs = pad_id, infer_micro_bs, train_micro_bs
+
+    @torch.no_grad()
+    def values(self, samples: list[Sample]) -> list[Tensor]:
+        return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
+                           lambda b: token_values(self.model, b))
+
+    def train(self, samples: list[Sample], loss: LossSettings, num_samples: int) -> dict:
+        sums = _Sums()
+        for chunk in chunks(samples, self.train_micro_bs):
+            b = collate(chunk, self.pad_id).to(self.device)
+            values = token_values(self.model, b)
+            R, mask = b.response_width, b.response_mask
+            old = pad_field(chunk, "values", R).to(self.device)
+            returns = pad_field(chunk, "returns", R).to(self.device)
+            per_token, clipped = core.value_loss(values, old, returns, loss.value_clip)
+            (loss.value_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples)).backward()
+            with torch.no_grad():
+                sums.add(value_loss=core.masked_sum(per_token, mask),
+                         value_clip_frac=core.masked_sum(clipped, mask),
+                         values=core.masked_sum(values, mask), critic_tokens=mask.sum())
+        return sums.values
+
+
+class ReferenceRole:
+    def __init__(self, model, pad_id: int, infer_micro_bs: int, offload: bool = False):
+        self.model, self.pad_id, self.infer_micro_bs = model.eval(), pad_id, infer_micro_bs
+        self.model.requires_grad_(False)
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def logprobs(self, samples: list[Sample]) -> list[Tensor]:
+        return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
+                           lambda b: core.logprobs_from_logits(
+                               response_logits(self.model, b), _labels(b)))
+
+
+class RewardRole:
+    """Reward model score, a rule-based function's score, or their sum."""
+
+    def __init__(self, model, pad_id: int, infer_micro_bs: int, reward_fn=None):
+        if model is None and reward_fn is None:
+            raise ValueError("a reward role needs a model or a reward function")
+        self.model, self.pad_id, self.infer_micro_bs = model, pad_id, infer_micro_bs
+        self.reward_fn = reward_fn
+        if model is not None:
+            model.eval().requires_grad_(False)
+            self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def scores(self, samples: list[Sample]) -> list[Tensor]:
+        total = torch.zeros(len(samples), dtype=torch.float32)
+        if self.model is not None:
+            for i, chunk in enumerate(chunks(samples, self.infer_micro_bs)):
+                b = collate(chunk, self.pad_id).to(self.device)
+                start = i * self.infer_micro_bs
+                total[start:start + len(chunk)] += sequence_scores(self.model, b).float().cpu()
+        if self.reward_fn is not None:
+            values = self.reward_fn([s.prompt_text for s in samples],
+                                    [s.response_text for s in samples])
+            if len(values) != len(samples):
+                raise ValueError(f"reward function returned {len(values)} scores for "
+                                 f"{len(samples)} samples")
+            total += torch.tensor([float(v) for v in values], dtype=torch.float32)
+        return list(total.unbind(0))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _labels(b) -> Tensor:
+    return b.input_ids[:, b.prompt_width:]
+
+
+def _per_sample(samples, size, pad_id, device, fn) -> list[Tensor]:
+    out = []
+    for chunk in chunks(samples, size):
+        b = collate(chunk, pad_id).to(device)
+        rows = fn(b).float().cpu()  # one device->host copy per chunk
+        out.extend(rows[i, :s.num_actions].clone() for i, s in enumerate(chunk))
+    return out
+
+
+class _Sums:
+    """Detached metric sums; no host sync until the trainer reads them."""
+
+    def __init__(self):
+        self.values: dict[str, Tensor] = {}
+
+    def add(self, **kw):
+        for k, v in kw.items():
+            v = v.detach().float()
+            self.values[k] = self.values[k] + v if k in self.values else v

