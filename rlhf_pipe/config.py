@@ -389,12 +389,19 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> RunCo
         raise ConfigError(f"{path}: no such config file")
     if not path.endswith(".py"):
         raise ConfigError(f"{path}: expected a Python config file ending in .py")
+    import ast
+
     from mmengine import Config  # imported here: the math and data modules must not need it
 
     try:
-        raw = Config.fromfile(path, lazy_import=False).to_dict()
-    except SyntaxError as e:
+        with open(path, "rb") as f:
+            ast.parse(f.read(), filename=path)
+    except SyntaxError as e:  # checked first: mmengine's own message hides the line
         raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except ValueError as e:  # e.g. a NUL byte
+        raise ConfigError(f"{path}: not a Python file: {e}") from None
+    try:
+        raw = Config.fromfile(path, lazy_import=False).to_dict()
     except Exception as e:  # the file is user code: report its first error on one line
         raise ConfigError(f"{path}: failed to load: {type(e).__name__}: {e}".splitlines()[0]) from None
     for dotted, value in (overrides or {}).items():

@@ -107,17 +107,27 @@ class _Run:
         with self._lock:
             self.timeline.append((stage, mb, start - self.t0, time.perf_counter() - self.t0))
 
-    def join(self, timeout_s: float) -> None:
+    def join(self, timeout_s: float, grace_s: float = 5.0) -> None:
+        """Wait for every thread. After the first error, wait at most `grace_s` more: a thread
+        blocked in user code (a reward function, a model) is left behind as a daemon and
+        stops at its next channel operation."""
         deadline = time.monotonic() + timeout_s
-        for t in self._threads:
-            t.join(max(deadline - time.monotonic(), 0.0))
-        if any(t.is_alive() for t in self._threads) and self.error is None:
-            self.abort.set()
-            alive = [t.name for t in self._threads if t.is_alive()]
-            self.error = ("pipeline", StageTimeout(f"threads still running after "
-                                                   f"{timeout_s:.0f} s: {alive}"), "")
+        error_seen_at = None
+        while any(t.is_alive() for t in self._threads):
+            now = time.monotonic()
+            if self.error is not None:
+                error_seen_at = error_seen_at or now
+                if now - error_seen_at > grace_s:
+                    break
+            elif now > deadline:
+                alive = [t.name for t in self._threads if t.is_alive()]
+                self.abort.set()
+                self.error = ("pipeline", StageTimeout(
+                    f"step did not finish within {timeout_s:.0f} s; still running: {alive}"), "")
+                break
+            time.sleep(0.02)
         if self.error is not None:
-            stage, exc, tb = self.error
+            stage, exc, _ = self.error
             raise StageError(f"stage '{stage}' failed: {type(exc).__name__}: {exc}") from exc
 
 

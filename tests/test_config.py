@@ -1,0 +1,60 @@
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_pipe.config import ConfigError, from_dict, load_config
+from tests.conftest import ROOT, TINY_CONFIG, tiny_config
+
+
+def test_example_loads_with_derived_sizes(tmp_path):
+    cfg = tiny_config(tmp_path)
+    assert cfg.pipe_micro_batch_num == 4
+    assert cfg.train_config.pipe_micro_bs == 16 // 4
+    assert cfg.constants["PROMPT_BATCH_SIZE"] == 16
+    assert cfg.model_configs.policy.generator_config.generator_type == "vllm"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train_config.lr": 1.0}, "train_config.lr: unknown key"),
+    ({"train_config.max_train_step": "ten"}, "train_config.max_train_step: expected int, got 'ten'"),
+    ({"train_config.max_train_step": 0}, "train_config.max_train_step: expected a value >= 1, got 0"),
+    ({"train_config.ppo_epochs": True}, "train_config.ppo_epochs: expected int, got True"),
+    ({"repeater_config.norm_rewards": "whole"}, "repeater_config.norm_rewards: expected 'running' or 'batch' or bool, got 'whole'"),
+    ({"PIPE_MICRO_BATCH_NUM": 3}, "PIPE_MICRO_BATCH_NUM: samples per step (16 prompts x n=1 = 16) must be divisible by PIPE_MICRO_BATCH_NUM=3"),
+    ({"train_config.train_micro_bs": 3}, "train_config.train_micro_bs: must divide pipe_micro_bs=4"),
+    ({"model_configs.critic.model_path": "/nonexistent/critic"}, "model_configs.critic.model_path: no such folder: /nonexistent/critic"),
+    ({"rollout_config.top_p": 0.0}, "rollout_config.top_p: expected a value > 0.0, got 0.0"),
+    ({"rollout_confg": {}}, "rollout_confg: unknown key"),
+    ({"model_configs.reward.reward_fn": "no_colon"}, "model_configs.reward.reward_fn: expected 'module:function'"),
+])
+def test_bad_values_name_file_and_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, **override)
+    text = str(err.value)
+    assert text.startswith(str(TINY_CONFIG) + ": ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_missing_sections_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="model_configs: required section is missing"):
+        from_dict({"prompt_dataset_config": {}}, "x.py")
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = (\n")
+    with pytest.raises(ConfigError, match=r"bad.py:1: syntax error"):
+        load_config(bad)
+
+
+def test_cli_config_error_is_one_line_exit_2(tmp_path):
+    cfg = tmp_path / "typo.py"
+    cfg.write_text(TINY_CONFIG.read_text().replace("kl_coeff=0.01", "kl_coef=0.01"))
+    proc = subprocess.run([sys.executable, "-m", "rlhf_pipe", "train", str(cfg)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: {cfg}: repeater_config.kl_coef: unknown key (known: clip_reward_max, "
+                     "clip_reward_min, gae_lambda, gamma, kl_coeff, kl_estimator, norm_rewards)"]
+    assert "Traceback" not in proc.stderr

