@@ -147,6 +147,23 @@ class TrainConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Where the roles run (used by the torchrun launcher and `rlhf-pipe plan`).
+
+    Each role's GPU count comes from model_configs: policy/critic/reference/reward
+    `trainer_config.parallel.data.size`, rollout `generator_config.num_engines` x
+    `generator_config.parallel.tensor.size`. The colocation switches merge roles onto the same
+    ranks, as in the reference systems.
+    """
+    colocate_actor_ref: bool = False
+    colocate_critic_reward: bool = False
+    ref_reward_offload: bool = False   # reference/reward weights to CPU between uses
+    colocate_all: bool = False         # every role on the same GPUs (e.g. one GPU)
+    gpus_per_node: int = field(default=8, metadata=_ge(1))
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # single-process runs
+
+
+@dataclass
 class PromptDatasetConfig:
     message_datasets: list = field(default_factory=list)  # "path::ratio[SYS]:name" strings
     samples_each_epoch: int = field(default=0, metadata=_ge(1))  # prompts per PPO step
@@ -175,6 +192,7 @@ class RunConfig:
     train_config: TrainConfig = field(default_factory=TrainConfig)
     tokenizer_config: TokenizerConfig = field(default_factory=TokenizerConfig)
     pretrain_dataset_config: Optional[PretrainDatasetConfig] = None
+    placement_config: PlacementConfig = field(default_factory=PlacementConfig)
     pipe_micro_batch_num: int = 1
     constants: dict = field(default_factory=dict)
     source: str = "<config>"
@@ -330,6 +348,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if reward.reward_fn and ":" not in reward.reward_fn:
         _fail(src, "model_configs.reward.reward_fn",
               f"expected 'module:function', got {reward.reward_fn!r}")
+    if mc.critic is None:
+        _fail(src, "model_configs.critic", "PPO needs a critic model (critic-free algorithms "
+              "are not available yet)")
+    if mc.reference is None and cfg.repeater_config.kl_coeff > 0:
+        _fail(src, "model_configs.reference",
+              f"required when repeater_config.kl_coeff > 0 (got {cfg.repeater_config.kl_coeff})")
     if mc.critic is not None and not mc.critic.model_path:
         _fail(src, "model_configs.critic.model_path", "required key is missing")
     if mc.reference is not None and not mc.reference.model_path:

@@ -52,6 +52,14 @@ def resolve_function(name: str, what: str = "reward_fn"):
     return fn
 
 
+def _pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("placement_config.device: 'cuda' asked for, but no GPU is visible")
+    return torch.device(choice)
+
+
 def request_seed(base: int, step: int, prompt_index: int) -> int:
     """Per-request sampling seed: generation is reproducible whatever the batching."""
     return (base * 1_000_003 + step * 10_007 + prompt_index) % (2**31 - 1)
@@ -64,13 +72,14 @@ class RLHFTrainer:
         self.cfg = cfg
         t, mc = cfg.train_config, cfg.model_configs
         seed_everything(t.seed)
+        self.device = _pick_device(cfg.placement_config.device)
         tok_path = cfg.tokenizer_config.tokenizer_path or mc.policy.model_path
         self.tokenizer = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
 
         pol = mc.policy.trainer_config
         actor_model = load_causal_lm(mc.policy.model_path, pol.torch_dtype,
-                                     mc.policy.trust_remote_code, "policy")
+                                     mc.policy.trust_remote_code, "policy").to(self.device)
         self._check_vocab(actor_model, "policy")
         sizes = dict(infer_micro_bs=t.infer_micro_bs, train_micro_bs=t.train_micro_bs)
         self.actor = PolicyRole(actor_model, self.pad_id, lr=pol.lr, betas=pol.betas,
@@ -81,7 +90,8 @@ class RLHFTrainer:
         if mc.critic is not None:
             c = mc.critic.trainer_config
             self.critic = CriticRole(load_value_model(mc.critic.model_path, c.torch_dtype,
-                                                      mc.critic.trust_remote_code, "critic"),
+                                                      mc.critic.trust_remote_code,
+                                                      "critic").to(self.device),
                                      self.pad_id, lr=c.lr, betas=c.betas, eps=c.eps,
                                      weight_decay=c.weight_decay,
                                      warmup_steps=c.lr_warmup_steps,
@@ -91,13 +101,14 @@ class RLHFTrainer:
             ref = mc.reference
             self.reference = ReferenceRole(load_causal_lm(ref.model_path,
                                                           ref.trainer_config.torch_dtype,
-                                                          ref.trust_remote_code, "reference"),
+                                                          ref.trust_remote_code,
+                                                          "reference").to(self.device),
                                            self.pad_id, t.infer_micro_bs)
         rw = mc.reward
         reward_model = None
         if rw.model_path:
             reward_model = load_value_model(rw.model_path, rw.trainer_config.torch_dtype,
-                                            rw.trust_remote_code, "reward")
+                                            rw.trust_remote_code, "reward").to(self.device)
         if reward_fn is None and rw.reward_fn:
             reward_fn = resolve_function(rw.reward_fn)
         self.reward = RewardRole(reward_model, self.pad_id, t.infer_micro_bs, reward_fn)
