@@ -358,9 +358,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail(src, "model_configs.critic.model_path", "required key is missing")
     if mc.reference is not None and not mc.reference.model_path:
         _fail(src, "model_configs.reference.model_path", "required key is missing")
+    # `rlhf-pipe plan` validates cluster configs on a machine without their model folders.
+    check_paths = os.environ.get("RLHF_PIPE_SKIP_PATH_CHECKS", "") not in ("1", "true", "yes")
     for role in ("policy", "critic", "reference", "reward"):
         model = getattr(mc, role)
-        if model is not None and model.model_path and not os.path.isdir(model.model_path):
+        if (check_paths and model is not None and model.model_path
+                and not os.path.isdir(model.model_path)):
             _fail(src, f"model_configs.{role}.model_path",
                   f"no such folder: {model.model_path}")
 
