@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from rlhf_pipe.data import DataError, parse_dataset_spec
+
 
 class ConfigError(ValueError):
     """A bad config value. `str(err)` is the whole one-line message."""
@@ -235,6 +237,9 @@ def _coerce(value, tp, key: str, src: str):
                 return _coerce(value, arg, key, src)
             except ConfigError as e:
                 errors.append(e)
+        for e in errors:  # a dict that failed inside a section: report the inner key
+            if str(e).startswith(f"{src}: {key}."):
+                raise e
         raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         # bool is an int subclass, so compare types too: True must not match 1.
@@ -269,19 +274,21 @@ def _check_range(value, meta: dict, key: str, src: str) -> None:
     if value is None or not meta:
         return
     lo, hi = meta.get("ge"), meta.get("le")
-    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+    # Written as `not (in range)` so that NaN fails every range.
+    if lo is not None and not (value > lo if meta.get("lo_open") else value >= lo):
         op = ">" if meta.get("lo_open") else ">="
         raise ConfigError(f"{src}: {key}: expected a value {op} {lo}, got {value!r}")
-    if hi is not None and value > hi:
+    if hi is not None and not value <= hi:
         raise ConfigError(f"{src}: {key}: expected a value <= {hi}, got {value!r}")
 
 
 def build_section(cls, data: dict, prefix: str, src: str):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"{src}: {prefix}.{unknown[0]}: unknown key "
+        name = unknown[0] if str(unknown[0]).isidentifier() else repr(unknown[0])
+        raise ConfigError(f"{src}: {prefix}.{name}: unknown key "
                           f"(known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
@@ -313,6 +320,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail(src, "prompt_dataset_config.samples_each_epoch", "required, expected an int >= 1")
     if not cfg.prompt_dataset_config.message_datasets:
         _fail(src, "prompt_dataset_config.message_datasets", "expected at least one dataset")
+    for section in ("prompt_dataset_config", "pretrain_dataset_config"):
+        for i, spec in enumerate(getattr(getattr(cfg, section), "message_datasets", [])):
+            key = f"{section}.message_datasets[{i}]"
+            if not isinstance(spec, str):
+                _fail(src, key, f"expected a 'path::ratio[SYS]:name' string, got {spec!r}")
+            try:
+                parse_dataset_spec(spec)
+            except DataError as e:
+                _fail(src, key, str(e))
     total = cfg.samples_per_step
     if total % m:
         _fail(src, "PIPE_MICRO_BATCH_NUM",
@@ -335,7 +351,8 @@ def validate(cfg: RunConfig) -> RunConfig:
               f"must divide samples per step ({total}), got {t.num_mini_batches}")
     if (total // t.num_mini_batches) % t.train_micro_bs:
         _fail(src, "train_config.train_micro_bs",
-              f"must divide the mini-batch size {total // t.num_mini_batches}")
+              f"must divide the mini-batch size {total // t.num_mini_batches}, "
+              f"got {t.train_micro_bs}")
 
     mc = cfg.model_configs
     if not mc.policy.model_path:
@@ -362,10 +379,32 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_paths = os.environ.get("RLHF_PIPE_SKIP_PATH_CHECKS", "") not in ("1", "true", "yes")
     for role in ("policy", "critic", "reference", "reward"):
         model = getattr(mc, role)
-        if (check_paths and model is not None and model.model_path
-                and not os.path.isdir(model.model_path)):
+        if model is None:
+            continue
+        path = model.model_path
+        if check_paths and path and not os.path.isdir(path):
+            _fail(src, f"model_configs.{role}.model_path", f"no such folder: {path}")
+        if check_paths and path and not any(
+                n.endswith((".safetensors", ".bin", ".safetensors.index.json"))
+                for n in os.listdir(path)):
             _fail(src, f"model_configs.{role}.model_path",
-                  f"no such folder: {model.model_path}")
+                  f"no weights (*.safetensors or *.bin) in {path}")
+        betas = model.trainer_config.betas
+        if len(betas) != 2 or not all(type(b) in (int, float) for b in betas):
+            _fail(src, f"model_configs.{role}.trainer_config.betas",
+                  f"expected two floats, got {betas!r}")
+        parallels = [("trainer_config", model.trainer_config.parallel)]
+        if model.generator_config is not None:
+            parallels.append(("generator_config", model.generator_config.parallel))
+        for where, par in parallels:
+            for axis in ("data", "tensor"):
+                size = getattr(par, axis).get("size", 1)
+                if type(size) is not int or size < 1:
+                    _fail(src, f"model_configs.{role}.{where}.parallel.{axis}.size",
+                          f"expected an int >= 1, got {size!r}")
+    tok = cfg.tokenizer_config.tokenizer_path
+    if check_paths and tok and not os.path.isdir(tok):
+        _fail(src, "tokenizer_config.tokenizer_path", f"no such folder: {tok}")
 
     if r.max_model_len is not None and r.max_model_len <= r.max_new_tokens:
         _fail(src, "rollout_config.max_model_len",
@@ -376,9 +415,6 @@ def validate(cfg: RunConfig) -> RunConfig:
               f"must be below clip_reward_max={hi}, got {lo}")
     if mc.critic is None and t.critic_warmup_step:
         _fail(src, "train_config.critic_warmup_step", "set, but there is no critic model")
-    if len(mc.policy.trainer_config.betas) != 2:
-        _fail(src, "model_configs.policy.trainer_config.betas",
-              f"expected two floats, got {mc.policy.trainer_config.betas!r}")
     return cfg
 
 
@@ -388,6 +424,8 @@ def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
     """Build and validate a RunConfig from a plain dict (the config file's top-level names)."""
     sections, constants = {}, {}
     for key, value in raw.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"{source}: {key!r}: unknown key (known: {', '.join(sorted(SECTIONS))})")
         if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
             continue
         if key.isupper():
