@@ -66,13 +66,17 @@ def read_records(path: str) -> list[tuple[int, dict]]:
             raise DataError(f"{path}: not a readable Parquet file: {e}".splitlines()[0]) from None
         records = list(enumerate(rows, 1))
     elif path.endswith(".json"):
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read().decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: malformed JSON: nested too deeply") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         records = list(enumerate(data, 1))
@@ -90,6 +94,8 @@ def read_records(path: str) -> list[tuple[int, dict]]:
                     records.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: malformed JSON: nested too deeply") from None
     if not records:
         raise DataError(f"{path}: the file holds no records")
     for where, rec in records:
@@ -109,7 +115,8 @@ class Prompt:
 def _messages(value, system: str | None, where: str, key: str) -> list[dict]:
     if isinstance(value, str):
         msgs = [{"role": "user", "content": value}]
-    elif isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+    elif isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                         for m in value):
         msgs = list(value)
     else:
         raise DataError(f"{where}: field {key!r} must be a string or a list of chat messages")
@@ -143,7 +150,7 @@ class PromptSource:
     def __post_init__(self):
         self._data: list[list[tuple[str, list[int]]]] = []
         for spec in self.specs:
-            items = []
+            items, before = [], dict(self.skipped)
             for where, rec in read_records(spec.path):
                 loc = f"{spec.path}:{where}"
                 if self.prompt_key not in rec:
@@ -159,8 +166,10 @@ class PromptSource:
                     continue
                 items.append((text, ids))
             if not items:
-                raise DataError(f"{spec.path}: no usable prompt (empty: {self.skipped['empty']}, "
-                                f"longer than {self.max_len} tokens: {self.skipped['too_long']})")
+                empty = self.skipped["empty"] - before["empty"]
+                too_long = self.skipped["too_long"] - before["too_long"]
+                raise DataError(f"{spec.path}: no usable prompt (empty: {empty}, "
+                                f"longer than {self.max_len} tokens: {too_long})")
             self._data.append(items)
         total = sum(s.ratio for s in self.specs)
         self._quota = _largest_remainder([s.ratio / total * self.batch_size for s in self.specs])
