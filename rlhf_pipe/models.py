@@ -35,6 +35,33 @@ def _check_folder(path: str, role: str) -> None:
         raise ModelLoadError(f"{role}: no weights (*.safetensors or *.bin) in {path}")
 
 
+def check_tokenizer_matches(model_path: str, tokenizer_path: str, role: str = "policy",
+                            trust_remote_code: bool = False) -> None:
+    """Fail in one line if the tokenizer has ids the model's embedding has no row for.
+
+    A model vocabulary larger than the tokenizer is fine (vocabularies are padded)."""
+    from transformers import AutoConfig
+
+    _check_folder(model_path, role)
+    if not os.path.isdir(tokenizer_path):
+        raise ModelLoadError(f"{role}: tokenizer folder not found: {tokenizer_path}")
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{role}: cannot read the model config in {model_path}: "
+                             f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+    try:
+        tokens = len(load_tokenizer(tokenizer_path, trust_remote_code))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{role}: cannot load the tokenizer in {tokenizer_path}: "
+                             f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and tokens > vocab:
+        raise ModelLoadError(f"{role}: the tokenizer in {tokenizer_path} has {tokens} tokens but "
+                             f"the model in {model_path} has a vocabulary of {vocab} "
+                             f"(vocab_size in config.json)")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
