@@ -462,12 +462,13 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> RunCo
         with open(path, "rb") as f:
             ast.parse(f.read(), filename=path)
     except SyntaxError as e:  # checked first: mmengine's own message hides the line
-        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+        where = f"{path}:{e.lineno}" if e.lineno else path  # no line for a NUL byte
+        raise ConfigError(f"{where}: syntax error: {e.msg}") from None
     except ValueError as e:  # e.g. a NUL byte
         raise ConfigError(f"{path}: not a Python file: {e}") from None
     try:
         raw = Config.fromfile(path, lazy_import=False).to_dict()
-    except Exception as e:  # the file is user code: report its first error on one line
+    except (Exception, SystemExit) as e:  # the file is user code: its first error, one line
         raise ConfigError(f"{path}: failed to load: {type(e).__name__}: {e}".splitlines()[0]) from None
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
