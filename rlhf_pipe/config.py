@@ -306,6 +306,8 @@ def build_section(cls, data: dict, prefix: str, src: str):
 # ----------------------------------------------------------------------------- cross checks
 
 def _fail(src, key, msg):
+    if not msg.isprintable():  # e.g. a path with a line break: keep the message one line
+        msg = msg.encode("unicode_escape").decode("ascii")
     raise ConfigError(f"{src}: {key}: {msg}")
 
 
