@@ -121,6 +121,12 @@ class RepeaterConfig:
     # 'running': per micro-batch running mean/std (the reference's behaviour, not equal to
     # serial); 'batch': whole-batch, exact; False: off.
     norm_rewards: Union[Literal["running", "batch"], bool] = "running"
+    # 'ppo': critic + GAE. Critic-free, with rollout_config.n answers per prompt: 'grpo'
+    # (group mean/std), 'rloo' (leave-one-out mean), 'reinforce_pp' (batch-whitened returns).
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    # KL against the reference in the reward (per token for ppo/reinforce_pp, summed into the
+    # score for grpo/rloo) or as a loss term (k3, on the actor's current log-probs).
+    kl_mode: Literal["reward", "loss"] = "reward"
 
 
 @dataclass
@@ -367,9 +373,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     if reward.reward_fn and ":" not in reward.reward_fn:
         _fail(src, "model_configs.reward.reward_fn",
               f"expected 'module:function', got {reward.reward_fn!r}")
-    if mc.critic is None:
-        _fail(src, "model_configs.critic", "PPO needs a critic model (critic-free algorithms "
-              "are not available yet)")
+    algo = cfg.repeater_config.algorithm
+    if mc.critic is None and algo == "ppo":
+        _fail(src, "model_configs.critic", "algorithm 'ppo' needs a critic model (or set "
+              "repeater_config.algorithm to 'grpo', 'rloo' or 'reinforce_pp')")
+    if algo in ("grpo", "rloo") and cfg.rollout_config.n < 2:
+        _fail(src, "rollout_config.n", f"algorithm {algo!r} needs n >= 2 answers per prompt, "
+              f"got {cfg.rollout_config.n}")
     if mc.reference is None and cfg.repeater_config.kl_coeff > 0:
         _fail(src, "model_configs.reference",
               f"required when repeater_config.kl_coeff > 0 (got {cfg.repeater_config.kl_coeff})")
