@@ -12,7 +12,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from rlhf_pipe.vllm_patch.methods import END_MARKER, LINES, MARKER, ApiLine
+from rlhf_pipe.vllm_patch.methods import LINES, MARKER, ApiLine
 
 LLM_PY = "vllm/entrypoints/llm.py"  # as named in the diffs, relative to site-packages
 

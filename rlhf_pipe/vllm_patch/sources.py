@@ -54,13 +54,15 @@ def fetch_source(version: str, cache_dir: Path | None = None) -> Path:
         # its .py files are the same on every platform.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
                "--only-binary", ":all:", "--python-version", "3.11",
-               *(f"--platform={tag}_x86_64" for tag in PLATFORMS), "--dest", tmp, f"vllm=={version}"]
+               *(f"--platform={tag}_x86_64" for tag in PLATFORMS),
+               "--dest", tmp, f"vllm=={version}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("vllm-*.whl"))
         if proc.returncode != 0 or not wheels:
             raise SourceFetchError(
                 f"could not download vLLM {version} from PyPI (is the network up?): "
-                f"`{' '.join(cmd)}` exited {proc.returncode}\n{proc.stderr[-2000:]}")
+                f"`pip download --only-binary :all: vllm=={version}` exited "
+                f"{proc.returncode}\n{proc.stderr[-2000:]}")
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root.parent))
         try:
             with zipfile.ZipFile(wheels[0]) as wheel:
@@ -110,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     releases: dict[str, tuple[str, str]] = {}
     hashes: dict[str, str] = {}
     problems = 0
-    for version in sorted(args.versions, key=lambda v: tuple(int(p) for p in v.split("."))):
+    for version in args.versions:
         root = fetch_source(version)
         vllm_dir = root / "vllm"
-        text = (vllm_dir / "entrypoints" / "llm.py").read_text(encoding="utf-8")
+        text = (vllm_dir / "entrypoints" / "llm.py").read_bytes().decode("utf-8")
         line_name = patching.detect_line(vllm_dir, text)
         try:
             if line_name is None:

