@@ -28,6 +28,7 @@ class LossSettings:
     ppo_loss_weight: float
     value_loss_weight: float
     loss_agg: str            # "token_mean" | "seq_mean_token_mean"
+    kl_loss_coeff: float = 0.0   # > 0: KL to the reference as a loss term (k3 estimator)
 
 
 def grad_divisor(loss_agg: str, num_tokens: int) -> float:
@@ -109,6 +110,11 @@ class PolicyRole(_Trainable):
             old = pad_field(chunk, "old_logp", R).to(self.device)
             adv = pad_field(chunk, "advantages", R).to(self.device)
             per_token, clipped = core.policy_loss(logp, old, adv, loss.policy_clip)
+            if loss.kl_loss_coeff:
+                ref = pad_field(chunk, "ref_logp", R).to(self.device)
+                kl_term = core.kl_penalty(logp, ref, "k3")
+                per_token = per_token + loss.kl_loss_coeff * kl_term
+                sums.add(kl_loss=core.masked_sum(kl_term.detach(), mask))
             (loss.ppo_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples)).backward()
             with torch.no_grad():
                 sums.add(policy_loss=core.masked_sum(per_token, mask),

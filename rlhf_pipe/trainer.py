@@ -190,9 +190,11 @@ class RLHFTrainer:
             pipe_micro_bs=t.pipe_micro_bs, samples_per_step=cfg.samples_per_step,
             advantage=AdvantageSettings(rep.kl_coeff, rep.kl_estimator, rep.gamma,
                                         rep.gae_lambda, rep.clip_reward_min,
-                                        rep.clip_reward_max, rep.norm_rewards),
+                                        rep.clip_reward_max, rep.norm_rewards, rep.algorithm,
+                                        rep.kl_mode, r.n),
             loss=LossSettings(t.policy_clip, t.value_clip, t.ppo_loss_weight,
-                              t.value_loss_weight, t.loss_agg),
+                              t.value_loss_weight, t.loss_agg,
+                              rep.kl_coeff if rep.kl_mode == "loss" else 0.0),
             update_actor=step >= t.critic_warmup_step,
             ppo_epochs=t.ppo_epochs, num_mini_batches=t.num_mini_batches,
             on_policy_version=self.version if t.on_policy else None,
@@ -242,6 +244,9 @@ class RLHFTrainer:
             m["critic/value_loss"] = tm["value_loss"] / tm["critic_tokens"]
             m["critic/clip_frac"] = tm["value_clip_frac"] / tm["critic_tokens"]
             m["critic/values"] = tm["values"] / tm["critic_tokens"]
+        if "kl_loss" in tm:
+            m["actor/kl_loss"] = tm["kl_loss"] / actor_tokens
+        m["advantage_waits"] = out.extra.get("advantage_waits", 0)
         if "ptx_tokens" in tm:
             m["actor/ptx_loss"] = tm["ptx_loss"] / tm["ptx_tokens"]
         for k, v in tm.items():

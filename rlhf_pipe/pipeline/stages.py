@@ -25,6 +25,7 @@ import torch
 from rlhf_pipe.pipeline.batch import MicroBatch, Sample, chunks, pad_field, unpad_into
 from rlhf_pipe.pipeline.channel import END, Channel, PipelineAborted, StageTimeout
 from rlhf_pipe.ppo import core
+from rlhf_pipe.ppo import group as group_algos
 from rlhf_pipe.roles import grad_divisor as _grad_divisor
 from rlhf_pipe.rollout.types import Completion, SamplingSettings
 
@@ -44,6 +45,9 @@ class AdvantageSettings:
     clip_reward_min: float | None
     clip_reward_max: float | None
     norm_rewards: object  # "running" | "batch" | False
+    algorithm: str = "ppo"   # "ppo" | "grpo" | "rloo" | "reinforce_pp"
+    kl_mode: str = "reward"  # "reward" | "loss"
+    group_size: int = 1      # rollout n: answers per prompt
 
 
 @dataclass
@@ -86,6 +90,7 @@ class _Run:
         self._threads: list[threading.Thread] = []
         self.t0 = time.perf_counter()
         self.timeline: list[tuple[str, int, float, float]] = []
+        self.counters: dict[str, int] = {}
 
     def spawn(self, name: str, fn) -> None:
         def body():
@@ -208,26 +213,42 @@ class StepPipeline:
 
     def _advantage(self, run: _Run, plan: StepPlan, inp: Channel, out: Channel) -> None:
         a = plan.advantage
+        # Whole-batch statistics (exact 'batch' normalisation, REINFORCE++ whitening) need every
+        # sample of the step; group baselines need every answer of a prompt. Micro-batches wait
+        # in `held` until what they need is there, and leave in order.
+        whole_batch = a.norm_rewards == "batch" or a.algorithm == "reinforce_pp"
+        grouped = a.algorithm in ("grpo", "rloo")
         held: list[MicroBatch] = []
+        groups: dict[int, list[Sample]] = {}
+        waited = 0
         for mb in inp:
-            if a.norm_rewards == "batch":
-                # Exact whole-batch normalisation needs every score of the step first.
-                held.append(mb)
+            held.append(mb)
+            if whole_batch:
                 continue
-            start = time.perf_counter()
-            self._advantages(mb.samples, a)
-            run.record("advantage", mb.index, start)
-            out.put(mb)
+            if grouped:
+                for s in mb.samples:
+                    s.shaped_score = _shaped_score(s, a)
+                    groups.setdefault(s.prompt_index, []).append(s)
+            while held and (not grouped or all(len(groups[s.prompt_index]) == a.group_size
+                                               for s in held[0].samples)):
+                ready = held.pop(0)
+                start = time.perf_counter()
+                self._advantages(ready.samples, a, groups)
+                run.record("advantage", ready.index, start)
+                out.put(ready)
+            waited += len(held)
         if held:
             start = time.perf_counter()
-            every = [s for mb in held for s in mb.samples]
-            self._advantages(every, a)
+            every = sorted((s for mb in held for s in mb.samples), key=lambda s: s.sample_id)
+            self._advantages(every, a, groups)
             run.record("advantage", -1, start)
             for mb in held:
                 out.put(mb)
+        run.counters["advantage_waits"] = waited
         out.close()
 
-    def _advantages(self, samples: list[Sample], a: AdvantageSettings) -> None:
+    def _advantages(self, samples: list[Sample], a: AdvantageSettings,
+                    groups: dict[int, list[Sample]]) -> None:
         R = max(max(s.num_actions for s in samples), 1)
         mask = pad_field_mask(samples, R)
         scores = torch.stack([s.score for s in samples]).float()  # (b,)
@@ -243,13 +264,40 @@ class StepPipeline:
             kl = core.kl_penalty(old, pad_field(samples, "ref_logp", R), a.kl_estimator) * mask
         else:
             kl = torch.zeros_like(old)
-        rewards = core.token_rewards(scores, kl, mask, a.kl_coeff, None, None)
-        values = pad_field(samples, "values", R)
-        adv, ret = core.gae_advantages(rewards, values, mask, a.gamma, a.gae_lambda)
+        kl_coeff = a.kl_coeff if a.kl_mode == "reward" else 0.0
+        rewards = core.token_rewards(scores, kl, mask, kl_coeff, None, None)
+        if a.algorithm == "ppo":
+            values = pad_field(samples, "values", R)
+            adv, ret = core.gae_advantages(rewards, values, mask, a.gamma, a.gae_lambda)
+        elif a.algorithm == "reinforce_pp":
+            adv = group_algos.reinforce_pp_advantages(rewards, mask, a.gamma)
+            ret = torch.zeros_like(adv)
+        else:
+            adv = group_algos.broadcast_to_tokens(self._group_advantages(samples, a, groups),
+                                                  mask)
+            ret = torch.zeros_like(adv)
         unpad_into(samples, "kl", kl)
         unpad_into(samples, "token_rewards", rewards)
         unpad_into(samples, "advantages", adv)
         unpad_into(samples, "returns", ret)
+
+    @staticmethod
+    def _group_advantages(samples: list[Sample], a: AdvantageSettings,
+                          groups: dict[int, list[Sample]]) -> torch.Tensor:
+        """(b,) advantages of `samples`, each against its whole group. Members are ordered by
+        sample id, so the arithmetic is the same however the groups were split."""
+        out = torch.empty(len(samples))
+        for prompt_index in {s.prompt_index for s in samples}:
+            members = sorted(groups[prompt_index], key=lambda s: s.sample_id)
+            scores = torch.stack([s.shaped_score for s in members])
+            ids = torch.zeros(len(members), dtype=torch.long)
+            adv = (group_algos.grpo_advantages(scores, ids) if a.algorithm == "grpo"
+                   else group_algos.rloo_advantages(scores, ids))
+            by_id = {m.sample_id: v for m, v in zip(members, adv)}
+            for i, s in enumerate(samples):
+                if s.prompt_index == prompt_index:
+                    out[i] = by_id[s.sample_id]
+        return out
 
     def _train(self, run: _Run, plan: StepPlan, inp: Channel, result: dict) -> None:
         streaming = plan.ppo_epochs * plan.num_mini_batches == 1
@@ -323,8 +371,7 @@ class StepPipeline:
         # between the later stages two micro-batches in flight are enough to overlap.
         gen_q = Channel("generate->forward", plan.samples_per_step, run.abort, plan.timeout_s)
         fwd_q = Channel("forward->advantage", 2, run.abort, plan.timeout_s)
-        adv_q = Channel("advantage->train", 2 if plan.advantage.norm_rewards != "batch"
-                        else plan.samples_per_step, run.abort, plan.timeout_s)
+        adv_q = Channel("advantage->train", plan.samples_per_step, run.abort, plan.timeout_s)
         result: dict = {}
         run.spawn("generate", lambda: self._generate(run, plan, gen_q))
         run.spawn("forward", lambda: self._forward(run, plan, gen_q, fwd_q))
@@ -332,7 +379,17 @@ class StepPipeline:
         run.spawn("train", lambda: self._train(run, plan, adv_q, result))
         run.join(plan.timeout_s + plan.request_timeout_s)
         return StepOutput(result["samples"], result["metrics"], run.timeline,
-                          time.perf_counter() - run.t0)
+                          time.perf_counter() - run.t0, dict(run.counters))
+
+
+def _shaped_score(s: Sample, a: AdvantageSettings) -> torch.Tensor:
+    """grpo/rloo score of one sample: clipped, minus the summed KL when KL is in the reward."""
+    score = s.score.float()
+    if a.clip_reward_min is not None or a.clip_reward_max is not None:
+        score = score.clamp(min=a.clip_reward_min, max=a.clip_reward_max)
+    if a.kl_mode == "reward" and a.kl_coeff and s.ref_logp is not None:
+        score = score - a.kl_coeff * core.kl_penalty(s.old_logp, s.ref_logp, a.kl_estimator).sum()
+    return score
 
 
 def pad_field_mask(samples: list[Sample], width: int) -> torch.Tensor:
