@@ -15,9 +15,10 @@ USAGE_ERROR = 2
 def _user_errors():
     from rlhf_pipe.config import ConfigError
     from rlhf_pipe.data import DataError
+    from rlhf_pipe.checkpoint import CheckpointError
     from rlhf_pipe.models import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError)
+    return (ConfigError, DataError, ModelLoadError, CheckpointError)
 
 
 def _load(args):
@@ -38,9 +39,21 @@ def cmd_train(args) -> int:
     from rlhf_pipe.trainer import RLHFTrainer
 
     trainer = RLHFTrainer(cfg)
+    if args.resume:
+        from rlhf_pipe.checkpoint import resolve_resume
+
+        checkpoint = resolve_resume(args.resume, cfg.train_config.work_dir)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+            print(f"resumed from {checkpoint} (step {trainer.step_index})")
+        else:
+            print(f"--resume auto: no checkpoint in {cfg.train_config.work_dir}; starting fresh")
     history = trainer.learn()
     trainer.close()
     rewards = [h["reward"] for h in history]
+    if not rewards:
+        print("nothing to train: max_train_step already reached")
+        return 0
     k = min(5, len(rewards) // 2) or 1
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     print(f"mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} "
@@ -64,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipe", type=int, help="PIPE_MICRO_BATCH_NUM")
     p.add_argument("--work-dir")
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue from the newest checkpoint in the work dir, or from PATH")
     p.set_defaults(fn=cmd_train)
     sub.add_parser("apply-vllm-patch", help="add generate_to_queue to the installed vLLM "
                    "(see rlhf-pipe apply-vllm-patch --help)")

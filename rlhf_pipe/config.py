@@ -145,6 +145,7 @@ class TrainConfig:
     critic_warmup_step: int = field(default=0, metadata=_ge(0))
     max_train_step: int = field(default=10, metadata=_ge(1))
     save_interval: int = field(default=0, metadata=_ge(0))  # 0: only at the end
+    keep_last: int = field(default=0, metadata=_ge(0))  # checkpoints kept; 0 keeps all
     log_interval: int = field(default=1, metadata=_ge(1))
     seed: int = 0
     work_dir: str = "work_dirs/rlhf_pipe"

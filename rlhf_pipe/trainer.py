@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, write_checkpoint
 from rlhf_pipe.config import RunConfig
 from rlhf_pipe.data import PromptSource, parse_dataset_spec, read_records
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
@@ -294,17 +295,62 @@ class RLHFTrainer:
         return self.history
 
     def save(self, step: int) -> Path:
-        out = self.work_dir / "checkpoints" / f"step_{step:06d}"
-        tmp = out.with_name(out.name + ".tmp")
-        save_hf(self.actor.model, tmp / "actor", self.tokenizer)
-        if self.critic is not None:
-            save_hf(self.critic.model, tmp / "critic", self.tokenizer)
-        if out.exists():
-            import shutil
+        def write(tmp: Path) -> None:
+            save_hf(self.actor.model, tmp / "actor", self.tokenizer)
+            if self.critic is not None:
+                save_hf(self.critic.model, tmp / "critic", self.tokenizer)
+            torch.save(self.state_dict(), tmp / STATE_FILE)
 
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # a reader never sees a half-written checkpoint
-        return out
+        return write_checkpoint(self.work_dir, step, write, self.cfg.train_config.keep_last)
+
+    def state_dict(self) -> dict:
+        """Everything besides model weights that the next step depends on."""
+        state = {
+            "step": self.step_index, "version": self.version,
+            "actor_optimizer": self.actor.optimizer.state_dict(),
+            "actor_scheduler": self.actor.scheduler.state_dict(),
+            "data": self.prompts.state_dict(),
+            "ptx_pos": self.ptx["pos"] if self.ptx else 0,
+            "running_rewards": self.pipeline.running.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state()},
+        }
+        if self.critic is not None:
+            state["critic_optimizer"] = self.critic.optimizer.state_dict()
+            state["critic_scheduler"] = self.critic.scheduler.state_dict()
+        return state
+
+    def resume(self, checkpoint: str | Path) -> None:
+        """Load a checkpoint written by `save`; the next step continues exactly."""
+        from safetensors.torch import load_file
+
+        path = Path(checkpoint)
+        state = torch.load(path / STATE_FILE, weights_only=False)
+        for role, folder in ((self.actor, "actor"), (self.critic, "critic")):
+            if role is None:
+                continue
+            weights = {}
+            for f in sorted((path / folder).glob("*.safetensors")):
+                weights.update(load_file(str(f)))
+            missing, unexpected = role.model.load_state_dict(weights, strict=False)
+            # Tied or buffer entries that safetensors leaves out are fine; real weights are not.
+            if unexpected or [k for k in missing if "rotary" not in k]:
+                raise CheckpointError(f"{path / folder}: weights do not match the model "
+                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.actor.optimizer.load_state_dict(state["actor_optimizer"])
+        self.actor.scheduler.load_state_dict(state["actor_scheduler"])
+        if self.critic is not None:
+            self.critic.optimizer.load_state_dict(state["critic_optimizer"])
+            self.critic.scheduler.load_state_dict(state["critic_scheduler"])
+        self.prompts.load_state_dict(state["data"])
+        if self.ptx:
+            self.ptx["pos"] = state["ptx_pos"]
+        self.pipeline.running.load_state_dict(state["running_rewards"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.step_index, self.version = state["step"], state["version"]
+        self.engine.load_weights(self.actor.named_weights(), self.version)
 
     def close(self) -> None:
         self.pipeline.close()

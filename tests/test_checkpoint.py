@@ -1,0 +1,75 @@
+"""Checkpoints: exact resume on CPU, atomic writes, keep_last, a full disk."""
+
+import errno
+
+import pytest
+import torch
+
+from rlhf_pipe.checkpoint import (MARKER, CheckpointError, complete_checkpoints, resolve_resume,
+                                  write_checkpoint)
+from rlhf_pipe.trainer import RLHFTrainer
+from tests.conftest import tiny_config
+
+
+@pytest.mark.slow
+def test_resume_continues_bit_for_bit(tmp_path, vllm_engine, initial_policy_weights):
+    over = {"train_config.save_interval": 1, "repeater_config.norm_rewards": "running"}
+    vllm_engine.load_weights(initial_policy_weights.items(), version=0)
+    straight = RLHFTrainer(tiny_config(tmp_path / "a", **over), engine=vllm_engine, console=False)
+    full = straight.learn(4)
+    final = {k: v.clone() for k, v in straight.actor.model.state_dict().items()}
+    straight.close()
+    ckpt = tmp_path / "a" / "run" / "checkpoints" / "step_000001"
+    assert (ckpt / MARKER).exists()
+
+    vllm_engine.load_weights(initial_policy_weights.items(), version=0)  # a fresh engine state
+    resumed = RLHFTrainer(tiny_config(tmp_path / "b", **over), engine=vllm_engine, console=False)
+    resumed.resume(ckpt)
+    assert (resumed.step_index, resumed.version) == (1, 1)
+    rest = resumed.learn(4)
+    resumed.close()
+    assert len(rest) == 3
+    for a, b in zip(full[1:], rest):
+        assert a["reward"] == b["reward"] and a["kl"] == b["kl"]
+        assert a["actor/policy_loss"] == b["actor/policy_loss"]
+    state = resumed.actor.model.state_dict()
+    assert all(torch.equal(final[k], state[k]) for k in final)
+
+
+def test_atomic_write_keep_last_and_auto(tmp_path):
+    def write(tmp):
+        tmp.mkdir(parents=True)
+        (tmp / "w.bin").write_bytes(b"x")
+
+    for step in (1, 2, 3):
+        write_checkpoint(tmp_path, step, write, keep_last=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    assert resolve_resume("auto", tmp_path).name == "step_000003"
+
+    def killed(tmp):  # dies half way: the previous checkpoint stays the newest complete one
+        write(tmp)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(tmp_path, 4, killed)
+    assert resolve_resume("auto", tmp_path).name == "step_000003"
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoints" / "step_000004.tmp"), tmp_path)
+    assert resolve_resume("auto", tmp_path / "empty") is None
+
+
+def test_full_disk_keeps_the_older_checkpoint(tmp_path):
+    def ok(tmp):
+        tmp.mkdir(parents=True)
+
+    def full(tmp):
+        tmp.mkdir(parents=True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    write_checkpoint(tmp_path, 1, ok)
+    with pytest.raises(CheckpointError) as err:
+        write_checkpoint(tmp_path, 2, full)
+    assert str(err.value) == (f"checkpoint {tmp_path}/checkpoints/step_000002: no space left on "
+                              f"device; kept {tmp_path}/checkpoints/step_000001")
+    assert not (tmp_path / "checkpoints" / "step_000002.tmp").exists()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000001"]
