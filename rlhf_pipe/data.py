@@ -120,6 +120,11 @@ def _messages(value, system: str | None, where: str, key: str) -> list[dict]:
         msgs = list(value)
     else:
         raise DataError(f"{where}: field {key!r} must be a string or a list of chat messages")
+    try:
+        for m in msgs:
+            m["content"].encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800"; the tokenizer does not
+        raise DataError(f"{where}: field {key!r} holds a lone surrogate (a bad \\u escape)") from None
     if system and not any(m.get("role") == "system" for m in msgs):
         msgs = [{"role": "system", "content": system}] + msgs
     return msgs

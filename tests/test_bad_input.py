@@ -311,6 +311,8 @@ BAD_DATA = [
      "{path}:1: field 'prompt' must be a string or a list of chat messages"),
     ("int_content.jsonl", '{"prompt": [{"role": "user", "content": 5}]}\n',
      "{path}:1: field 'prompt' must be a string or a list of chat messages"),
+    ("lone_surrogate.jsonl", '{"prompt": "ok"}\n{"prompt": "\\ud800 hi"}\n',
+     "{path}:2: field 'prompt' holds a lone surrogate (a bad \\u escape)"),
     ("all_empty.jsonl", '{"prompt": ""}\n{"prompt": "  "}\n{"prompt": []}\n',
      "{path}: no usable prompt (empty: 3, longer than 16 tokens: 0)"),
     ("all_long.jsonl", _long(2), "{path}: no usable prompt (empty: 0, longer than 16 tokens: 2)"),
@@ -369,7 +371,8 @@ def test_cli_config_file_that_raises(tmp_path):
 
 def test_cli_model_folder_without_weights(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc, errors = _train(TINY_CONFIG, "--set", f"model_configs.critic.model_path='{tmp_path}/empty'")
+    proc, errors = _train(TINY_CONFIG,
+                          "--set", f"model_configs.critic.model_path='{tmp_path}/empty'")
     assert proc.returncode == 2
     assert errors == [f"error: {TINY_CONFIG}: model_configs.critic.model_path: no weights "
                       f"(*.safetensors or *.bin) in {tmp_path}/empty"]
