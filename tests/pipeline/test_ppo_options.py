@@ -1,0 +1,61 @@
+"""PPO options through the pipelined path: critic warm-up, PTX loss, epochs x mini-batches."""
+
+import json
+
+import pytest
+import torch
+
+from rlhf_pipe.trainer import RLHFTrainer
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_critic_warmup_trains_only_the_critic(tmp_path, fresh_engine, initial_policy_weights):
+    trainer = RLHFTrainer(tiny_config(tmp_path, **{"train_config.critic_warmup_step": 1}),
+                          engine=fresh_engine, console=False)
+    critic_before = {k: v.clone() for k, v in trainer.critic.model.state_dict().items()}
+    metrics = trainer.train_step()
+    actor = trainer.actor.model.state_dict()
+    assert all(torch.equal(actor[k], initial_policy_weights[k]) for k in initial_policy_weights)
+    assert any(not torch.equal(v, trainer.critic.model.state_dict()[k])
+               for k, v in critic_before.items())
+    assert metrics["policy_version"] == 0 and fresh_engine.version == 0
+    assert "actor/policy_loss" not in metrics
+    metrics = trainer.train_step()  # warm-up over: the actor moves, the version advances
+    assert metrics["policy_version"] == 1 and "actor/policy_loss" in metrics
+    trainer.close()
+
+
+def test_ptx_loss_is_added_and_changes_the_update(tmp_path, vllm_engine, initial_policy_weights):
+    text = tmp_path / "pretrain.jsonl"
+    text.write_text("".join(json.dumps({"text": f"river stone {i} cloud {i * 7}"}) + "\n"
+                            for i in range(20)))
+    ptx = {"pretrain_dataset_config": {"message_datasets": [str(text)], "samples_each_epoch": 4,
+                                       "max_len": 32},
+           "train_config.pretrain_loss_weight": 0.5}
+    out = {}
+    for name, over in (("plain", {}), ("ptx", ptx)):
+        vllm_engine.load_weights(initial_policy_weights.items(), version=0)
+        trainer = RLHFTrainer(tiny_config(tmp_path / name, **over), engine=vllm_engine,
+                              console=False)
+        out[name] = (trainer.train_step(), {k: v.clone() for k, v in
+                                            trainer.actor.model.state_dict().items()})
+        trainer.close()
+    assert out["ptx"][0]["actor/ptx_loss"] > 0
+    assert "actor/ptx_loss" not in out["plain"][0]
+    assert out["ptx"][0]["reward"] == out["plain"][0]["reward"]  # same samples
+    assert any(not torch.equal(out["ptx"][1][k], out["plain"][1][k]) for k in out["ptx"][1])
+
+
+def test_epochs_and_mini_batches_step_several_times(tmp_path, fresh_engine):
+    trainer = RLHFTrainer(tiny_config(tmp_path, **{"train_config.ppo_epochs": 2,
+                                                   "train_config.num_mini_batches": 2}),
+                          engine=fresh_engine, console=False)
+    metrics = trainer.train_step()
+    # 2 epochs x 2 mini-batches = 4 optimizer steps per model in one PPO step.
+    assert trainer.actor.scheduler.last_epoch == 4
+    assert trainer.critic.scheduler.last_epoch == 4
+    # Later updates see a moved policy: the ratio leaves 1 and the approximate KL is positive.
+    assert metrics["actor/approx_kl"] > 0
+    trainer.close()
