@@ -1,0 +1,86 @@
+"""`rlhf-pipe plan CONFIG [--nnodes N --gpus-per-node G]`: rank/GPU map, memory, checks.
+
+It needs no GPU, and the config's model folders need not exist here: the config is loaded
+with RLHF_PIPE_SKIP_PATH_CHECKS=1, which skips only the model-folder existence checks. The
+plan goes to stdout. Each failed check prints one line on stderr,
+"error: <config>: placement: <message>", and the exit code is then 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+
+USAGE_ERROR = 2
+SKIP_PATHS = "RLHF_PIPE_SKIP_PATH_CHECKS"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register `plan` on an argparse subparsers object."""
+    p = sub.add_parser("plan", help="rank/GPU map, memory per GPU and placement checks "
+                       "(no GPU needed)")
+    p.add_argument("config")
+    p.add_argument("--nnodes", type=_positive_int, help="nodes of the run: checks the world size")
+    p.add_argument("--gpus-per-node", type=_positive_int,
+                   help="default: placement_config.gpus_per_node")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0,
+                   help="memory of one GPU in GB (10^9 bytes); larger estimates warn (default 80)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. placement_config.colocate_all=True")
+    p.set_defaults(fn=cmd_plan)
+    return p
+
+
+@contextmanager
+def _skip_path_checks():
+    old = os.environ.get(SKIP_PATHS)
+    os.environ[SKIP_PATHS] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(SKIP_PATHS, None)
+        else:
+            os.environ[SKIP_PATHS] = old
+
+
+def load_for_plan(path, overrides: dict | None = None):
+    """load_config without the model-folder existence checks (every other check still runs)."""
+    from rlhf_pipe.config import load_config
+
+    with _skip_path_checks():
+        return load_config(path, overrides)
+
+
+def cmd_plan(args) -> int:
+    """Print the plan; 0 if every check passes, else 2. A bad config raises ConfigError."""
+    from rlhf_pipe.config import parse_override
+    from rlhf_pipe.placement import check, errors, estimate_memory, format_plan, make_placement
+
+    overrides = dict(parse_override(s) for s in getattr(args, "set", None) or [])
+    cfg = load_for_plan(args.config, overrides)
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and not world.strip().isdigit():
+        print(f"error: WORLD_SIZE: expected an int, got {world!r}", file=sys.stderr)
+        return USAGE_ERROR
+    placement = make_placement(cfg, getattr(args, "nnodes", None),
+                               getattr(args, "gpus_per_node", None))
+    checks = check(placement, world_size=None if world is None else int(world))
+    memory = estimate_memory(placement, gpu_mem_gb=getattr(args, "gpu_mem_gb", 80.0))
+    print(format_plan(placement, memory, checks))
+    failed = errors(placement, checks)
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    return USAGE_ERROR if failed else 0
