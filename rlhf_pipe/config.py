@@ -98,6 +98,10 @@ class RolloutConfig:
     n: int = field(default=1, metadata=_ge(1))
     ignore_eos: bool = False
     stop_token_list: Optional[str] = None  # ";"-separated stop strings
+    # Evaluation sampling; None takes the training value.
+    eval_temperature: Optional[float] = field(default=None, metadata=_ge(0.0))
+    eval_top_p: Optional[float] = field(default=None, metadata=_range(0.0, 1.0, lo_open=True))
+    eval_top_k: Optional[int] = None
     max_model_len: Optional[int] = field(default=None, metadata=_ge(1))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gpu_memory_utilization: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
@@ -147,6 +151,7 @@ class TrainConfig:
     save_interval: int = field(default=0, metadata=_ge(0))  # 0: only at the end
     keep_last: int = field(default=0, metadata=_ge(0))  # checkpoints kept; 0 keeps all
     log_interval: int = field(default=1, metadata=_ge(1))
+    eval_interval: int = field(default=0, metadata=_ge(0))  # 0: no evaluation
     seed: int = 0
     work_dir: str = "work_dirs/rlhf_pipe"
     on_policy: bool = True  # assert every trained sample came from the current policy version
@@ -202,6 +207,7 @@ class RunConfig:
     tokenizer_config: TokenizerConfig = field(default_factory=TokenizerConfig)
     pretrain_dataset_config: Optional[PretrainDatasetConfig] = None
     placement_config: PlacementConfig = field(default_factory=PlacementConfig)
+    eval_dataset_config: Optional[PromptDatasetConfig] = None
     pipe_micro_batch_num: int = 1
     constants: dict = field(default_factory=dict)
     source: str = "<config>"
@@ -426,6 +432,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if lo is not None and hi is not None and lo >= hi:
         _fail(src, "repeater_config.clip_reward_min",
               f"must be below clip_reward_max={hi}, got {lo}")
+    if t.eval_interval and cfg.eval_dataset_config is None:
+        _fail(src, "train_config.eval_interval",
+              f"is {t.eval_interval}, but there is no eval_dataset_config")
     if mc.critic is None and t.critic_warmup_step:
         _fail(src, "train_config.critic_warmup_step", "set, but there is no critic model")
     return cfg

@@ -19,6 +19,7 @@ import os
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -120,6 +121,12 @@ class RLHFTrainer:
         self.prompts = PromptSource(specs, self.tokenizer, pd.samples_each_epoch, pd.max_len,
                                     pd.prompt_key, pd.shuffle, pd.seed)
         self.ptx = self._build_ptx()
+        self.eval_prompts = None
+        if cfg.eval_dataset_config is not None:
+            ed = cfg.eval_dataset_config
+            self.eval_prompts = PromptSource(
+                [parse_dataset_spec(s, cfg.constants) for s in ed.message_datasets],
+                self.tokenizer, ed.samples_each_epoch, ed.max_len, ed.prompt_key, False, ed.seed)
         self.pipeline = StepPipeline(self.engine, self.actor, self.critic, self.reference,
                                      self.reward, self.tokenizer, self.pad_id)
         self.version = 0
@@ -274,6 +281,30 @@ class RLHFTrainer:
         m["timeline"] = out.timeline
         return m
 
+    def evaluate(self) -> dict:
+        """Generate on the eval prompts with the eval sampling settings and score them."""
+        from rlhf_pipe.pipeline.batch import Sample
+
+        r = self.cfg.rollout_config
+        prompts = self.eval_prompts.next_batch()
+        settings = SamplingSettings(
+            r.max_new_tokens, r.temperature if r.eval_temperature is None else r.eval_temperature,
+            r.top_p if r.eval_top_p is None else r.eval_top_p,
+            r.top_k if r.eval_top_k is None else r.eval_top_k, 1, r.ignore_eos,
+            tuple(x for x in (r.stop_token_list or "").split(";") if x))
+        done = []
+        self.engine.generate([p.ids for p in prompts], [p.index for p in prompts], settings,
+                             [request_seed(r.seed + 1, 0, p.index) for p in prompts],
+                             SimpleNamespace(put=done.append))
+        samples = [Sample(c.sample_id, c.prompt_index, c.version,
+                          torch.tensor(c.prompt_ids), torch.tensor(c.response_ids),
+                          prompts[c.prompt_index].text,
+                          self.tokenizer.decode(c.response_ids, skip_special_tokens=True))
+                   for c in sorted(done, key=lambda c: c.sample_id)]
+        scores = torch.stack(self.reward.scores(samples))
+        return {"eval/reward": scores.mean().item(),
+                "eval/response_len": sum(s.num_actions for s in samples) / len(samples)}
+
     # ------------------------------------------------------------------ loop
 
     def learn(self, max_steps: int | None = None) -> list[dict]:
@@ -284,6 +315,9 @@ class RLHFTrainer:
                 metrics = self.train_step()
                 step = self.step_index
                 logged = {k: v for k, v in metrics.items() if k != "timeline"}
+                if t.eval_interval and step % t.eval_interval == 0:
+                    metrics.update(self.evaluate())
+                    logged.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
                 self.history.append(metrics)
                 if step % t.log_interval == 0 or step == total:
                     self.logger.log(step, logged)

@@ -8,7 +8,9 @@ return value is every output sorted by request id.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 import time
 from contextlib import contextmanager
 
@@ -71,6 +73,21 @@ def ensure_generate_to_queue(llm_cls) -> str:
     return "runtime"
 
 
+def _vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "?")
+
+
+def unsupported_engine_settings(settings: dict) -> list[str]:
+    """Names in `settings` that the installed vLLM's EngineArgs does not have (settings move
+    between vLLM releases, e.g. ChatLearn's `max_paddings` is gone from the V1 engine)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    return sorted(k for k in settings if k not in known)
+
+
 @contextmanager
 def _without_torchrun_env():
     saved = {k: os.environ.pop(k) for k in list(os.environ)
@@ -117,9 +134,15 @@ class VLLMEngine:
         from vllm import LLM
 
         self.patch_kind = ensure_generate_to_queue(LLM)
+        self.dropped_settings = unsupported_engine_settings(engine_kwargs or {})
+        for name in self.dropped_settings:
+            print(f"warning: rollout_config.engine_kwargs.{name}: not a setting of the installed "
+                  f"vLLM {_vllm_version()}; ignored", file=sys.stderr)
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                       tensor_parallel_size=tensor_parallel_size,
-                      gpu_memory_utilization=gpu_memory_utilization, **(engine_kwargs or {}))
+                      gpu_memory_utilization=gpu_memory_utilization,
+                      **{k: v for k, v in (engine_kwargs or {}).items()
+                         if k not in self.dropped_settings})
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         with _without_torchrun_env():

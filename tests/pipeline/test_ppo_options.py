@@ -59,3 +59,24 @@ def test_epochs_and_mini_batches_step_several_times(tmp_path, fresh_engine):
     # Later updates see a moved policy: the ratio leaves 1 and the approximate KL is positive.
     assert metrics["actor/approx_kl"] > 0
     trainer.close()
+
+
+def test_evaluation_every_interval_with_eval_sampling(tmp_path, fresh_engine, tiny_assets):
+    over = {"train_config.eval_interval": 2, "rollout_config.eval_temperature": 0.0,
+            "eval_dataset_config": {"message_datasets": [str(tiny_assets.eval_prompts)],
+                                    "samples_each_epoch": 8, "max_len": 48}}
+    trainer = RLHFTrainer(tiny_config(tmp_path, **over), engine=fresh_engine, console=False)
+    history = trainer.learn(4)
+    trainer.close()
+    assert ["eval/reward" in h for h in history] == [False, True, False, True]
+    assert 0.0 <= history[1]["eval/reward"] <= 1.0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert "eval/reward" in logged[1] and "reward" in logged[1]
+
+
+def test_missing_vllm_settings_warn_by_name():
+    from rlhf_pipe.rollout.vllm_engine import unsupported_engine_settings
+
+    dropped = unsupported_engine_settings({"max_paddings": 256, "block_size": 16,
+                                           "max_num_batched_tokens": 2048})
+    assert "max_paddings" in dropped and "block_size" not in dropped
