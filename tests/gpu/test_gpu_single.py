@@ -49,7 +49,8 @@ def test_weight_load_on_gpu(gpu_engine, initial_policy_weights):
     gpu_engine.load_weights({**initial_policy_weights, "lm_head.weight": boosted}.items(), 1)
     gpu_engine.generate([[5, 6, 7]], [0], settings, [0], Sink())
     assert got[-1] == [42] * 6
-    print("load method:", gpu_engine._load_method.__name__, gpu_engine.last_sync)
+    print("load method:", gpu_engine._load_method.__name__, gpu_engine.last_sync,
+          "generate_to_queue:", gpu_engine.patch_kind)
 
 
 def test_tiny_training_on_one_gpu(tmp_path, gpu_engine, initial_policy_weights):
