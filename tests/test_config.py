@@ -55,6 +55,7 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert lines == [f"error: {cfg}: repeater_config.kl_coef: unknown key (known: clip_reward_max, "
-                     "clip_reward_min, gae_lambda, gamma, kl_coeff, kl_estimator, norm_rewards)"]
+    assert lines == [f"error: {cfg}: repeater_config.kl_coef: unknown key (known: algorithm, "
+                     "clip_reward_max, clip_reward_min, gae_lambda, gamma, kl_coeff, kl_estimator, "
+                     "kl_mode, norm_rewards)"]
     assert "Traceback" not in proc.stderr
