@@ -135,6 +135,34 @@ class RLHFTrainer:
         self.logger = MetricsLogger(self.work_dir, t.tensorboard, console)
         self.history: list[dict] = []
 
+    # ------------------------------------------------------------------ Python API
+
+    @classmethod
+    def from_config(cls, path: str, overrides: dict | None = None, **kwargs) -> "RLHFTrainer":
+        """`RLHFTrainer.from_config("cfg.py", {"train_config.max_train_step": 5}).learn()`."""
+        from rlhf_pipe.config import load_config
+
+        return cls(load_config(path, overrides), **kwargs)
+
+    def set_reward_fn(self, fn) -> None:
+        """Score with `fn(prompts, responses) -> list[float]` instead of the configured reward
+        function (a reward model, if configured, still adds its score)."""
+        self.reward.reward_fn = fn
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        """Train on these prompt texts (rendered with the chat template when there is one)."""
+        import json
+        import tempfile
+
+        if not prompts:
+            raise ValueError("set_prompts: the list is empty")
+        path = Path(tempfile.mkdtemp(prefix="rlhf_pipe_prompts_")) / "prompts.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        pd = self.cfg.prompt_dataset_config
+        self.prompts = PromptSource([parse_dataset_spec(str(path))], self.tokenizer,
+                                    pd.samples_each_epoch, pd.max_len, "prompt", pd.shuffle,
+                                    pd.seed)
+
     # ------------------------------------------------------------------ building
 
     def _check_vocab(self, model, role: str) -> None:
