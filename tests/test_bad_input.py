@@ -8,6 +8,7 @@ stands for the test's tmp_path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,15 +16,14 @@ import sys
 
 import pytest
 
-from rlhf_pipe.config import ConfigError, load_config
+from rlhf_pipe.config import SECTIONS, ConfigError, PlacementConfig, load_config
 from rlhf_pipe.data import DataError, PromptSource, parse_dataset_spec
 from rlhf_pipe.models import ModelLoadError, check_tokenizer_matches, load_tokenizer
 from tests.conftest import ROOT, TINY_CONFIG, tiny_config
 
-SECTION_NAMES = ("model_configs, placement_config, pretrain_dataset_config, prompt_dataset_config, "
-                 "repeater_config, rollout_config, tokenizer_config, train_config")
-PLACEMENT_KEYS = ("colocate_actor_ref, colocate_all, colocate_critic_reward, device, "
-                  "gpus_per_node, ref_reward_offload")
+# The "(known: ...)" lists of sections that grow with the schema; the rest is spelled out.
+SECTION_NAMES = ", ".join(sorted(SECTIONS))
+PLACEMENT_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(PlacementConfig)))
 
 
 def _fill(value, tmp):
