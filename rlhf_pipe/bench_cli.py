@@ -1,0 +1,79 @@
+"""`rlhf-pipe bench CONFIG --pipe 1,2,4 --steps N [--warmup W] [--out DIR] [--set K=V ...]`.
+
+Runs the config once per PIPE_MICRO_BATCH_NUM in one process, with one vLLM engine, and writes
+bench.json, report.md, timeline_pipe{M}.png, trace_pipe{M}.json and timeline.png into DIR
+(default <work_dir>/bench). See rlhf_pipe/bench.py and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+
+def _pipes(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of ints >= 1, got {text!r}")
+    return values
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register `bench` on an argparse subparsers object."""
+    p = sub.add_parser("bench", help="time one config at several PIPE_MICRO_BATCH_NUM values: "
+                       "stage busy/idle, ideal bound, timelines")
+    p.add_argument("config")
+    p.add_argument("--pipe", type=_pipes, default=[1, 2, 4], metavar="M1,M2,...",
+                   help="PIPE_MICRO_BATCH_NUM values (1 is added if missing; default 1,2,4)")
+    p.add_argument("--steps", type=_count(1), default=3, help="measured steps per M (default 3)")
+    p.add_argument("--warmup", type=_count(0), default=1,
+                   help="steps run first and not measured, per M (default 1)")
+    p.add_argument("--out", help="output folder (default <work_dir>/bench)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. train_config.work_dir=/tmp/b")
+    p.set_defaults(fn=cmd_bench)
+    return p
+
+
+def _command(args) -> str:
+    parts = ["rlhf-pipe", "bench", args.config, "--pipe", ",".join(map(str, args.pipe)),
+             "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.out:
+        parts += ["--out", args.out]
+    for s in args.set or []:
+        parts += ["--set", s]
+    return shlex.join(parts)
+
+
+def cmd_bench(args, *, engine=None) -> int:
+    """Run the bench and print where the outputs are. A bad config raises ConfigError."""
+    from rlhf_pipe.bench import run_bench
+    from rlhf_pipe.config import parse_override
+
+    overrides = dict(parse_override(s) for s in args.set or [])
+    result = run_bench(args.config, args.pipe, args.steps, args.warmup, args.out, overrides,
+                       engine=engine, command=_command(args))
+    for m, run in result["runs"].items():
+        print(f"pipe {m}: pipeline {run['pipeline_s']:.3f} s, step {run['step_s']:.3f} s, "
+              f"bound {run['bound_s']:.3f} s, efficiency {run['efficiency']:.2f}, "
+              f"speedup {run['speedup']:.2f}")
+    ratio = result["streaming"]["ratio"]
+    print("streaming overhead: " + (f"generate_to_queue / generate tokens/s = {ratio:.3f}"
+                                    if ratio is not None else result["streaming"]["note"]))
+    print(f"report: {result['out_dir']}/report.md")
+    return 0

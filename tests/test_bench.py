@@ -1,0 +1,140 @@
+"""rlhf-pipe bench: the bound math by hand, then one real CPU bench of the tiny config."""
+
+import argparse
+import json
+import math
+
+import pytest
+
+from rlhf_pipe.bench import (RUN_KEYS, STREAM_KEYS, add_bounds, bound_stage_times,
+                             bounding_stage, busy_by_stage, efficiency, ideal_bound, speedup,
+                             summarize_run)
+from rlhf_pipe.timeline import chrome_trace
+from tests.conftest import TINY_CONFIG
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------- the math
+
+def test_ideal_bound_by_hand():
+    times = {"generate": 6.0, "forward": 2.0, "train": 4.0}  # sum 12, max 6
+    assert ideal_bound(times, 1) == 12.0                     # serial: the sum
+    assert ideal_bound(times, 2) == 6.0 + 6.0 / 2            # 9
+    assert ideal_bound(times, 4) == 6.0 + 6.0 / 4            # 7.5
+    assert bounding_stage(times) == "generate"
+    # Many micro-batches: the bound tends to the longest stage.
+    assert ideal_bound(times, 10_000) == pytest.approx(6.0, abs=1e-3)
+    with pytest.raises(ValueError):
+        ideal_bound(times, 0)
+
+
+def test_efficiency_and_speedup_by_hand():
+    assert efficiency(7.5, 10.0) == 0.75
+    assert speedup(12.0, 8.0) == 1.5
+    assert math.isnan(efficiency(1.0, 0.0))
+
+
+def test_busy_and_bound_stages_from_a_timeline():
+    timeline = [("generate", -1, 0.0, 3.0), ("gen_mb", 0, 0.0, 1.0), ("gen_mb", 1, 1.0, 3.0),
+                ("forward", 0, 1.0, 2.0), ("forward", 1, 3.0, 4.0),
+                ("advantage", -1, 4.0, 4.5), ("train", 0, 4.5, 6.0), ("train", 1, 6.0, 7.5),
+                ("optimizer", -1, 7.5, 8.0)]
+    busy = busy_by_stage(timeline)
+    # gen_mb lies inside the whole-generation interval: not added twice.
+    assert busy == {"generate": 3.0, "forward": 2.0, "advantage": 0.5, "train": 3.0,
+                    "optimizer": 0.5}
+    assert bound_stage_times(busy) == {"generate": 3.0, "forward": 2.5, "train": 3.5}
+
+
+def _fake_step(scale, pipeline_s, step_s):
+    tl = [("generate", -1, 0.0, 2.0 * scale), ("forward", 0, 0.0, 1.0 * scale),
+          ("train", 0, 0.0, 3.0 * scale)]
+    return {"timeline": tl, "pipeline_s": pipeline_s, "step_s": step_s, "samples_per_s": 4.0,
+            "gen_tokens_per_s": 10.0, "response_len": 5.0, "sync/seconds": 0.1,
+            "sync/gbps": 2.0, "sync/bytes": 1e6}
+
+
+def test_summarize_and_bounds_on_made_up_runs():
+    # Serial: stages 2 + 1 + 3 = 6 s; measured pipeline 6.5 s, step 8 s.
+    runs = {1: summarize_run(1, [_fake_step(1, 6.5, 8.0), _fake_step(1, 6.5, 8.0)], 16),
+            2: summarize_run(2, [_fake_step(1, 5.0, 6.0), _fake_step(1, 4.0, 4.0)], 16,
+                             devices=2)}
+    times = add_bounds(runs)
+    assert times == {"generate": 2.0, "forward": 1.0, "train": 3.0}
+    one, two = runs[1], runs[2]
+    assert one["bound_s"] == 6.0 and one["efficiency"] == 6.0 / 6.5
+    assert two["pipeline_s"] == 4.5 and two["step_s"] == 5.0
+    assert two["bound_s"] == 3.0 + 3.0 / 2                      # 4.5
+    assert two["efficiency"] == 1.0 and two["speedup"] == 8.0 / 5.0
+    assert two["bound_stage"] == "train"
+    assert two["stages"]["generate"]["idle_s"] == (3.0 + 2.0) / 2  # 5-2, 4-2
+    # 5 tokens x 16 samples / step_s, per device: (80/6 + 80/4) / 2 / 2
+    assert two["tokens_per_s_per_device"] == pytest.approx((80 / 6 + 80 / 4) / 2 / 2)
+    assert set(RUN_KEYS) <= set(two)
+
+
+def test_chrome_trace_has_one_thread_per_row_and_microseconds():
+    trace = chrome_trace([("forward", 2, 0.5, 0.75), ("optimizer", -1, 1.0, 1.25)])
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert [(e["name"], e["ts"], e["dur"]) for e in events] == [
+        ("forward mb2", 500000.0, 250000.0), ("optimizer all", 1000000.0, 250000.0)]
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    assert names[events[0]["tid"]] == "forward" and names[events[1]["tid"]] == "train/optimizer"
+
+
+# ---------------------------------------------------------------------- the real bench
+
+@pytest.mark.slow
+def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
+    from rlhf_pipe.bench_cli import add_parser, cmd_bench
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    out = tmp_path / "bench"
+    args = parser.parse_args([
+        "bench", str(TINY_CONFIG), "--pipe", "1,4", "--steps", "3", "--out", str(out),
+        "--set", "train_config.progress_bar=False", "--set", "train_config.tensorboard=False",
+        "--set", f"train_config.work_dir={tmp_path / 'run'}"])
+    assert args.fn is cmd_bench
+    assert cmd_bench(args, engine=vllm_engine) == 0
+    assert "streaming overhead" in capsys.readouterr().out
+
+    for m in (1, 4):
+        png = out / f"timeline_pipe{m}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        trace = json.loads((out / f"trace_pipe{m}.json").read_text())
+        stages = {e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"}
+        assert {"generate", "gen_mb", "forward", "advantage", "train", "optimizer"} <= stages
+        mbs = sorted(e["args"]["micro_batch"] for e in trace["traceEvents"]
+                     if e.get("cat") == "train")
+        assert mbs == list(range(m))
+    assert (out / "timeline.png").read_bytes()[:8] == PNG_MAGIC
+
+    result = json.loads((out / "bench.json").read_text())
+    assert result["pipes"] == [1, 4] and result["steps"] == 3 and result["warmup"] == 1
+    assert result["versions"]["torch"].startswith("2.") and result["device"]
+    report = (out / "report.md").read_text()
+    assert result["command"] in report and "| 4 |" in report
+    for m in ("1", "4"):
+        run = result["runs"][m]
+        assert set(RUN_KEYS) <= set(run), set(RUN_KEYS) - set(run)
+        assert run["steps_measured"] == 3
+        for stage in ("generate", "forward", "train"):
+            assert run["stages"][stage]["busy_s"] > 0
+            assert run["stages"][stage]["idle_s"] >= 0
+        assert run["sync_gbps"] > 0 and run["sync_bytes"] > 0
+    serial, piped = result["runs"]["1"], result["runs"]["4"]
+    # Pipeline regression guard: the tiny model gains little from overlap, but a pipeline that
+    # serialises micro-batches or stalls on a channel is far slower than this.
+    assert piped["pipeline_s"] <= 1.5 * serial["pipeline_s"], (piped["pipeline_s"],
+                                                               serial["pipeline_s"])
+    assert piped["bound_s"] < serial["bound_s"]          # more micro-batches, lower bound
+    for key in ("speedup", "efficiency"):
+        assert math.isfinite(piped[key]) and piped[key] > 0
+    assert piped["bound_stage"] in ("generate", "forward", "train")
+
+    st = result["streaming"]
+    assert set(STREAM_KEYS) <= set(st)
+    assert math.isfinite(st["ratio"]) and st["ratio"] > 0
+    assert st["same_tokens"] is True  # same prompts and seeds: the two calls answer alike
