@@ -155,6 +155,8 @@ class TrainConfig:
     seed: int = 0
     work_dir: str = "work_dirs/rlhf_pipe"
     on_policy: bool = True  # assert every trained sample came from the current policy version
+    # NaN/inf in a reward or an update: 'stop' the run with a message, or 'skip' the update.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     stage_timeout_s: float = field(default=600.0, metadata=_range(0.0, 1e6, lo_open=True))
     tensorboard: bool = True
     progress_bar: bool = True

@@ -36,7 +36,7 @@ def _check_folder(path: str, role: str) -> None:
 
 
 def check_tokenizer_matches(model_path: str, tokenizer_path: str, role: str = "policy",
-                            trust_remote_code: bool = False) -> None:
+                            trust_remote_code: bool = False, tokenizer=None) -> None:
     """Fail in one line if the tokenizer has ids the model's embedding has no row for.
 
     A model vocabulary larger than the tokenizer is fine (vocabularies are padded)."""
@@ -51,7 +51,9 @@ def check_tokenizer_matches(model_path: str, tokenizer_path: str, role: str = "p
         raise ModelLoadError(f"{role}: cannot read the model config in {model_path}: "
                              f"{type(e).__name__}: {' '.join(str(e).split())}") from None
     try:
-        tokens = len(load_tokenizer(tokenizer_path, trust_remote_code))
+        # An already loaded tokenizer is measured as it is, not loaded twice.
+        tokens = len(tokenizer if tokenizer is not None
+                     else load_tokenizer(tokenizer_path, trust_remote_code))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{role}: cannot load the tokenizer in {tokenizer_path}: "
                              f"{type(e).__name__}: {' '.join(str(e).split())}") from None

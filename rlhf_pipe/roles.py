@@ -66,23 +66,25 @@ class _Trainable:
         self.max_grad_norm = max_grad_norm
         self.device = next(model.parameters()).device
 
-    def finish_step(self, grad_divisor: float, apply: bool = True) -> dict:
-        """Divide accumulated grads, clip, step, zero. `apply=False` drops the grads."""
+    def prepare_step(self, grad_divisor: float):
+        """Divide the accumulated grads by the batch normaliser and clip them. Returns the
+        pre-clip norm (a tensor), or None when there is nothing to update."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if not apply or not params:
-            self.optimizer.zero_grad(set_to_none=True)
-            return {}
+        if not params:
+            return None
         if grad_divisor != 1.0:
             torch._foreach_div_([p.grad for p in params], grad_divisor)
-        norm = torch.nn.utils.clip_grad_norm_(
+        return torch.nn.utils.clip_grad_norm_(
             params, self.max_grad_norm if self.max_grad_norm else math.inf)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite gradient norm {norm.item()}")
+
+    def apply_step(self, norm) -> dict:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": norm.detach(), "lr": self.scheduler.get_last_lr()[0]}
+
+    def drop_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 class PolicyRole(_Trainable):

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, write_checkpoint
-from rlhf_pipe.config import RunConfig
+from rlhf_pipe.config import ConfigError, RunConfig
 from rlhf_pipe.data import PromptSource, parse_dataset_spec, read_records
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
-from rlhf_pipe.models import load_causal_lm, load_tokenizer, load_value_model, save_hf
+from rlhf_pipe.models import (check_tokenizer_matches, load_causal_lm, load_tokenizer,
+                              load_value_model, save_hf)
 from rlhf_pipe.pipeline.stages import (STAGES, AdvantageSettings, StepOutput, StepPipeline,
                                        StepPlan)
 from rlhf_pipe.roles import CriticRole, LossSettings, PolicyRole, ReferenceRole, RewardRole
@@ -47,10 +48,10 @@ def resolve_function(name: str, what: str = "reward_fn"):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"{what} {name!r}: cannot import {module_name!r}: {e}") from None
+        raise ConfigError(f"{what} {name!r}: cannot import {module_name!r}: {e}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"{what} {name!r}: {module_name} has no function {attr!r}")
+        raise ConfigError(f"{what} {name!r}: {module_name} has no function {attr!r}")
     return fn
 
 
@@ -58,7 +59,7 @@ def _pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("placement_config.device: 'cuda' asked for, but no GPU is visible")
+        raise ConfigError("placement_config.device: 'cuda' asked for, but no GPU is visible")
     return torch.device(choice)
 
 
@@ -79,10 +80,16 @@ class RLHFTrainer:
         self.tokenizer = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
 
+        check_tokenizer_matches(mc.policy.model_path, tok_path, "policy",
+                                cfg.tokenizer_config.trust_remote_code, self.tokenizer)
+        # Data first: a bad prompt file is reported before any model or engine is built.
+        pd = cfg.prompt_dataset_config
+        specs = [parse_dataset_spec(s, cfg.constants) for s in pd.message_datasets]
+        self.prompts = PromptSource(specs, self.tokenizer, pd.samples_each_epoch, pd.max_len,
+                                    pd.prompt_key, pd.shuffle, pd.seed)
         pol = mc.policy.trainer_config
         actor_model = load_causal_lm(mc.policy.model_path, pol.torch_dtype,
                                      mc.policy.trust_remote_code, "policy").to(self.device)
-        self._check_vocab(actor_model, "policy")
         sizes = dict(infer_micro_bs=t.infer_micro_bs, train_micro_bs=t.train_micro_bs)
         self.actor = PolicyRole(actor_model, self.pad_id, lr=pol.lr, betas=pol.betas,
                                 eps=pol.eps, weight_decay=pol.weight_decay,
@@ -116,10 +123,6 @@ class RLHFTrainer:
         self.reward = RewardRole(reward_model, self.pad_id, t.infer_micro_bs, reward_fn)
 
         self.engine = engine or self._build_engine(actor_model)
-        pd = cfg.prompt_dataset_config
-        specs = [parse_dataset_spec(s, cfg.constants) for s in pd.message_datasets]
-        self.prompts = PromptSource(specs, self.tokenizer, pd.samples_each_epoch, pd.max_len,
-                                    pd.prompt_key, pd.shuffle, pd.seed)
         self.ptx = self._build_ptx()
         self.eval_prompts = None
         if cfg.eval_dataset_config is not None:
@@ -164,12 +167,6 @@ class RLHFTrainer:
                                     pd.seed)
 
     # ------------------------------------------------------------------ building
-
-    def _check_vocab(self, model, role: str) -> None:
-        vocab = model.get_input_embeddings().weight.shape[0]
-        if len(self.tokenizer) > vocab:
-            raise ValueError(f"model_configs.{role}: tokenizer has {len(self.tokenizer)} tokens "
-                             f"but the model's embedding has {vocab} rows")
 
     def _build_engine(self, actor_model):
         r, mc = self.cfg.rollout_config, self.cfg.model_configs
@@ -227,7 +224,7 @@ class RLHFTrainer:
             advantage=AdvantageSettings(rep.kl_coeff, rep.kl_estimator, rep.gamma,
                                         rep.gae_lambda, rep.clip_reward_min,
                                         rep.clip_reward_max, rep.norm_rewards, rep.algorithm,
-                                        rep.kl_mode, r.n),
+                                        rep.kl_mode, r.n, t.on_nonfinite),
             loss=LossSettings(t.policy_clip, t.value_clip, t.ppo_loss_weight,
                               t.value_loss_weight, t.loss_agg,
                               rep.kl_coeff if rep.kl_mode == "loss" else 0.0),
@@ -235,7 +232,8 @@ class RLHFTrainer:
             ppo_epochs=t.ppo_epochs, num_mini_batches=t.num_mini_batches,
             on_policy_version=self.version if t.on_policy else None,
             timeout_s=t.stage_timeout_s, request_timeout_s=r.request_timeout_s,
-            ptx_token_ids=self._next_ptx(), ptx_weight=t.pretrain_loss_weight)
+            ptx_token_ids=self._next_ptx(), ptx_weight=t.pretrain_loss_weight,
+            on_nonfinite=t.on_nonfinite)
 
     def train_step(self) -> dict:
         step = self.step_index
@@ -249,7 +247,8 @@ class RLHFTrainer:
         finally:
             progress.close()
         sync_start = time.perf_counter()
-        if plan.update_actor:
+        skipped = "nonfinite_skipped" in out.train_metrics
+        if plan.update_actor and not skipped:
             self.version += 1
             self.engine.load_weights(self.actor.named_weights(), self.version)
         sync_s = time.perf_counter() - sync_start
@@ -304,6 +303,7 @@ class RLHFTrainer:
             m["sync/gbps"] = self.engine.last_sync["gbps"]
             m["sync/bytes"] = self.engine.last_sync["bytes"]
         m["skipped_prompts"] = sum(self.prompts.skipped.values())
+        m["nonfinite_skipped"] = tm.get("nonfinite_skipped", 0.0)
         # The step's one device->host sync: every metric becomes a Python number here.
         m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()}
         m["timeline"] = out.timeline

@@ -32,6 +32,10 @@ from rlhf_pipe.rollout.types import Completion, SamplingSettings
 STAGES = ("generate", "forward", "advantage", "train")
 
 
+class NonFiniteError(FloatingPointError):
+    """NaN or inf in a reward or an update, caught in the step that made it."""
+
+
 class StageError(RuntimeError):
     """The first failure of a step, naming its stage."""
 
@@ -48,6 +52,7 @@ class AdvantageSettings:
     algorithm: str = "ppo"   # "ppo" | "grpo" | "rloo" | "reinforce_pp"
     kl_mode: str = "reward"  # "reward" | "loss"
     group_size: int = 1      # rollout n: answers per prompt
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -69,6 +74,7 @@ class StepPlan:
     request_timeout_s: float = 600.0
     ptx_token_ids: list[list[int]] | None = None
     ptx_weight: float = 0.0
+    on_nonfinite: str = "stop"  # "stop" | "skip"
 
 
 @dataclass
@@ -252,6 +258,10 @@ class StepPipeline:
         R = max(max(s.num_actions for s in samples), 1)
         mask = pad_field_mask(samples, R)
         scores = torch.stack([s.score for s in samples]).float()  # (b,)
+        bad = [s.sample_id for s, ok in zip(samples, torch.isfinite(scores)) if not ok]
+        if bad and a.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite reward for samples {bad[:5]}; weights unchanged. "
+                                 f"Set train_config.on_nonfinite='skip' to skip such updates")
         if a.clip_reward_min is not None or a.clip_reward_max is not None:
             scores = scores.clamp(min=a.clip_reward_min, max=a.clip_reward_max)
         if a.norm_rewards == "running":
@@ -338,20 +348,32 @@ class StepPipeline:
 
     def _finish(self, plan: StepPlan, samples: list[Sample]) -> dict:
         divisor = _grad_divisor(plan.loss.loss_agg, sum(s.num_actions for s in samples))
-        metrics = {}
+        models, ptx_metrics = {}, {}
         if plan.update_actor:
             if plan.ptx_token_ids:
                 # Added after the policy gradient is normalised, with its own normaliser.
                 _divide_grads(self.actor.model, divisor)
-                _merge(metrics, self.actor.ptx(plan.ptx_token_ids, plan.ptx_weight))
-                actor_divisor = 1.0
+                ptx_metrics = self.actor.ptx(plan.ptx_token_ids, plan.ptx_weight)
+                models["actor"] = (self.actor, 1.0)
             else:
-                actor_divisor = divisor
-            metrics.update({f"actor/{k}": v for k, v in
-                            self.actor.finish_step(actor_divisor).items()})
+                models["actor"] = (self.actor, divisor)
         if self.critic is not None:
-            metrics.update({f"critic/{k}": v for k, v in
-                            self.critic.finish_step(divisor).items()})
+            models["critic"] = (self.critic, divisor)
+        norms = {name: role.prepare_step(d) for name, (role, d) in models.items()}
+        # Host sync, once per optimizer step: both models update, or neither does.
+        bad = {n: v.item() for n, v in norms.items() if v is not None and not torch.isfinite(v)}
+        if bad:
+            for role, _ in models.values():
+                role.drop_grads()
+            where = ", ".join(f"{n} gradient norm {v}" for n, v in bad.items())
+            if plan.on_nonfinite == "skip":
+                return {"nonfinite_skipped": torch.tensor(1.0)}
+            raise NonFiniteError(f"non-finite update ({where}); weights unchanged. Set "
+                                 f"train_config.on_nonfinite='skip' to skip such updates")
+        metrics = dict(ptx_metrics)
+        for name, (role, _) in models.items():
+            if norms[name] is not None:
+                metrics.update({f"{name}/{k}": v for k, v in role.apply_step(norms[name]).items()})
         return metrics
 
     @staticmethod

@@ -80,3 +80,33 @@ def test_missing_vllm_settings_warn_by_name():
     dropped = unsupported_engine_settings({"max_paddings": 256, "block_size": 16,
                                            "max_num_batched_tokens": 2048})
     assert "max_paddings" in dropped and "block_size" not in dropped
+
+
+def _nan_for_first(prompts, responses):
+    return [float("nan")] + [0.5] * (len(responses) - 1)
+
+
+def test_nan_reward_stops_the_step_that_made_it(tmp_path, fresh_engine, initial_policy_weights):
+    from rlhf_pipe.pipeline.stages import StageError
+
+    trainer = RLHFTrainer(tiny_config(tmp_path), engine=fresh_engine, reward_fn=_nan_for_first,
+                          console=False)
+    with pytest.raises(StageError, match=r"non-finite reward for samples \[[\d, ]+\]; weights "
+                                         r"unchanged"):
+        trainer.train_step()
+    actor = trainer.actor.model.state_dict()
+    assert all(torch.equal(actor[k], initial_policy_weights[k]) for k in initial_policy_weights)
+    trainer.close()
+
+
+def test_nan_update_is_skipped_when_asked(tmp_path, fresh_engine, initial_policy_weights):
+    trainer = RLHFTrainer(tiny_config(tmp_path, **{"train_config.on_nonfinite": "skip",
+                                                   "repeater_config.norm_rewards": False}),
+                          engine=fresh_engine, reward_fn=_nan_for_first, console=False)
+    metrics = trainer.train_step()
+    assert metrics["nonfinite_skipped"] == 1.0
+    assert metrics["policy_version"] == 0 and fresh_engine.version == 0
+    actor = trainer.actor.model.state_dict()
+    assert all(torch.equal(actor[k], initial_policy_weights[k]) for k in initial_policy_weights)
+    assert all(p.grad is None for p in trainer.actor.model.parameters())
+    trainer.close()
