@@ -58,7 +58,9 @@ def _make_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay
 class _Trainable:
     model: nn.Module
 
-    def __init__(self, model, lr, betas, eps, weight_decay, warmup_steps, max_grad_norm):
+    def __init__(self, model, pad_id: int, *, lr, betas, eps, weight_decay, warmup_steps,
+                 max_grad_norm, infer_micro_bs: int, train_micro_bs: int):
+        self.pad_id, self.infer_micro_bs, self.train_micro_bs = pad_id, infer_micro_bs, train_micro_bs
         self.model = model
         self.model.requires_grad_(True)
         self.optimizer, self.scheduler = _make_optimizer(model, lr, betas, eps, weight_decay,
@@ -89,11 +91,6 @@ class _Trainable:
 
 class PolicyRole(_Trainable):
     """The actor: log-probs for the Forward stage, PPO (and PTX) updates for the Train stage."""
-
-    def __init__(self, model, pad_id: int, *, lr, betas, eps, weight_decay, warmup_steps,
-                 max_grad_norm, infer_micro_bs: int, train_micro_bs: int):
-        super().__init__(model, lr, betas, eps, weight_decay, warmup_steps, max_grad_norm)
-        self.pad_id, self.infer_micro_bs, self.train_micro_bs = pad_id, infer_micro_bs, train_micro_bs
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[Tensor]:
@@ -149,10 +146,7 @@ class PolicyRole(_Trainable):
 
 
 class CriticRole(_Trainable):
-    def __init__(self, model, pad_id: int, *, lr, betas, eps, weight_decay, warmup_steps,
-                 max_grad_norm, infer_micro_bs: int, train_micro_bs: int):
-        super().__init__(model, lr, betas, eps, weight_decay, warmup_steps, max_grad_norm)
-        self.pad_id, self.infer_micro_bs, self.train_micro_bs = pad_id, infer_micro_bs, train_micro_bs
+    """The critic: values for the Forward stage, clipped value-loss updates for Train."""
 
     @torch.no_grad()
     def values(self, samples: list[Sample]) -> list[Tensor]:
