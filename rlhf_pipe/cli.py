@@ -80,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue from the newest checkpoint in the work dir, or from PATH")
     p.set_defaults(fn=cmd_train)
+    from rlhf_pipe.bench_cli import add_parser as add_bench_parser
     from rlhf_pipe.plan_cli import add_parser as add_plan_parser
 
     add_plan_parser(sub)
+    add_bench_parser(sub)
     sub.add_parser("apply-vllm-patch", help="add generate_to_queue to the installed vLLM "
                    "(see rlhf-pipe apply-vllm-patch --help)")
     args = parser.parse_args(argv)
