@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import queue
 import time
@@ -134,8 +135,6 @@ def device_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                import os
-
                 return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
     except OSError:
         pass

@@ -79,7 +79,8 @@ def test_chrome_trace_has_one_thread_per_row_and_microseconds():
     events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert [(e["name"], e["ts"], e["dur"]) for e in events] == [
         ("forward mb2", 500000.0, 250000.0), ("optimizer all", 1000000.0, 250000.0)]
-    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"]
+             if e["name"] == "thread_name"}
     assert names[events[0]["tid"]] == "forward" and names[events[1]["tid"]] == "train/optimizer"
 
 
