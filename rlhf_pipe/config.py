@@ -53,7 +53,6 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed_config: Optional[dict] = None
-    offload: bool = False  # reference/reward: weights to CPU between uses
 
 
 @dataclass

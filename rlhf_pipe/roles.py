@@ -171,7 +171,7 @@ class CriticRole(_Trainable):
 
 
 class ReferenceRole:
-    def __init__(self, model, pad_id: int, infer_micro_bs: int, offload: bool = False):
+    def __init__(self, model, pad_id: int, infer_micro_bs: int):
         self.model, self.pad_id, self.infer_micro_bs = model.eval(), pad_id, infer_micro_bs
         self.model.requires_grad_(False)
         self.device = next(model.parameters()).device

@@ -26,6 +26,8 @@ def grpo_reference(scores, group_ids, eps, scale_by_std=True):
     for gid in group_ids.unique():
         sel = group_ids == gid
         s = scores[sel]
+        if torch.all(s == s[0]):
+            continue  # an all-equal group gets exactly 0 (the mean's rounding would leave ~1e-8)
         adv = s - s.mean()
         if scale_by_std:
             adv = adv / (s.std(unbiased=False) + eps)
