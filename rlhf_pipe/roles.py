@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from rlhf_pipe.models import response_logits, sequence_scores, token_values
+from rlhf_pipe.checkpoint import CheckpointError
+from rlhf_pipe.models import response_logits, save_hf, sequence_scores, token_values
 from rlhf_pipe.pipeline.batch import Sample, chunks, collate, pad_field
 from rlhf_pipe.ppo import core
 
@@ -87,6 +89,33 @@ class _Trainable:
 
     def drop_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def divide_grads(self, divisor: float) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and divisor != 1.0:
+            torch._foreach_div_(grads, divisor)
+
+    def save(self, out_dir: str) -> None:
+        save_hf(self.model, out_dir)
+
+    def training_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def load_weights_from(self, folder: str) -> None:
+        """Weights of an HF folder written by `save`, strictly (rotary buffers aside)."""
+        from safetensors.torch import load_file
+
+        weights = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if "rotary" not in k]:
+            raise CheckpointError(f"{folder}: weights do not match the model "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 class PolicyRole(_Trainable):

@@ -24,12 +24,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, write_checkpoint
+from rlhf_pipe.checkpoint import STATE_FILE, write_checkpoint
 from rlhf_pipe.config import ConfigError, RunConfig
 from rlhf_pipe.data import PromptSource, parse_dataset_spec, read_records
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
 from rlhf_pipe.models import (check_tokenizer_matches, load_causal_lm, load_tokenizer,
-                              load_value_model, save_hf)
+                              load_value_model)
 from rlhf_pipe.pipeline.stages import (STAGES, AdvantageSettings, StepOutput, StepPipeline,
                                        StepPlan)
 from rlhf_pipe.roles import CriticRole, LossSettings, PolicyRole, ReferenceRole, RewardRole
@@ -68,10 +68,51 @@ def request_seed(base: int, step: int, prompt_index: int) -> int:
     return (base * 1_000_003 + step * 10_007 + prompt_index) % (2**31 - 1)
 
 
+ROLE_NAMES = ("actor", "critic", "reference", "reward")
+
+
+def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None) -> dict:
+    """The named roles as models in this process (the ones the config has)."""
+    t, mc = cfg.train_config, cfg.model_configs
+    sizes = dict(infer_micro_bs=t.infer_micro_bs, train_micro_bs=t.train_micro_bs)
+    roles = {}
+    for name in names:
+        if name == "actor":
+            pol = mc.policy.trainer_config
+            model = load_causal_lm(mc.policy.model_path, pol.torch_dtype,
+                                   mc.policy.trust_remote_code, "policy").to(device)
+            roles[name] = PolicyRole(model, pad_id, lr=pol.lr, betas=pol.betas, eps=pol.eps,
+                                     weight_decay=pol.weight_decay,
+                                     warmup_steps=pol.lr_warmup_steps,
+                                     max_grad_norm=pol.max_grad_norm, **sizes)
+        elif name == "critic" and mc.critic is not None:
+            c = mc.critic.trainer_config
+            model = load_value_model(mc.critic.model_path, c.torch_dtype,
+                                     mc.critic.trust_remote_code, "critic").to(device)
+            roles[name] = CriticRole(model, pad_id, lr=c.lr, betas=c.betas, eps=c.eps,
+                                     weight_decay=c.weight_decay, warmup_steps=c.lr_warmup_steps,
+                                     max_grad_norm=c.max_grad_norm, **sizes)
+        elif name == "reference" and mc.reference is not None:
+            ref = mc.reference
+            model = load_causal_lm(ref.model_path, ref.trainer_config.torch_dtype,
+                                   ref.trust_remote_code, "reference").to(device)
+            roles[name] = ReferenceRole(model, pad_id, t.infer_micro_bs)
+        elif name == "reward":
+            rw = mc.reward
+            model = None
+            if rw.model_path:
+                model = load_value_model(rw.model_path, rw.trainer_config.torch_dtype,
+                                         rw.trust_remote_code, "reward").to(device)
+            fn = reward_fn or (resolve_function(rw.reward_fn) if rw.reward_fn else None)
+            roles[name] = RewardRole(model, pad_id, t.infer_micro_bs, fn)
+    return roles
+
+
 class RLHFTrainer:
     """Build once from a RunConfig, then `learn()`. See docs/architecture.md."""
 
-    def __init__(self, cfg: RunConfig, *, reward_fn=None, engine=None, console: bool = True):
+    def __init__(self, cfg: RunConfig, *, reward_fn=None, engine=None, console: bool = True,
+                 roles: dict | None = None):
         self.cfg = cfg
         t, mc = cfg.train_config, cfg.model_configs
         seed_everything(t.seed)
@@ -87,41 +128,13 @@ class RLHFTrainer:
         specs = [parse_dataset_spec(s, cfg.constants) for s in pd.message_datasets]
         self.prompts = PromptSource(specs, self.tokenizer, pd.samples_each_epoch, pd.max_len,
                                     pd.prompt_key, pd.shuffle, pd.seed)
-        pol = mc.policy.trainer_config
-        actor_model = load_causal_lm(mc.policy.model_path, pol.torch_dtype,
-                                     mc.policy.trust_remote_code, "policy").to(self.device)
-        sizes = dict(infer_micro_bs=t.infer_micro_bs, train_micro_bs=t.train_micro_bs)
-        self.actor = PolicyRole(actor_model, self.pad_id, lr=pol.lr, betas=pol.betas,
-                                eps=pol.eps, weight_decay=pol.weight_decay,
-                                warmup_steps=pol.lr_warmup_steps,
-                                max_grad_norm=pol.max_grad_norm, **sizes)
-        self.critic = None
-        if mc.critic is not None:
-            c = mc.critic.trainer_config
-            self.critic = CriticRole(load_value_model(mc.critic.model_path, c.torch_dtype,
-                                                      mc.critic.trust_remote_code,
-                                                      "critic").to(self.device),
-                                     self.pad_id, lr=c.lr, betas=c.betas, eps=c.eps,
-                                     weight_decay=c.weight_decay,
-                                     warmup_steps=c.lr_warmup_steps,
-                                     max_grad_norm=c.max_grad_norm, **sizes)
-        self.reference = None
-        if mc.reference is not None:
-            ref = mc.reference
-            self.reference = ReferenceRole(load_causal_lm(ref.model_path,
-                                                          ref.trainer_config.torch_dtype,
-                                                          ref.trust_remote_code,
-                                                          "reference").to(self.device),
-                                           self.pad_id, t.infer_micro_bs)
-        rw = mc.reward
-        reward_model = None
-        if rw.model_path:
-            reward_model = load_value_model(rw.model_path, rw.trainer_config.torch_dtype,
-                                            rw.trust_remote_code, "reward").to(self.device)
-        if reward_fn is None and rw.reward_fn:
-            reward_fn = resolve_function(rw.reward_fn)
-        self.reward = RewardRole(reward_model, self.pad_id, t.infer_micro_bs, reward_fn)
-
+        if roles is None:
+            roles = build_roles(cfg, ROLE_NAMES, self.pad_id, self.device, reward_fn)
+        elif reward_fn is not None:
+            roles["reward"].reward_fn = reward_fn
+        self.actor, self.critic = roles["actor"], roles.get("critic")
+        self.reference, self.reward = roles.get("reference"), roles["reward"]
+        actor_model = getattr(self.actor, "model", None)
         self.engine = engine or self._build_engine(actor_model)
         self.ptx = self._build_ptx()
         self.eval_prompts = None
@@ -358,9 +371,11 @@ class RLHFTrainer:
 
     def save(self, step: int) -> Path:
         def write(tmp: Path) -> None:
-            save_hf(self.actor.model, tmp / "actor", self.tokenizer)
+            self.actor.save(str(tmp / "actor"))
+            self.tokenizer.save_pretrained(tmp / "actor")
             if self.critic is not None:
-                save_hf(self.critic.model, tmp / "critic", self.tokenizer)
+                self.critic.save(str(tmp / "critic"))
+                self.tokenizer.save_pretrained(tmp / "critic")
             torch.save(self.state_dict(), tmp / STATE_FILE)
 
         return write_checkpoint(self.work_dir, step, write, self.cfg.train_config.keep_last)
@@ -369,8 +384,7 @@ class RLHFTrainer:
         """Everything besides model weights that the next step depends on."""
         state = {
             "step": self.step_index, "version": self.version,
-            "actor_optimizer": self.actor.optimizer.state_dict(),
-            "actor_scheduler": self.actor.scheduler.state_dict(),
+            "actor": self.actor.training_state(),
             "data": self.prompts.state_dict(),
             "ptx_pos": self.ptx["pos"] if self.ptx else 0,
             "running_rewards": self.pipeline.running.state_dict(),
@@ -378,32 +392,18 @@ class RLHFTrainer:
                     "torch": torch.get_rng_state()},
         }
         if self.critic is not None:
-            state["critic_optimizer"] = self.critic.optimizer.state_dict()
-            state["critic_scheduler"] = self.critic.scheduler.state_dict()
+            state["critic"] = self.critic.training_state()
         return state
 
     def resume(self, checkpoint: str | Path) -> None:
         """Load a checkpoint written by `save`; the next step continues exactly."""
-        from safetensors.torch import load_file
-
         path = Path(checkpoint)
         state = torch.load(path / STATE_FILE, weights_only=False)
-        for role, folder in ((self.actor, "actor"), (self.critic, "critic")):
-            if role is None:
-                continue
-            weights = {}
-            for f in sorted((path / folder).glob("*.safetensors")):
-                weights.update(load_file(str(f)))
-            missing, unexpected = role.model.load_state_dict(weights, strict=False)
-            # Tied or buffer entries that safetensors leaves out are fine; real weights are not.
-            if unexpected or [k for k in missing if "rotary" not in k]:
-                raise CheckpointError(f"{path / folder}: weights do not match the model "
-                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.actor.optimizer.load_state_dict(state["actor_optimizer"])
-        self.actor.scheduler.load_state_dict(state["actor_scheduler"])
+        self.actor.load_weights_from(str(path / "actor"))
+        self.actor.load_training_state(state["actor"])
         if self.critic is not None:
-            self.critic.optimizer.load_state_dict(state["critic_optimizer"])
-            self.critic.scheduler.load_state_dict(state["critic_scheduler"])
+            self.critic.load_weights_from(str(path / "critic"))
+            self.critic.load_training_state(state["critic"])
         self.prompts.load_state_dict(state["data"])
         if self.ptx:
             self.ptx["pos"] = state["ptx_pos"]

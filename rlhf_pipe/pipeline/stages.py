@@ -352,7 +352,7 @@ class StepPipeline:
         if plan.update_actor:
             if plan.ptx_token_ids:
                 # Added after the policy gradient is normalised, with its own normaliser.
-                _divide_grads(self.actor.model, divisor)
+                self.actor.divide_grads(divisor)
                 ptx_metrics = self.actor.ptx(plan.ptx_token_ids, plan.ptx_weight)
                 models["actor"] = (self.actor, 1.0)
             else:
@@ -419,12 +419,6 @@ def pad_field_mask(samples: list[Sample], width: int) -> torch.Tensor:
     for i, s in enumerate(samples):
         mask[i, :s.num_actions] = 1
     return mask
-
-
-def _divide_grads(model, divisor: float) -> None:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads and divisor != 1.0:
-        torch._foreach_div_(grads, divisor)
 
 
 def _merge(into: dict, new: dict) -> None:
