@@ -157,6 +157,7 @@ class TrainConfig:
     # NaN/inf in a reward or an update: 'stop' the run with a message, or 'skip' the update.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     stage_timeout_s: float = field(default=600.0, metadata=_range(0.0, 1e6, lo_open=True))
+    weight_bucket_mb: int = field(default=256, metadata=_ge(1))  # actor -> vLLM sync buckets
     tensorboard: bool = True
     progress_bar: bool = True
 

@@ -141,9 +141,27 @@ def sequence_scores(model: nn.Module, batch: PaddedBatch) -> Tensor:
 
 
 def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> None:
-    """Save in HF format via safetensors (works on any rank of an initialised world)."""
+    """Save an HF folder: config.json and model.safetensors.
+
+    Written with safetensors directly: under an initialised torch.distributed world,
+    transformers' save_pretrained on a rank other than 0 writes no weight file (measured,
+    DESIGN.md). Tensors that share storage (tied embeddings) are written once; loading
+    re-ties them.
+    """
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

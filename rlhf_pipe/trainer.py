@@ -112,7 +112,7 @@ class RLHFTrainer:
     """Build once from a RunConfig, then `learn()`. See docs/architecture.md."""
 
     def __init__(self, cfg: RunConfig, *, reward_fn=None, engine=None, console: bool = True,
-                 roles: dict | None = None):
+                 roles: dict | None = None, in_process_engine: bool = True):
         self.cfg = cfg
         t, mc = cfg.train_config, cfg.model_configs
         seed_everything(t.seed)
@@ -135,7 +135,7 @@ class RLHFTrainer:
         self.actor, self.critic = roles["actor"], roles.get("critic")
         self.reference, self.reward = roles.get("reference"), roles["reward"]
         actor_model = getattr(self.actor, "model", None)
-        self.engine = engine or self._build_engine(actor_model)
+        self.engine = engine or self._build_engine(actor_model, in_process_engine)
         self.ptx = self._build_ptx()
         self.eval_prompts = None
         if cfg.eval_dataset_config is not None:
@@ -181,7 +181,7 @@ class RLHFTrainer:
 
     # ------------------------------------------------------------------ building
 
-    def _build_engine(self, actor_model):
+    def _build_engine(self, actor_model, in_process: bool = True):
         r, mc = self.cfg.rollout_config, self.cfg.model_configs
         gen = mc.policy.generator_config
         if gen.generator_type == "hf":
@@ -196,7 +196,8 @@ class RLHFTrainer:
                           max_model_len=r.max_model_len,
                           tensor_parallel_size=gen.parallel.tensor.get("size", 1),
                           gpu_memory_utilization=r.gpu_memory_utilization,
-                          enforce_eager=r.enforce_eager, engine_kwargs=r.engine_kwargs)
+                          enforce_eager=r.enforce_eager, engine_kwargs=r.engine_kwargs,
+                          in_process=in_process)
 
     def _build_ptx(self):
         p = self.cfg.pretrain_dataset_config

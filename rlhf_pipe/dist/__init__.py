@@ -1,0 +1,1 @@
+"""Running the roles on their own torchrun ranks."""

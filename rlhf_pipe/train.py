@@ -1,0 +1,166 @@
+"""`torchrun --nproc-per-node P [--nnodes N --rdzv-endpoint ...] -m rlhf_pipe.train CONFIG`.
+
+Every rank computes the same placement from the config (rlhf_pipe.placement) and checks it
+against WORLD_SIZE. The rank that leads vLLM engine 0 is the controller: it runs the trainer
+with its stage threads and the engine; every other rank that hosts roles builds them and
+answers the controller's calls (rlhf_pipe.dist.remote). Without torchrun (WORLD_SIZE 1) this is
+`rlhf-pipe train`.
+
+A failure on any rank prints one line naming the rank, its roles and the first error, and the
+rank exits non-zero; torchrun then stops the others. Every collective has a timeout
+(train_config.stage_timeout_s), so a peer that dies silently is an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+
+LOCAL_ROLES = ("actor", "critic", "reference", "reward")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m rlhf_pipe.train")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[])
+    p.add_argument("--resume", metavar="auto|PATH")
+    return p.parse_args(argv)
+
+
+def _role_ranks(placement) -> dict[str, list[int]]:
+    out = {}
+    for role in LOCAL_ROLES:
+        try:
+            ranks = placement.ranks_of(role)
+        except ValueError:
+            continue  # e.g. a reward given only as a function: it has no ranks
+        if ranks:
+            out[role] = ranks
+    return out
+
+
+def run(args) -> int:
+    import torch.distributed as dist
+
+    from rlhf_pipe.config import load_config, parse_override
+    from rlhf_pipe.placement import check, errors, make_placement
+
+    cfg = load_config(args.config, dict(parse_override(s) for s in args.set))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        from rlhf_pipe.cli import main as cli_main
+
+        return cli_main(["train", args.config] + sum((["--set", s] for s in args.set), [])
+                        + (["--resume", args.resume] if args.resume else []))
+    rank = int(os.environ["RANK"])
+    placement = make_placement(cfg)
+    problems = errors(placement, check(placement, world))
+    if problems:
+        raise _UserError(problems[0])
+    role_ranks = _role_ranks(placement)
+    for role, ranks in role_ranks.items():
+        if len(ranks) > 1:
+            raise _UserError(f"{args.config}: placement: {role} has data-parallel size "
+                             f"{len(ranks)}; this runner serves one rank per role so far")
+    if len(placement.engines) != 1:
+        raise _UserError(f"{args.config}: placement: {len(placement.engines)} vLLM engines; "
+                         f"this runner drives one engine so far")
+    controller = placement.engines[0][0]
+    timeout = timedelta(seconds=cfg.train_config.stage_timeout_s)
+    dist.init_process_group("gloo", timeout=timeout)
+    # Every rank creates every group, in the same order (a collective call).
+    peers = sorted({r for ranks in role_ranks.values() for r in ranks} - {controller})
+    groups = {peer: dist.new_group([controller, peer], timeout=timeout) for peer in peers}
+    _CURRENT["roles"] = placement.roles_of(rank)
+    try:
+        if rank == controller:
+            _run_controller(cfg, args, placement, role_ranks, controller, groups)
+        elif rank in groups:
+            _run_roles(cfg, placement, rank, controller, groups[rank])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _run_controller(cfg, args, placement, role_ranks, controller, groups) -> None:
+    import torch
+
+    from rlhf_pipe.dist.remote import Connection, RemoteRole
+    from rlhf_pipe.models import load_tokenizer
+    from rlhf_pipe.trainer import RLHFTrainer, build_roles
+
+    tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
+    pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
+    conns = {peer: Connection(peer, group, placement.roles_of(peer))
+             for peer, group in groups.items()}
+    local = [r for r in LOCAL_ROLES if r not in role_ranks or role_ranks[r] == [controller]]
+    roles = build_roles(cfg, local, pad_id, torch.device("cpu") if placement.device == "cpu"
+                        else torch.device("cuda", 0))
+    for role, ranks in role_ranks.items():
+        if ranks != [controller]:
+            roles[role] = RemoteRole(conns[ranks[0]], role)
+    trainer = RLHFTrainer(cfg, roles=roles, in_process_engine=False)
+    try:
+        if args.resume:
+            from rlhf_pipe.checkpoint import resolve_resume
+
+            found = resolve_resume(args.resume, cfg.train_config.work_dir)
+            if found is not None:
+                trainer.resume(found)
+        history = trainer.learn()
+        if history:
+            print(f"rank {controller}: trained to step {trainer.step_index}, last reward "
+                  f"{history[-1]['reward']:.4f}", flush=True)
+    finally:
+        trainer.close()
+        for conn in conns.values():
+            conn.close()
+
+
+def _run_roles(cfg, placement, rank, controller, group) -> None:
+    import torch
+
+    from rlhf_pipe.dist.remote import serve
+    from rlhf_pipe.models import load_tokenizer
+    from rlhf_pipe.trainer import build_roles, seed_everything
+
+    seed_everything(cfg.train_config.seed)
+    tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
+    pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
+    mine = [r for r in placement.roles_of(rank) if r in LOCAL_ROLES]
+    device = torch.device("cpu")
+    if placement.device != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    serve(build_roles(cfg, mine, pad_id, device), controller, group,
+          cfg.train_config.weight_bucket_mb * 2**20)
+
+
+class _UserError(Exception):
+    pass
+
+
+_CURRENT: dict = {"roles": ()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_pipe.cli import _user_errors
+
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    rank = os.environ.get("RANK", "0")
+    try:
+        return run(args)
+    except (_UserError, *_user_errors()) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:
+        roles = "+".join(_CURRENT["roles"]) or "no role"
+        first = " ".join(f"{type(e).__name__}: {e}".split())
+        print(f"error: rank {rank} ({roles}) failed: {first}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The roles on their own torchrun ranks (gloo, CPU): same weights as one process, and a
+killed rank takes the whole run down quickly with a message naming it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_pipe.trainer import RLHFTrainer
+from tests.conftest import ROOT, TINY_CONFIG, tiny_config
+
+pytestmark = pytest.mark.slow
+QUIET = {"train_config.progress_bar": False, "train_config.tensorboard": False,
+         "train_config.stage_timeout_s": 60}
+
+
+def _torchrun(nproc, work, steps, extra=(), wait=True):
+    sets = {**QUIET, "train_config.work_dir": str(work), "train_config.max_train_step": steps}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(29500 + os.getpid() % 1000), "-m", "rlhf_pipe.train",
+           str(TINY_CONFIG)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    for item in extra:
+        cmd += ["--set", item]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _weights(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _single_process(tmp_path, engine, initial, steps, **over):
+    engine.load_weights(initial.items(), version=0)
+    trainer = RLHFTrainer(tiny_config(tmp_path, **over), engine=engine, console=False)
+    trainer.learn(steps)
+    trainer.close()
+    return tmp_path / "run" / "checkpoints" / f"step_{steps:06d}"
+
+
+@pytest.mark.parametrize("layout,nproc,extra", [
+    ("one rank per role", 4, ()),
+    ("actor and reference colocated", 3, ("placement_config.colocate_actor_ref=True",)),
+])
+def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_weights,
+                                        layout, nproc, extra):
+    proc = _torchrun(nproc, tmp_path / "dist", 2, extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained to step 2" in proc.stdout
+    dist_ckpt = tmp_path / "dist" / "checkpoints" / "step_000002"
+    single = _single_process(tmp_path / "single", vllm_engine, initial_policy_weights, 2)
+    for part in ("actor", "critic"):
+        a, b = _weights(dist_ckpt / part), _weights(single / part)
+        assert a.keys() == b.keys()
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert diff == 0.0, f"{layout}: {part} differs by {diff}"
+    assert _weights(dist_ckpt / "actor").keys()  # not an empty folder
+    assert any(not torch.equal(_weights(dist_ckpt / "actor")[k], initial_policy_weights[k])
+               for k in initial_policy_weights)
+
+
+def _rank_pids(root_pid: int) -> dict[int, int]:
+    """RANK -> pid of torchrun's workers below root_pid."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if f"TORCHELASTIC_RUN_ID".encode() not in b"".join(env):
+            continue
+        vars_ = dict(v.split(b"=", 1) for v in env if b"=" in v)
+        if b"RANK" in vars_ and int(stat.split()[3]) != 1 and entry.name != str(root_pid):
+            rank = int(vars_[b"RANK"])
+            pid = int(entry.name)
+            # keep the rank's top process (its parent is the torchrun agent)
+            if rank not in out or pid < out[rank]:
+                out[rank] = pid
+    return out
+
+
+@pytest.mark.parametrize("victim", [2, 0])
+def test_killed_rank_stops_every_rank_within_60s(tmp_path, victim):
+    work = tmp_path / "dist"
+    proc = _torchrun(4, work, 200, wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while not (work / "metrics.jsonl").exists():  # the run is in its steps
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        pids = _rank_pids(proc.pid)
+        assert sorted(pids) == [0, 1, 2, 3], pids
+        os.kill(pids[victim], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=90)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert elapsed < 60, elapsed
+    time.sleep(1)
+    assert not _rank_pids(proc.pid), "a rank outlived the run"
+    if victim == 2:  # the controller names the dead peer and its role
+        assert "error: rank 0 (rollout) failed:" in stderr
+        assert "rank 2 (critic) unreachable" in stderr
+    else:  # torchrun names the rank that died
+        assert "rank      : 0" in stderr or "rank: 0" in stderr, stderr[-2000:]
