@@ -68,12 +68,23 @@ def run(args) -> int:
         raise _UserError(f"{args.config}: placement: {len(placement.engines)} vLLM engines; "
                          f"this runner drives one engine so far")
     controller = placement.engines[0][0]
+    roles_here = placement.roles_of(rank)
+    if rank == controller:
+        # torchrun's failure summary names a dead rank by number; this line gives its role.
+        print("rlhf_pipe placement: " + ", ".join(
+            f"rank {r} {'+'.join(placement.roles_of(r))}" for r in range(world)),
+            file=sys.stderr, flush=True)
+    _stop_quietly_on_sigterm(rank, roles_here)
     timeout = timedelta(seconds=cfg.train_config.stage_timeout_s)
     dist.init_process_group("gloo", timeout=timeout)
     # Every rank creates every group, in the same order (a collective call).
     peers = sorted({r for ranks in role_ranks.values() for r in ranks} - {controller})
     groups = {peer: dist.new_group([controller, peer], timeout=timeout) for peer in peers}
-    _CURRENT["roles"] = placement.roles_of(rank)
+    _CURRENT["roles"] = roles_here
+    if rank == controller:
+        from rlhf_pipe.dist import guard
+
+        guard.start()  # vLLM's engine core must not outlive a killed controller
     try:
         if rank == controller:
             _run_controller(cfg, args, placement, role_ranks, controller, groups)
@@ -136,6 +147,18 @@ def _run_roles(cfg, placement, rank, controller, group) -> None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     serve(build_roles(cfg, mine, pad_id, device), controller, group,
           cfg.train_config.weight_bucket_mb * 2**20)
+
+
+def _stop_quietly_on_sigterm(rank: int, roles) -> None:
+    """torchrun sends SIGTERM to the other ranks when one fails: say so in one line, exit."""
+    import signal
+
+    def handler(signum, frame):
+        print(f"rlhf_pipe: rank {rank} ({'+'.join(roles)}) stopped: another rank failed "
+              f"(see torchrun's summary above for which)", file=sys.stderr, flush=True)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 class _UserError(Exception):
