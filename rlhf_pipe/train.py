@@ -64,10 +64,13 @@ def run(args) -> int:
         if len(ranks) > 1:
             raise _UserError(f"{args.config}: placement: {role} has data-parallel size "
                              f"{len(ranks)}; this runner serves one rank per role so far")
-    if len(placement.engines) != 1:
-        raise _UserError(f"{args.config}: placement: {len(placement.engines)} vLLM engines; "
-                         f"this runner drives one engine so far")
     controller = placement.engines[0][0]
+    engine_leaders = [group[0] for group in placement.engines[1:]]
+    for leader in engine_leaders:
+        if any(r in LOCAL_ROLES for r in placement.roles_of(leader)):
+            raise _UserError(f"{args.config}: placement: rank {leader} leads a vLLM engine and "
+                             f"hosts {placement.roles_of(leader)}; colocating roles with "
+                             f"engines other than engine 0 is not supported yet")
     roles_here = placement.roles_of(rank)
     if rank == controller:
         # torchrun's failure summary names a dead rank by number; this line gives its role.
@@ -78,7 +81,8 @@ def run(args) -> int:
     timeout = timedelta(seconds=cfg.train_config.stage_timeout_s)
     dist.init_process_group("gloo", timeout=timeout)
     # Every rank creates every group, in the same order (a collective call).
-    peers = sorted({r for ranks in role_ranks.values() for r in ranks} - {controller})
+    peers = sorted(({r for ranks in role_ranks.values() for r in ranks}
+                    | set(engine_leaders)) - {controller})
     groups = {peer: dist.new_group([controller, peer], timeout=timeout) for peer in peers}
     _CURRENT["roles"] = roles_here
     if rank == controller:
@@ -87,7 +91,10 @@ def run(args) -> int:
         guard.start()  # vLLM's engine core must not outlive a killed controller
     try:
         if rank == controller:
-            _run_controller(cfg, args, placement, role_ranks, controller, groups)
+            _run_controller(cfg, args, placement, role_ranks, controller, groups,
+                            engine_leaders)
+        elif rank in engine_leaders:
+            _run_engine(cfg, placement, rank, controller, groups[rank])
         elif rank in groups:
             _run_roles(cfg, placement, rank, controller, groups[rank])
         dist.barrier()
@@ -96,12 +103,13 @@ def run(args) -> int:
     return 0
 
 
-def _run_controller(cfg, args, placement, role_ranks, controller, groups) -> None:
+def _run_controller(cfg, args, placement, role_ranks, controller, groups,
+                    engine_leaders) -> None:
     import torch
 
     from rlhf_pipe.dist.remote import Connection, RemoteRole
     from rlhf_pipe.models import load_tokenizer
-    from rlhf_pipe.trainer import RLHFTrainer, build_roles
+    from rlhf_pipe.trainer import RLHFTrainer, build_roles, build_vllm_engine
 
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
@@ -113,7 +121,14 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups) -> Non
     for role, ranks in role_ranks.items():
         if ranks != [controller]:
             roles[role] = RemoteRole(conns[ranks[0]], role)
-    trainer = RLHFTrainer(cfg, roles=roles, in_process_engine=False)
+    engine = None
+    if engine_leaders:
+        from rlhf_pipe.dist.remote import EnginePool, RemoteEngine
+
+        bucket = cfg.train_config.weight_bucket_mb * 2**20
+        engine = EnginePool([build_vllm_engine(cfg, 0, in_process=False)] + [
+            RemoteEngine(conns[leader], i + 1, bucket) for i, leader in enumerate(engine_leaders)])
+    trainer = RLHFTrainer(cfg, roles=roles, engine=engine, in_process_engine=False)
     try:
         if args.resume:
             from rlhf_pipe.checkpoint import resolve_resume
@@ -129,6 +144,16 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups) -> Non
         trainer.close()
         for conn in conns.values():
             conn.close()
+
+
+def _run_engine(cfg, placement, rank, controller, group) -> None:
+    from rlhf_pipe.dist import guard
+    from rlhf_pipe.dist.remote import serve_engine
+    from rlhf_pipe.trainer import build_vllm_engine
+
+    guard.start()  # the engine core must not outlive this rank
+    index = [g[0] for g in placement.engines].index(rank)
+    serve_engine(build_vllm_engine(cfg, index, in_process=False), controller, group)
 
 
 def _run_roles(cfg, placement, rank, controller, group) -> None:

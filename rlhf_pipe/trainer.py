@@ -108,6 +108,18 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None) -> d
     return roles
 
 
+def build_vllm_engine(cfg: RunConfig, engine_index: int = 0, in_process: bool = True):
+    from rlhf_pipe.rollout.vllm_engine import VLLMEngine
+
+    r, gen = cfg.rollout_config, cfg.model_configs.policy.generator_config
+    return VLLMEngine(cfg.model_configs.policy.model_path, dtype=r.dtype, seed=r.seed,
+                      max_model_len=r.max_model_len,
+                      tensor_parallel_size=gen.parallel.tensor.get("size", 1),
+                      gpu_memory_utilization=r.gpu_memory_utilization,
+                      enforce_eager=r.enforce_eager, engine_kwargs=r.engine_kwargs,
+                      engine_index=engine_index, in_process=in_process)
+
+
 class RLHFTrainer:
     """Build once from a RunConfig, then `learn()`. See docs/architecture.md."""
 
@@ -190,14 +202,7 @@ class RLHFTrainer:
             return HFEngine(copy.deepcopy(actor_model), self.pad_id,
                             self.tokenizer.eos_token_id,
                             chunk_size=self.cfg.train_config.infer_micro_bs)
-        from rlhf_pipe.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(mc.policy.model_path, dtype=r.dtype, seed=r.seed,
-                          max_model_len=r.max_model_len,
-                          tensor_parallel_size=gen.parallel.tensor.get("size", 1),
-                          gpu_memory_utilization=r.gpu_memory_utilization,
-                          enforce_eager=r.enforce_eager, engine_kwargs=r.engine_kwargs,
-                          in_process=in_process)
+        return build_vllm_engine(self.cfg, 0, in_process)
 
     def _build_ptx(self):
         p = self.cfg.pretrain_dataset_config

@@ -165,3 +165,135 @@ def serve(roles: dict, controller: int, group, bucket_bytes: int) -> None:
             traceback.print_exc()
             reply = ("error", f"{type(e).__name__}: {e}")
         _send(reply, controller, group)
+
+
+# ----------------------------------------------------------------------------- engines
+
+_END = "__end__"
+
+
+class RemoteEngine:
+    """A vLLM engine on another rank, driven like a local one. Completions stream back one
+    message each, as they finish, so micro-batches still form in completion order."""
+
+    def __init__(self, conn: Connection, engine_index: int, bucket_bytes: int):
+        self._conn, self.engine_index, self._bucket_bytes = conn, engine_index, bucket_bytes
+        self.version = 0
+        self.last_sync: dict = {}
+
+    def generate(self, prompt_ids, prompt_indices, settings, seeds, sink) -> None:
+        conn = self._conn
+        with conn.lock:
+            try:
+                _send(("generate", (prompt_ids, prompt_indices, settings, seeds)), conn.peer,
+                      conn.group)
+                while True:
+                    status, item = _recv(conn.peer, conn.group)
+                    if status == "error":
+                        raise RemoteRoleError(f"rank {conn.peer} (rollout engine "
+                                              f"{self.engine_index}): {item}")
+                    if item == _END:
+                        return
+                    sink.put(item)
+            except RuntimeError as e:
+                if isinstance(e, RemoteRoleError):
+                    raise
+                raise conn._unreachable(e) from e
+
+    def load_weights(self, named_tensors, version: int) -> None:
+        conn = self._conn
+        packed = buckets(named_tensors, self._bucket_bytes)
+        with conn.lock:
+            try:
+                _send(("load_weights", ([meta for meta, _ in packed], version)), conn.peer,
+                      conn.group)
+                for _, flat in packed:
+                    dist.send(flat, dst=conn.peer, group=conn.group)
+                status, value = _recv(conn.peer, conn.group)
+            except RuntimeError as e:
+                raise conn._unreachable(e) from e
+        if status != "ok":
+            raise RemoteRoleError(f"rank {conn.peer} (rollout engine {self.engine_index}): "
+                                  f"{value}")
+        self.version, self.last_sync = version, value
+
+
+def serve_engine(engine, controller: int, group) -> None:
+    """An engine rank: generate and load weights for the controller until it says stop."""
+
+    class Stream:
+        def put(self, completion):
+            _send(("ok", completion), controller, group)
+
+    while True:
+        msg = _recv(controller, group)
+        if msg is None:
+            return
+        command, payload = msg
+        try:
+            if command == "generate":
+                engine.generate(*payload, Stream())
+                reply = ("ok", _END)
+            elif command == "load_weights":
+                metas, version = payload
+                named = []
+                for dtype, entries, numel in metas:
+                    flat = torch.empty(numel, dtype=dtype)
+                    dist.recv(flat, src=controller, group=group)
+                    named += [(n, flat[o:o + k].view(shape)) for n, shape, o, k in entries]
+                engine.load_weights(named, version)
+                reply = ("ok", engine.last_sync)
+            else:
+                raise ValueError(f"unknown engine command {command!r}")
+        except Exception as e:
+            traceback.print_exc()
+            reply = ("error", f"{type(e).__name__}: {e}")
+        _send(reply, controller, group)
+
+
+class EnginePool:
+    """Several engines behind the one-engine interface. Prompts are dealt round-robin; every
+    engine streams into the same sink, so micro-batches form in completion order across
+    engines and each sample lands in exactly one of them (ids are global)."""
+
+    def __init__(self, engines: list):
+        self.engines = engines
+        self.last_sync: dict = {}
+
+    @property
+    def version(self) -> int:
+        return min(e.version for e in self.engines)
+
+    def generate(self, prompt_ids, prompt_indices, settings, seeds, sink) -> None:
+        share = [([], [], []) for _ in self.engines]
+        for i, (ids, index, seed) in enumerate(zip(prompt_ids, prompt_indices, seeds)):
+            part = share[i % len(self.engines)]
+            part[0].append(ids), part[1].append(index), part[2].append(seed)
+        self._each(lambda e, part: e.generate(part[0], part[1], settings, part[2], sink)
+                   if part[0] else None, share)
+
+    def load_weights(self, named_tensors, version: int) -> None:
+        named = list(named_tensors)
+        self._each(lambda e, _: e.load_weights(named, version), [None] * len(self.engines))
+        seconds = max(e.last_sync.get("seconds", 0.0) for e in self.engines)
+        nbytes = sum(e.last_sync.get("bytes", 0) for e in self.engines)
+        self.last_sync = {"seconds": seconds, "bytes": nbytes,
+                          "gbps": nbytes / max(seconds, 1e-9) / 1e9}
+
+    def _each(self, fn, parts) -> None:
+        errors: list[BaseException] = []
+
+        def body(engine, part):
+            try:
+                fn(engine, part)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=body, args=(e, p), daemon=True)
+                   for e, p in zip(self.engines, parts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]

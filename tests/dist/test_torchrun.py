@@ -55,6 +55,7 @@ def _single_process(tmp_path, engine, initial, steps, **over):
 @pytest.mark.parametrize("layout,nproc,extra", [
     ("one rank per role", 4, ()),
     ("actor and reference colocated", 3, ("placement_config.colocate_actor_ref=True",)),
+    ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
 ])
 def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_weights,
                                         layout, nproc, extra):
@@ -67,7 +68,13 @@ def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_we
         a, b = _weights(dist_ckpt / part), _weights(single / part)
         assert a.keys() == b.keys()
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
-        assert diff == 0.0, f"{layout}: {part} differs by {diff}"
+        print(f"{layout}: {part} max |difference| = {diff}")
+        # Per-request seeds make every engine sample the same tokens. With two engines the
+        # completion order across engines (hence micro-batch membership and the float order
+        # of gradient sums) may differ from one engine's, so equality is exact only when
+        # the order happens to match; the bound below is what a reordering can cost.
+        limit = 0.0 if "engines" not in layout else 2e-4  # measured 2.9e-5 (2026-11-22)
+        assert diff <= limit, f"{layout}: {part} differs by {diff}"
     assert _weights(dist_ckpt / "actor").keys()  # not an empty folder
     assert any(not torch.equal(_weights(dist_ckpt / "actor")[k], initial_policy_weights[k])
                for k in initial_policy_weights)
