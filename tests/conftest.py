@@ -41,7 +41,8 @@ def vllm_engine(tiny_assets):
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(str(tiny_assets.policy), dtype="float32", seed=0, max_model_len=64,
-                      gpu_memory_utilization=0.3)
+                      gpu_memory_utilization=0.3,
+                      engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20})
 
 
 @pytest.fixture

