@@ -35,6 +35,8 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    if args.nproc:
+        return _launch_torchrun(args)
     cfg = _load(args)
     from rlhf_pipe.trainer import RLHFTrainer
 
@@ -62,6 +64,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _launch_torchrun(args) -> int:
+    """One node: `torchrun --nproc-per-node N -m rlhf_pipe.train CONFIG ...`, N from the
+    placement when --nproc auto."""
+    import subprocess
+
+    nproc = args.nproc
+    if nproc == "auto":
+        from rlhf_pipe.placement import make_placement
+
+        nproc = str(make_placement(_load(args)).world_size)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc,
+           "-m", "rlhf_pipe.train", args.config]
+    for item in args.set or []:
+        cmd += ["--set", item]
+    for flag, value in (("train_config.work_dir", args.work_dir),
+                        ("train_config.max_train_step", args.max_steps),
+                        ("PIPE_MICRO_BATCH_NUM", args.pipe)):
+        if value is not None:
+            cmd += ["--set", f"{flag}={value}"]
+    if args.resume:
+        cmd += ["--resume", args.resume]
+    print("running:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "apply-vllm-patch":
@@ -77,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipe", type=int, help="PIPE_MICRO_BATCH_NUM")
     p.add_argument("--work-dir")
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--nproc", metavar="N|auto",
+                   help="launch torchrun with N processes on this node (auto: as the placement "
+                        "needs), roles on their own ranks; default: every role in this process")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue from the newest checkpoint in the work dir, or from PATH")
     p.set_defaults(fn=cmd_train)

@@ -116,8 +116,7 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
     conns = {peer: Connection(peer, group, placement.roles_of(peer))
              for peer, group in groups.items()}
     local = [r for r in LOCAL_ROLES if r not in role_ranks or role_ranks[r] == [controller]]
-    roles = build_roles(cfg, local, pad_id, torch.device("cpu") if placement.device == "cpu"
-                        else torch.device("cuda", 0))
+    roles = build_roles(cfg, local, pad_id, _device(placement))
     for role, ranks in role_ranks.items():
         if ranks != [controller]:
             roles[role] = RemoteRole(conns[ranks[0]], role)
@@ -146,6 +145,16 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
             conn.close()
 
 
+def _device(placement):
+    """This rank's device: its LOCAL_RANK's GPU. With fewer GPUs than ranks on a node, ranks
+    share them round-robin (a smoke-test layout; the plan's memory estimate assumes one each)."""
+    import torch
+
+    if placement.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
 def _run_engine(cfg, placement, rank, controller, group) -> None:
     from rlhf_pipe.dist import guard
     from rlhf_pipe.dist.remote import serve_engine
@@ -167,10 +176,7 @@ def _run_roles(cfg, placement, rank, controller, group) -> None:
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
     mine = [r for r in placement.roles_of(rank) if r in LOCAL_ROLES]
-    device = torch.device("cpu")
-    if placement.device != "cpu" and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    serve(build_roles(cfg, mine, pad_id, device), controller, group,
+    serve(build_roles(cfg, mine, pad_id, _device(placement)), controller, group,
           cfg.train_config.weight_bucket_mb * 2**20)
 
 

@@ -134,3 +134,16 @@ def test_killed_rank_stops_every_rank_within_60s(tmp_path, victim):
     survivors = [r for r in range(4) if r != victim]
     assert any(f"rank {r} (" in stderr and "stopped: another rank failed" in stderr
                for r in survivors) or "unreachable" in stderr
+
+
+def test_rlhf_pipe_train_launches_torchrun_for_one_node(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_pipe", "train", str(TINY_CONFIG), "--nproc", "auto",
+         "--max-steps", "1", "--work-dir", str(tmp_path / "w"),
+         "--set", "train_config.progress_bar=False", "--set", "train_config.tensorboard=False"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--nproc-per-node 4 -m rlhf_pipe.train" in proc.stdout
+    assert "trained to step 1" in proc.stdout
+    assert (tmp_path / "w" / "checkpoints" / "step_000001" / "COMPLETE").exists()
