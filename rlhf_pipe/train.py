@@ -77,8 +77,9 @@ def run(args) -> int:
         print("rlhf_pipe placement: " + ", ".join(
             f"rank {r} {'+'.join(placement.roles_of(r))}" for r in range(world)),
             file=sys.stderr, flush=True)
-    _stop_quietly_on_sigterm(rank, roles_here)
     timeout = timedelta(seconds=cfg.train_config.stage_timeout_s)
+    # vLLM's workers must be spawned, not forked, once CUDA is initialised (DESIGN.md).
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     dist.init_process_group("gloo", timeout=timeout)
     # Every rank creates every group, in the same order (a collective call).
     peers = sorted(({r for ranks in role_ranks.values() for r in ranks}
@@ -178,18 +179,6 @@ def _run_roles(cfg, placement, rank, controller, group) -> None:
     mine = [r for r in placement.roles_of(rank) if r in LOCAL_ROLES]
     serve(build_roles(cfg, mine, pad_id, _device(placement)), controller, group,
           cfg.train_config.weight_bucket_mb * 2**20)
-
-
-def _stop_quietly_on_sigterm(rank: int, roles) -> None:
-    """torchrun sends SIGTERM to the other ranks when one fails: say so in one line, exit."""
-    import signal
-
-    def handler(signum, frame):
-        print(f"rlhf_pipe: rank {rank} ({'+'.join(roles)}) stopped: another rank failed "
-              f"(see torchrun's summary above for which)", file=sys.stderr, flush=True)
-        os._exit(143)
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 class _UserError(Exception):

@@ -158,7 +158,9 @@ class VLLMEngine:
 
         return SamplingParams(n=s.n, max_tokens=s.max_new_tokens, temperature=s.temperature,
                               top_p=s.top_p, top_k=s.top_k, ignore_eos=s.ignore_eos,
-                              stop=list(s.stop) or None, seed=seed)
+                              stop=list(s.stop) or None, seed=seed,
+                              # Text is decoded by the trainer; vLLM detokenizes only for stops.
+                              detokenize=bool(s.stop))
 
     def generate(self, prompt_ids, prompt_indices, settings, seeds, sink) -> None:
         params = [self._sampling_params(settings, seed) for seed in seeds]
