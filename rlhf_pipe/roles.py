@@ -63,6 +63,7 @@ class _Trainable:
     def __init__(self, model, pad_id: int, *, lr, betas, eps, weight_decay, warmup_steps,
                  max_grad_norm, infer_micro_bs: int, train_micro_bs: int):
         self.pad_id, self.infer_micro_bs, self.train_micro_bs = pad_id, infer_micro_bs, train_micro_bs
+        self.dp_group = None  # set by the distributed runner when the role has > 1 rank
         self.model = model
         self.model.requires_grad_(True)
         self.optimizer, self.scheduler = _make_optimizer(model, lr, betas, eps, weight_decay,
@@ -73,6 +74,8 @@ class _Trainable:
     def prepare_step(self, grad_divisor: float):
         """Divide the accumulated grads by the batch normaliser and clip them. Returns the
         pre-clip norm (a tensor), or None when there is nothing to update."""
+        if self.dp_group is not None:
+            self._all_reduce_grads()
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return None
@@ -80,6 +83,22 @@ class _Trainable:
             torch._foreach_div_([p.grad for p in params], grad_divisor)
         return torch.nn.utils.clip_grad_norm_(
             params, self.max_grad_norm if self.max_grad_norm else math.inf)
+
+    def _all_reduce_grads(self) -> None:
+        """Sum the data-parallel ranks' gradients in one flat buffer (a rank that trained no
+        chunk contributes zeros, so every rank joins the same collective)."""
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.dp_group)
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
 
     def apply_step(self, norm) -> dict:
         self.optimizer.step()
@@ -152,9 +171,11 @@ class PolicyRole(_Trainable):
                          tokens=mask.sum())
         return sums.values
 
-    def ptx(self, token_ids: list[list[int]], weight: float) -> dict:
-        """Pretrain loss on plain text, token-mean over this step's PTX batch."""
-        total = sum(max(len(t) - 1, 0) for t in token_ids)
+    def ptx(self, token_ids: list[list[int]], weight: float, total: int | None = None) -> dict:
+        """Pretrain loss on plain text, token-mean over this step's PTX batch (`total`: its
+        token count, when `token_ids` is one data-parallel shard of it)."""
+        if total is None:
+            total = sum(max(len(t) - 1, 0) for t in token_ids)
         sums = _Sums()
         for chunk in chunks(token_ids, self.train_micro_bs):
             width = max(len(t) for t in chunk)

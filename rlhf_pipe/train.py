@@ -60,11 +60,11 @@ def run(args) -> int:
     if problems:
         raise _UserError(problems[0])
     role_ranks = _role_ranks(placement)
-    for role, ranks in role_ranks.items():
-        if len(ranks) > 1:
-            raise _UserError(f"{args.config}: placement: {role} has data-parallel size "
-                             f"{len(ranks)}; this runner serves one rank per role so far")
     controller = placement.engines[0][0]
+    for role, ranks in role_ranks.items():
+        if len(ranks) > 1 and controller in ranks:
+            raise _UserError(f"{args.config}: placement: {role} has data-parallel size "
+                             f"{len(ranks)} and shares the controller's rank; not supported")
     engine_leaders = [group[0] for group in placement.engines[1:]]
     for leader in engine_leaders:
         if any(r in LOCAL_ROLES for r in placement.roles_of(leader)):
@@ -85,6 +85,8 @@ def run(args) -> int:
     peers = sorted(({r for ranks in role_ranks.values() for r in ranks}
                     | set(engine_leaders)) - {controller})
     groups = {peer: dist.new_group([controller, peer], timeout=timeout) for peer in peers}
+    dp_groups = {role: dist.new_group(ranks, timeout=timeout)
+                 for role, ranks in role_ranks.items() if len(ranks) > 1}
     _CURRENT["roles"] = roles_here
     if rank == controller:
         from rlhf_pipe.dist import guard
@@ -97,7 +99,8 @@ def run(args) -> int:
         elif rank in engine_leaders:
             _run_engine(cfg, placement, rank, controller, groups[rank])
         elif rank in groups:
-            _run_roles(cfg, placement, rank, controller, groups[rank])
+            _run_roles(cfg, placement, rank, controller, groups[rank],
+                       {role: g for role, g in dp_groups.items() if rank in role_ranks[role]})
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -108,7 +111,7 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
                     engine_leaders) -> None:
     import torch
 
-    from rlhf_pipe.dist.remote import Connection, RemoteRole
+    from rlhf_pipe.dist.remote import Connection, RemoteRole, RemoteRoleGroup
     from rlhf_pipe.models import load_tokenizer
     from rlhf_pipe.trainer import RLHFTrainer, build_roles, build_vllm_engine
 
@@ -118,8 +121,12 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
              for peer, group in groups.items()}
     local = [r for r in LOCAL_ROLES if r not in role_ranks or role_ranks[r] == [controller]]
     roles = build_roles(cfg, local, pad_id, _device(placement))
+    t = cfg.train_config
     for role, ranks in role_ranks.items():
-        if ranks != [controller]:
+        if len(ranks) > 1:
+            roles[role] = RemoteRoleGroup([conns[r] for r in ranks], role, t.infer_micro_bs,
+                                          t.train_micro_bs)
+        elif ranks != [controller]:
             roles[role] = RemoteRole(conns[ranks[0]], role)
     engine = None
     if engine_leaders:
@@ -166,7 +173,7 @@ def _run_engine(cfg, placement, rank, controller, group) -> None:
     serve_engine(build_vllm_engine(cfg, index, in_process=False), controller, group)
 
 
-def _run_roles(cfg, placement, rank, controller, group) -> None:
+def _run_roles(cfg, placement, rank, controller, group, dp_groups) -> None:
     import torch
 
     from rlhf_pipe.dist.remote import serve
@@ -178,7 +185,7 @@ def _run_roles(cfg, placement, rank, controller, group) -> None:
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
     mine = [r for r in placement.roles_of(rank) if r in LOCAL_ROLES]
     serve(build_roles(cfg, mine, pad_id, _device(placement)), controller, group,
-          cfg.train_config.weight_bucket_mb * 2**20)
+          cfg.train_config.weight_bucket_mb * 2**20, dp_groups)
 
 
 class _UserError(Exception):

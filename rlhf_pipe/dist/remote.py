@@ -144,8 +144,12 @@ def _to_cpu(obj):
     return obj
 
 
-def serve(roles: dict, controller: int, group, bucket_bytes: int) -> None:
-    """Answer the controller's calls until it says stop (None)."""
+def serve(roles: dict, controller: int, group, bucket_bytes: int,
+          dp_groups: dict | None = None) -> None:
+    """Answer the controller's calls until it says stop (None). `dp_groups` maps a role to
+    the process group of its data-parallel ranks, for the gradient all-reduce."""
+    for role, dp_group in (dp_groups or {}).items():
+        roles[role].dp_group = dp_group
     while True:
         msg = _recv(controller, group)
         if msg is None:
@@ -297,3 +301,103 @@ class EnginePool:
             t.join()
         if errors:
             raise errors[0]
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+class RemoteRoleGroup:
+    """A role on several data-parallel ranks. The controller deals chunks (of the size the
+    role pads together) round-robin over the ranks and reassembles results in order;
+    gradients are summed across the ranks inside `prepare_step`, so the update equals the
+    one-rank update up to the order of float additions."""
+
+    _ALL = ("drop_grads", "divide_grads", "apply_step", "load_training_state",
+            "load_weights_from")
+    _FIRST = ("save", "training_state")
+
+    def __init__(self, conns: list[Connection], name: str, infer_micro_bs: int,
+                 train_micro_bs: int):
+        self._conns, self._name = conns, name
+        self._infer, self._train = infer_micro_bs, train_micro_bs
+
+    def _parallel(self, calls: list[tuple]) -> list:
+        results, errors = [None] * len(calls), []
+
+        def body(i, conn, method, args):
+            try:
+                results[i] = conn.call(self._name, method, args)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=body, args=(i, *c), daemon=True)
+                   for i, c in enumerate(calls)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+    def _deal(self, items: list, size: int) -> list[list[int]]:
+        """Indices of `items` per rank: chunk j of `size` goes to rank j % dp."""
+        per_rank = [[] for _ in self._conns]
+        for j, start in enumerate(range(0, len(items), size)):
+            per_rank[j % len(self._conns)].extend(range(start, min(start + size, len(items))))
+        return per_rank
+
+    def _forward(self, method: str, samples: list) -> list:
+        dealt = self._deal(samples, self._infer)
+        calls = [(c, method, ([samples[i] for i in idx],)) for c, idx in zip(self._conns, dealt)
+                 if idx]
+        out = [None] * len(samples)
+        live = [idx for idx in dealt if idx]
+        for idx, values in zip(live, self._parallel(calls)):
+            for i, v in zip(idx, values):
+                out[i] = v
+        return out
+
+    def logprobs(self, samples):
+        return self._forward("logprobs", samples)
+
+    def values(self, samples):
+        return self._forward("values", samples)
+
+    def scores(self, samples):
+        return self._forward("scores", samples)
+
+    def train(self, samples, loss, num_samples):
+        dealt = self._deal(samples, self._train)
+        calls = [(c, "train", ([samples[i] for i in idx], loss, num_samples))
+                 for c, idx in zip(self._conns, dealt) if idx]
+        return _sum_metrics(self._parallel(calls))
+
+    def ptx(self, token_ids, weight, total=None):
+        if total is None:
+            total = sum(max(len(t) - 1, 0) for t in token_ids)
+        dealt = self._deal(token_ids, self._train)
+        calls = [(c, "ptx", ([token_ids[i] for i in idx], weight, total))
+                 for c, idx in zip(self._conns, dealt) if idx]
+        return _sum_metrics(self._parallel(calls))
+
+    def prepare_step(self, grad_divisor):
+        # Every rank joins the gradient all-reduce; the norms are then equal.
+        return self._parallel([(c, "prepare_step", (grad_divisor,)) for c in self._conns])[0]
+
+    def __getattr__(self, method: str):
+        if method in self._ALL:
+            return lambda *args: self._parallel([(c, method, args) for c in self._conns])[0]
+        if method in self._FIRST:
+            return lambda *args: self._conns[0].call(self._name, method, args)
+        raise AttributeError(method)
+
+    def named_weights(self):
+        return iter(self._conns[0].fetch_weights(self._name))
+
+
+def _sum_metrics(parts: list[dict]) -> dict:
+    total: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total[k] + v if k in total else v
+    return total
