@@ -74,6 +74,13 @@ ROLE_NAMES = ("actor", "critic", "reference", "reward")
 def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None) -> dict:
     """The named roles as models in this process (the ones the config has)."""
     t, mc = cfg.train_config, cfg.model_configs
+    for role, model in (("policy", mc.policy), ("critic", mc.critic),
+                        ("reference", mc.reference), ("reward", mc.reward)):
+        if model is not None and model.trainer_config.deepspeed_config:
+            # Never ignore it silently: a user asking for ZeRO-3 must not get plain Adam.
+            raise ConfigError(f"{cfg.source}: model_configs.{role}.trainer_config."
+                              f"deepspeed_config: DeepSpeed training is not implemented yet "
+                              f"(remove the key to train with plain data parallel)")
     sizes = dict(infer_micro_bs=t.infer_micro_bs, train_micro_bs=t.train_micro_bs)
     roles = {}
     for name in names:

@@ -389,3 +389,16 @@ def test_cli_bad_data_file(tmp_path):
     assert proc.returncode == 2
     assert errors == [f"error: {data}:2: malformed JSON: Expecting value"]
     assert "Traceback" not in proc.stderr
+
+
+def test_deepspeed_config_is_refused_not_ignored(tmp_path):
+    from rlhf_pipe.config import ConfigError
+    from rlhf_pipe.trainer import build_roles
+
+    cfg = tiny_config(tmp_path, **{"model_configs.policy.trainer_config.deepspeed_config":
+                                   {"zero_optimization": {"stage": 3}}})
+    with pytest.raises(ConfigError) as err:
+        build_roles(cfg, ["actor"], 0, "cpu")
+    assert str(err.value) == (f"{cfg.source}: model_configs.policy.trainer_config."
+                              "deepspeed_config: DeepSpeed training is not implemented yet "
+                              "(remove the key to train with plain data parallel)")
