@@ -87,3 +87,21 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, part: str = "actor") -> Path:
+    """Copy one model of a complete checkpoint out as a plain HF folder (weights, config,
+    tokenizer), e.g. to serve it or to start another run from it."""
+    src = Path(checkpoint)
+    if not (src / MARKER).exists():
+        raise CheckpointError(f"{src}: not a complete checkpoint (no {MARKER} file)")
+    if not (src / part).is_dir():
+        raise CheckpointError(f"{src}: has no {part!r} model")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src / part, tmp)
+    os.replace(tmp, out)  # renaming over an empty folder is allowed
+    return out

@@ -64,6 +64,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from rlhf_pipe.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.part)
+    print(f"exported {args.part} of {args.checkpoint} to {out}")
+    return 0
+
+
 def _launch_torchrun(args) -> int:
     """One node: `torchrun --nproc-per-node N -m rlhf_pipe.train CONFIG ...`, N from the
     placement when --nproc auto."""
@@ -110,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue from the newest checkpoint in the work dir, or from PATH")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("export", help="copy a checkpoint's actor (or critic) out as a plain "
+                       "HF folder")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--part", choices=("actor", "critic"), default="actor")
+    p.set_defaults(fn=cmd_export)
     from rlhf_pipe.bench_cli import add_parser as add_bench_parser
     from rlhf_pipe.plan_cli import add_parser as add_plan_parser
 

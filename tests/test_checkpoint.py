@@ -73,3 +73,23 @@ def test_full_disk_keeps_the_older_checkpoint(tmp_path):
                               f"device; kept {tmp_path}/checkpoints/step_000001")
     assert not (tmp_path / "checkpoints" / "step_000002.tmp").exists()
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000001"]
+
+
+def test_export_gives_a_loadable_hf_folder(tmp_path, tiny_assets):
+    import shutil
+
+    from rlhf_pipe.checkpoint import export_checkpoint
+    from rlhf_pipe.cli import main
+
+    ckpt = tmp_path / "checkpoints" / "step_000001"
+    shutil.copytree(tiny_assets.policy, ckpt / "actor")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        export_checkpoint(ckpt, tmp_path / "out")
+    (ckpt / MARKER).write_text("1\n")
+    assert main(["export", str(ckpt), str(tmp_path / "out")]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert main(["export", str(ckpt), str(tmp_path / "out")]) == 2  # not empty: refused
+    assert main(["export", str(ckpt), str(tmp_path / "c"), "--part", "critic"]) == 2
