@@ -190,7 +190,7 @@ def measure_streaming(llm, prompt_ids: list[list[int]], params: list, rounds: in
 
 
 def _streaming_for(trainer) -> dict:
-    engine = trainer.engine
+    engine = getattr(trainer.engine, "engines", [trainer.engine])[0]  # a pool: its first
     if not hasattr(engine, "llm"):
         return {"backend": type(engine).__name__, "ratio": None, "stream_tokens_per_s": None,
                 "plain_tokens_per_s": None, "calls": "", "same_tokens": None,
@@ -218,45 +218,74 @@ def run_bench(cfg_path, pipes, steps: int, warmup: int = 1, out_dir=None,
               overrides: dict | None = None, *, engine=None, command: str | None = None,
               log=print) -> dict:
     """Run `warmup + steps` PPO steps per M in `pipes`, write the outputs, return bench.json."""
-    from rlhf_pipe.config import load_config
-    from rlhf_pipe.timeline import plot_timeline, plot_timelines, write_chrome_trace
     from rlhf_pipe.trainer import RLHFTrainer
 
+    pipes = _with_serial(pipes, log)
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"bench: need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
+    state = {"trainer": None, "engine": engine, "initial": None}
+
+    def trainer_for(cfg):
+        if state["initial"] is None:
+            state["initial"] = _initial_weights(cfg.model_configs.policy.model_path)
+        if state["engine"] is not None:
+            state["engine"].load_weights(state["initial"].items(), version=0)
+        if state["trainer"] is not None:
+            state["trainer"].close()
+        state["trainer"] = RLHFTrainer(cfg, engine=state["engine"], console=False)
+        state["engine"] = state["trainer"].engine
+        return state["trainer"]
+
+    runs, timelines, cfg, trainer = measure_pipes(cfg_path, pipes, steps, warmup, overrides,
+                                                  trainer_for, devices=1, log=log)
+    streaming = _streaming_for(trainer)
+    trainer.close()
+    return write_bench(cfg_path, cfg, runs, timelines, streaming, out_dir, devices=1,
+                       command=command or _command(cfg_path, pipes, steps, warmup, out_dir,
+                                                   overrides),
+                       steps=steps, warmup=warmup)
+
+
+def _with_serial(pipes, log) -> list[int]:
     pipes = sorted(set(int(m) for m in pipes))
     if 1 not in pipes:
         log("bench: adding --pipe 1, the serial run the ideal bound is built from")
         pipes = [1] + pipes
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"bench: need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
+    return pipes
+
+
+def measure_pipes(cfg_path, pipes, steps, warmup, overrides, trainer_for, devices: int,
+                  log=print):
+    """For each M: `trainer_for(cfg with PIPE_MICRO_BATCH_NUM=M)` gives a ready trainer, which
+    runs warm-up + measured steps. Returns (runs, timelines, last cfg, last trainer)."""
+    from rlhf_pipe.config import load_config
+
     base = {"train_config.progress_bar": False, "train_config.tensorboard": False}
     base.update(overrides or {})
-
-    runs, timelines, trainer = {}, {}, None
-    initial = None
+    runs, timelines, trainer, cfg = {}, {}, None, None
     for m in pipes:
         cfg = load_config(cfg_path, {**base, "PIPE_MICRO_BATCH_NUM": m})
-        if initial is None:
-            initial = _initial_weights(cfg.model_configs.policy.model_path)
-        if engine is not None:
-            engine.load_weights(initial.items(), version=0)
-        if trainer is not None:
-            trainer.close()
-        trainer = RLHFTrainer(cfg, engine=engine, console=False)
-        engine = trainer.engine
+        trainer = trainer_for(cfg)
         history = []
         for i in range(warmup + steps):
             history.append(trainer.train_step())
             log(f"bench: pipe {m} step {i + 1}/{warmup + steps} "
                 f"{'(warm-up) ' if i < warmup else ''}"
-                f"pipeline {history[-1]['pipeline_s']:.3f} s, step {history[-1]['step_s']:.3f} s")
+                f"pipeline {history[-1]['pipeline_s']:.3f} s, step {history[-1]['step_s']:.3f} s"
+                f", sync {history[-1]['sync/seconds']:.4f} s")
         trainer.logger.close()
         measured = history[warmup:]
-        runs[m] = summarize_run(m, measured, cfg.samples_per_step, devices=1)
+        runs[m] = summarize_run(m, measured, cfg.samples_per_step, devices=devices)
         timelines[m] = measured[-1]["timeline"]
-    serial_times = add_bounds(runs)
-    streaming = _streaming_for(trainer)
-    trainer.close()
+    return runs, timelines, cfg, trainer
 
+
+def write_bench(cfg_path, cfg, runs, timelines, streaming, out_dir, *, devices: int,
+                command: str, steps: int, warmup: int, processes: str = "one process") -> dict:
+    """Bounds, pictures, bench.json and report.md for measured runs."""
+    from rlhf_pipe.timeline import plot_timeline, plot_timelines, write_chrome_trace
+
+    serial_times = add_bounds(runs)
     out = Path(out_dir if out_dir is not None else Path(cfg.train_config.work_dir) / "bench")
     out.mkdir(parents=True, exist_ok=True)
     for m, tl in timelines.items():
@@ -268,11 +297,11 @@ def run_bench(cfg_path, pipes, steps: int, warmup: int = 1, out_dir=None,
                    out / "timeline.png", f"{Path(cfg_path).name}: last measured step per M")
 
     result = {
-        "command": command or _command(cfg_path, pipes, steps, warmup, out_dir, overrides),
+        "command": command,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device_name(), "versions": package_versions(),
-        "config": str(cfg_path), "pipes": pipes, "steps": steps, "warmup": warmup,
-        "devices": 1, "samples_per_step": cfg.samples_per_step,
+        "config": str(cfg_path), "pipes": sorted(runs), "steps": steps, "warmup": warmup,
+        "devices": devices, "processes": processes, "samples_per_step": cfg.samples_per_step,
         "backend": cfg.model_configs.policy.generator_config.generator_type,
         "serial_stage_times": serial_times,
         "runs": {str(m): r for m, r in runs.items()},
@@ -312,7 +341,8 @@ def format_report(r: dict) -> str:
         "# rlhf-pipe bench", "",
         f"- command: `{r['command']}`",
         f"- date: {r['date']}",
-        f"- device: {r['device']} ({r['devices']} device(s): one process)",
+        f"- device: {r['device']} ({r['devices']} device(s): "
+        f"{r.get('processes', 'one process')})",
         f"- versions: torch {v['torch']}, vllm {v['vllm']}, transformers {v['transformers']}",
         f"- backend: {r['backend']}; {r['samples_per_step']} samples per step; "
         f"means over {r['steps']} measured steps after {r['warmup']} warm-up step(s)",

@@ -97,6 +97,9 @@ class RolloutConfig:
     n: int = field(default=1, metadata=_ge(1))
     ignore_eos: bool = False
     stop_token_list: Optional[str] = None  # ";"-separated stop strings
+    # Timing workloads: [lo, hi] draws each request's answer length in that range from its
+    # seed (with ignore_eos), so answers finish in a realistic, reproducible spread.
+    response_length_range: Optional[list] = None
     # Evaluation sampling; None takes the training value.
     eval_temperature: Optional[float] = field(default=None, metadata=_ge(0.0))
     eval_top_p: Optional[float] = field(default=None, metadata=_range(0.0, 1.0, lo_open=True))
@@ -158,6 +161,9 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     stage_timeout_s: float = field(default=600.0, metadata=_range(0.0, 1e6, lo_open=True))
     weight_bucket_mb: int = field(default=256, metadata=_ge(1))  # actor -> vLLM sync buckets
+    # torchrun: "nccl" broadcasts GPU to GPU; "gloo" goes through the controller's host memory;
+    # "auto" takes nccl when the actor and every engine are on distinct GPUs.
+    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
     tensorboard: bool = True
     progress_bar: bool = True
 
@@ -371,11 +377,25 @@ def validate(cfg: RunConfig) -> RunConfig:
               f"must divide the mini-batch size {total // t.num_mini_batches}, "
               f"got {t.train_micro_bs}")
 
+    lr = r.response_length_range
+    if lr is not None:
+        if (len(lr) != 2 or not all(type(x) is int for x in lr) or not 1 <= lr[0] <= lr[1]
+                or lr[1] > r.max_new_tokens):
+            _fail(src, "rollout_config.response_length_range",
+                  f"expected [lo, hi] ints with 1 <= lo <= hi <= max_new_tokens "
+                  f"({r.max_new_tokens}), got {lr!r}")
+        if not r.ignore_eos:
+            _fail(src, "rollout_config.response_length_range",
+                  "needs rollout_config.ignore_eos = True (lengths are forced)")
+
     mc = cfg.model_configs
     if not mc.policy.model_path:
         _fail(src, "model_configs.policy.model_path", "required key is missing")
     if mc.policy.generator_config is None:
         mc.policy.generator_config = GeneratorConfig()
+    if r.response_length_range is not None and mc.policy.generator_config.generator_type != "vllm":
+        _fail(src, "rollout_config.response_length_range", "needs the vllm generator "
+              "(model_configs.policy.generator_config.generator_type)")
     reward = mc.reward
     if reward is None or (not reward.model_path and not reward.reward_fn):
         _fail(src, "model_configs.reward", "expected a model_path, a reward_fn or both")

@@ -194,6 +194,25 @@ class PolicyRole(_Trainable):
     def named_weights(self):
         return ((name, p.detach()) for name, p in self.model.state_dict().items())
 
+    # NCCL weight sync, GPU to GPU (rlhf_pipe.rollout.nccl_sync); the controller drives it.
+    def weight_sync_address(self):
+        from rlhf_pipe.rollout.nccl_sync import free_address
+
+        return free_address()
+
+    def init_weight_sender(self, host: str, port: int, world_size: int) -> None:
+        from rlhf_pipe.rollout.nccl_sync import WeightSender
+
+        self._weight_sender = WeightSender(host, port, world_size, self.device)
+
+    def weight_layout(self, bucket_bytes: int):
+        from rlhf_pipe.rollout.nccl_sync import bucket_layout
+
+        return bucket_layout(self.named_weights(), bucket_bytes)
+
+    def broadcast_weights(self, layout) -> int:
+        return self._weight_sender.send(self.named_weights(), layout)
+
 
 class CriticRole(_Trainable):
     """The critic: values for the Forward stage, clipped value-loss updates for Train."""

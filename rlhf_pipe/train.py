@@ -26,6 +26,12 @@ def _parse(argv):
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[])
     p.add_argument("--resume", metavar="auto|PATH")
+    # The distributed form of `rlhf-pipe bench` (see rlhf_pipe/bench.py): one launch, the
+    # roles built once, each PIPE_MICRO_BATCH_NUM run in turn on the same ranks.
+    p.add_argument("--bench", metavar="M1,M2,...", help="bench these PIPE_MICRO_BATCH_NUM values")
+    p.add_argument("--steps", type=int, default=3, help="bench: measured steps per M")
+    p.add_argument("--warmup", type=int, default=1, help="bench: warm-up steps per M")
+    p.add_argument("--out", help="bench: output folder")
     return p.parse_args(argv)
 
 
@@ -128,14 +134,29 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
                                           t.train_micro_bs)
         elif ranks != [controller]:
             roles[role] = RemoteRole(conns[ranks[0]], role)
-    engine = None
+    bucket = cfg.train_config.weight_bucket_mb * 2**20
+    nccl = _nccl_weight_sync(cfg, placement, role_ranks)
+    engines = [build_vllm_engine(cfg, 0, in_process=False, nccl_weight_sync=nccl,
+                                 visible_devices=_engine_gpus(placement, controller))]
     if engine_leaders:
-        from rlhf_pipe.dist.remote import EnginePool, RemoteEngine
+        from rlhf_pipe.dist.remote import RemoteEngine
 
-        bucket = cfg.train_config.weight_bucket_mb * 2**20
-        engine = EnginePool([build_vllm_engine(cfg, 0, in_process=False)] + [
-            RemoteEngine(conns[leader], i + 1, bucket) for i, leader in enumerate(engine_leaders)])
+        engines += [RemoteEngine(conns[leader], i + 1, bucket)
+                    for i, leader in enumerate(engine_leaders)]
+    if len(engines) > 1:
+        from rlhf_pipe.dist.remote import EnginePool
+
+        engine = EnginePool(engines)
+    else:
+        engine = engines[0]
     trainer = RLHFTrainer(cfg, roles=roles, engine=engine, in_process_engine=False)
+    if nccl:
+        from rlhf_pipe.dist.weight_sync import NcclWeightSync
+
+        trainer.weight_sync = NcclWeightSync(roles["actor"], engines,
+                                             [len(g) for g in placement.engines], bucket,
+                                             t.stage_timeout_s)
+    print(f"rlhf_pipe weight sync: {'nccl' if nccl else 'gloo'}", file=sys.stderr, flush=True)
     try:
         if args.resume:
             from rlhf_pipe.checkpoint import resolve_resume
@@ -143,6 +164,9 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
             found = resolve_resume(args.resume, cfg.train_config.work_dir)
             if found is not None:
                 trainer.resume(found)
+        if args.bench:
+            _bench(args, trainer, placement)
+            return
         history = trainer.learn()
         if history:
             print(f"rank {controller}: trained to step {trainer.step_index}, last reward "
@@ -151,6 +175,37 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
         trainer.close()
         for conn in conns.values():
             conn.close()
+
+
+def _bench(args, trainer, placement) -> None:
+    import shlex
+
+    from rlhf_pipe.bench import _streaming_for, _with_serial, measure_pipes, write_bench
+    from rlhf_pipe.bench_cli import _pipes
+    from rlhf_pipe.config import parse_override
+
+    overrides = dict(parse_override(s) for s in args.set)
+    pipes = _with_serial(_pipes(args.bench), print)
+
+    def trainer_for(cfg):
+        # Roles, engines and the sync group stay; only the step plan (micro-batch size) changes.
+        trainer.cfg = cfg
+        return trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    gpus = len({_gpu_of(r) for r in range(world)}) if placement.device != "cpu" else world
+    runs, timelines, cfg, _ = measure_pipes(args.config, pipes, args.steps, args.warmup,
+                                            overrides, trainer_for, devices=gpus)
+    result = write_bench(args.config, cfg, runs, timelines, _streaming_for(trainer), args.out,
+                         devices=gpus, processes=f"torchrun, {world} ranks",
+                         command=shlex.join(["torchrun", f"--nproc-per-node={world}", "-m",
+                                             "rlhf_pipe.train"] + sys.argv[1:]),
+                         steps=args.steps, warmup=args.warmup)
+    for m, run in result["runs"].items():
+        print(f"pipe {m}: step {run['step_s']:.3f} s, bound {run['bound_s']:.3f} s, "
+              f"efficiency {run['efficiency']:.2f}, speedup {run['speedup']:.2f}, "
+              f"sync {run['sync_s']:.4f} s", flush=True)
+    print(f"report: {result['out_dir']}/report.md", flush=True)
 
 
 def _device(placement):
@@ -163,6 +218,43 @@ def _device(placement):
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
+def _gpu_of(rank: int):
+    """(node, GPU index) of a rank, as `_device` picks it."""
+    import torch
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return rank // local_world, (rank % local_world) % max(torch.cuda.device_count(), 1)
+
+
+def _engine_gpus(placement, leader: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES for the engine led by `leader`: its ranks' GPUs. Without it every
+    engine's vLLM would take GPU 0 of its node."""
+    import torch
+
+    if placement.device == "cpu" or not torch.cuda.is_available():
+        return None
+    group = next(g for g in placement.engines if g[0] == leader)
+    return ",".join(str(_gpu_of(r)[1]) for r in group)
+
+
+def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
+    """NCCL needs the actor on a GPU of its own: two processes of one NCCL group cannot share
+    a GPU. 'auto' falls back to gloo (through host memory) otherwise."""
+    import torch
+
+    choice = cfg.train_config.weight_sync_backend
+    if choice == "gloo":
+        return False
+    actor_rank = role_ranks["actor"][0]
+    engine_gpus = {_gpu_of(r) for group in placement.engines for r in group}
+    possible = (placement.device != "cpu" and torch.cuda.is_available()
+                and _gpu_of(actor_rank) not in engine_gpus)
+    if choice == "nccl" and not possible:
+        raise _UserError(f"{cfg.source}: train_config.weight_sync_backend: 'nccl' needs the "
+                         f"actor (rank {actor_rank}) on a GPU that no vLLM engine uses")
+    return possible
+
+
 def _run_engine(cfg, placement, rank, controller, group) -> None:
     from rlhf_pipe.dist import guard
     from rlhf_pipe.dist.remote import serve_engine
@@ -170,7 +262,11 @@ def _run_engine(cfg, placement, rank, controller, group) -> None:
 
     guard.start()  # the engine core must not outlive this rank
     index = [g[0] for g in placement.engines].index(rank)
-    serve_engine(build_vllm_engine(cfg, index, in_process=False), controller, group)
+    role_ranks = _role_ranks(placement)
+    serve_engine(build_vllm_engine(cfg, index, in_process=False,
+                                   nccl_weight_sync=_nccl_weight_sync(cfg, placement, role_ranks),
+                                   visible_devices=_engine_gpus(placement, rank)),
+                 controller, group)
 
 
 def _run_roles(cfg, placement, rank, controller, group, dp_groups) -> None:

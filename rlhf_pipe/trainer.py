@@ -115,7 +115,8 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None) -> d
     return roles
 
 
-def build_vllm_engine(cfg: RunConfig, engine_index: int = 0, in_process: bool = True):
+def build_vllm_engine(cfg: RunConfig, engine_index: int = 0, in_process: bool = True,
+                      nccl_weight_sync: bool = False, visible_devices: str | None = None):
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
     r, gen = cfg.rollout_config, cfg.model_configs.policy.generator_config
@@ -124,7 +125,8 @@ def build_vllm_engine(cfg: RunConfig, engine_index: int = 0, in_process: bool = 
                       tensor_parallel_size=gen.parallel.tensor.get("size", 1),
                       gpu_memory_utilization=r.gpu_memory_utilization,
                       enforce_eager=r.enforce_eager, engine_kwargs=r.engine_kwargs,
-                      engine_index=engine_index, in_process=in_process)
+                      engine_index=engine_index, in_process=in_process,
+                      nccl_weight_sync=nccl_weight_sync, visible_devices=visible_devices)
 
 
 class RLHFTrainer:
@@ -166,6 +168,7 @@ class RLHFTrainer:
                                      self.reward, self.tokenizer, self.pad_id)
         self.version = 0
         self.step_index = 0
+        self.weight_sync = None  # the distributed runner may set an NCCL sync (dist.weight_sync)
         self.work_dir = Path(t.work_dir)
         self.logger = MetricsLogger(self.work_dir, t.tensorboard, console)
         self.history: list[dict] = []
@@ -245,7 +248,8 @@ class RLHFTrainer:
             prompt_ids=[p.ids for p in prompts], prompt_texts=[p.text for p in prompts],
             seeds=[request_seed(r.seed, step, p.index) for p in prompts],
             sampling=SamplingSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.n,
-                                      r.ignore_eos, stop),
+                                      r.ignore_eos, stop,
+                                      tuple(r.response_length_range or ()) or None),
             pipe_micro_bs=t.pipe_micro_bs, samples_per_step=cfg.samples_per_step,
             advantage=AdvantageSettings(rep.kl_coeff, rep.kl_estimator, rep.gamma,
                                         rep.gae_lambda, rep.clip_reward_min,
@@ -276,7 +280,7 @@ class RLHFTrainer:
         skipped = "nonfinite_skipped" in out.train_metrics
         if plan.update_actor and not skipped:
             self.version += 1
-            self.engine.load_weights(self.actor.named_weights(), self.version)
+            self._sync_weights()
         sync_s = time.perf_counter() - sync_start
         metrics = self._step_metrics(out, plan, time.perf_counter() - start, sync_s)
         self.step_index += 1
@@ -425,7 +429,14 @@ class RLHFTrainer:
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         self.step_index, self.version = state["step"], state["version"]
-        self.engine.load_weights(self.actor.named_weights(), self.version)
+        self._sync_weights()
+
+    def _sync_weights(self) -> None:
+        """The actor's current weights into every engine, stamped with `self.version`."""
+        if self.weight_sync is not None:
+            self.engine.last_sync = self.weight_sync(self.version)
+        else:
+            self.engine.load_weights(self.actor.named_weights(), self.version)
 
     def close(self) -> None:
         self.pipeline.close()

@@ -59,3 +59,16 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
                      "clip_reward_max, clip_reward_min, gae_lambda, gamma, kl_coeff, kl_estimator, "
                      "kl_mode, norm_rewards)"]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value, extra, message", [
+    ([4, 2], {"rollout_config.ignore_eos": True}, "1 <= lo <= hi"),
+    ([1, 10**6], {"rollout_config.ignore_eos": True}, "hi <= max_new_tokens"),
+    ([1, 4], {"rollout_config.ignore_eos": False}, "needs rollout_config.ignore_eos"),
+])
+def test_response_length_range_is_checked(tmp_path, value, extra, message):
+    from rlhf_pipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout_config.response_length_range") as e:
+        tiny_config(tmp_path, **{"rollout_config.response_length_range": value, **extra})
+    assert message in str(e.value)

@@ -65,3 +65,22 @@ def test_weight_update_changes_outputs(fresh_engine, initial_policy_weights):
     assert greedy() == [42] * 6 != before
     assert fresh_engine.version == 1 and fresh_engine.last_sync["bytes"] > 0
     assert torch.equal(lm_head, initial_policy_weights["lm_head.weight"])
+
+
+def test_drawn_lengths_are_reproducible_and_spread(fresh_engine):
+    from rlhf_pipe.rollout.types import drawn_length
+
+    got = {}
+
+    class Sink:
+        def put(self, item):
+            got[item.prompt_index] = len(item.response_ids)
+
+    settings = SamplingSettings(max_new_tokens=12, ignore_eos=True, length_range=(2, 12))
+    seeds = [11, 12, 13, 14, 15, 16]
+    fresh_engine.generate([[5, 6]] * 6, list(range(6)), settings, seeds, Sink())
+    # Each request got exactly the length its seed draws, and the draws differ.
+    assert [got[i] for i in range(6)] == [drawn_length((2, 12), s) for s in seeds]
+    assert len(set(got.values())) >= 3
+    draws = [drawn_length((64, 1024), s) for s in range(2000)]
+    assert min(draws) >= 64 and max(draws) <= 1024 and max(draws) - min(draws) > 900

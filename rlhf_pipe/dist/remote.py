@@ -23,7 +23,8 @@ import torch.distributed as dist
 # `getattr(role, "model", None)` and the like behave as for a missing attribute.
 REMOTE_METHODS = frozenset({
     "logprobs", "values", "scores", "train", "ptx", "prepare_step", "apply_step", "drop_grads",
-    "divide_grads", "save", "training_state", "load_training_state", "load_weights_from"})
+    "divide_grads", "save", "training_state", "load_training_state", "load_weights_from",
+    "weight_sync_address", "init_weight_sender", "weight_layout", "broadcast_weights"})
 _SEND_WEIGHTS = "__send_weights__"
 
 
@@ -221,6 +222,30 @@ class RemoteEngine:
                                   f"{value}")
         self.version, self.last_sync = version, value
 
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int):
+        self._call("init_weight_group", host, port, rank_offset, world_size)
+
+    def receive_weights(self, layout, version: int) -> None:
+        self.last_sync = self._call("receive_weights", layout, version)
+        self.version = version
+
+    def _call(self, method: str, *args):
+        """A plain engine method on the engine's rank; returns the engine's last_sync."""
+        conn = self._conn
+        with conn.lock:
+            try:
+                _send(("call", (method, args)), conn.peer, conn.group)
+                status, value = _recv(conn.peer, conn.group)
+            except RuntimeError as e:
+                raise conn._unreachable(e) from e
+        if status != "ok":
+            raise RemoteRoleError(f"rank {conn.peer} (rollout engine {self.engine_index}): "
+                                  f"{value}")
+        return value
+
+
+_ENGINE_CALLS = frozenset({"init_weight_group", "receive_weights"})
+
 
 def serve_engine(engine, controller: int, group) -> None:
     """An engine rank: generate and load weights for the controller until it says stop."""
@@ -246,6 +271,10 @@ def serve_engine(engine, controller: int, group) -> None:
                     dist.recv(flat, src=controller, group=group)
                     named += [(n, flat[o:o + k].view(shape)) for n, shape, o, k in entries]
                 engine.load_weights(named, version)
+                reply = ("ok", engine.last_sync)
+            elif command == "call" and payload[0] in _ENGINE_CALLS:
+                method, args = payload
+                getattr(engine, method)(*args)
                 reply = ("ok", engine.last_sync)
             else:
                 raise ValueError(f"unknown engine command {command!r}")
@@ -313,7 +342,8 @@ class RemoteRoleGroup:
 
     _ALL = ("drop_grads", "divide_grads", "apply_step", "load_training_state",
             "load_weights_from")
-    _FIRST = ("save", "training_state")
+    _FIRST = ("save", "training_state", "weight_sync_address", "init_weight_sender",
+              "weight_layout", "broadcast_weights")
 
     def __init__(self, conns: list[Connection], name: str, infer_micro_bs: int,
                  train_micro_bs: int):

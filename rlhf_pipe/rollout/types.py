@@ -15,6 +15,14 @@ class SamplingSettings:
     n: int = 1
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    length_range: tuple[int, int] | None = None  # per-request lengths drawn from the seed
+
+
+def drawn_length(length_range: tuple[int, int], seed: int) -> int:
+    """A request's answer length in [lo, hi], a pure function of its seed (so every
+    PIPE_MICRO_BATCH_NUM and every backend sees the same workload)."""
+    lo, hi = length_range
+    return lo + (seed * 2654435761 % 2**32) % (hi - lo + 1)
 
 
 @dataclass

@@ -14,7 +14,8 @@ import sys
 import time
 from contextlib import contextmanager
 
-from rlhf_pipe.rollout.types import Completion, CompletionSink, SamplingSettings
+from rlhf_pipe.rollout.types import (Completion, CompletionSink, SamplingSettings,
+                                     drawn_length)
 
 # torchrun's variables: a vLLM engine built while they are set talks to torchrun's store and
 # hangs at start (measured, see docs/architecture.md), so they are hidden during construction.
@@ -89,12 +90,18 @@ def unsupported_engine_settings(settings: dict) -> list[str]:
 
 
 @contextmanager
-def _without_torchrun_env():
+def _without_torchrun_env(visible_devices: str | None = None):
+    """Hide torchrun's variables while vLLM starts; `visible_devices` sets the GPUs its
+    engine-core and worker processes (spawned here) will see."""
+    names = set(_TORCHRUN_VARS) | ({"CUDA_VISIBLE_DEVICES"} if visible_devices else set())
     saved = {k: os.environ.pop(k) for k in list(os.environ)
-             if k in _TORCHRUN_VARS or k.startswith("TORCHELASTIC_")}
+             if k in names or k.startswith("TORCHELASTIC_")}
+    if visible_devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     try:
         yield
     finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         os.environ.update(saved)
 
 
@@ -127,7 +134,8 @@ class VLLMEngine:
                  max_model_len: int | None = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
                  engine_kwargs: dict | None = None, engine_index: int = 0,
-                 in_process: bool = True):
+                 in_process: bool = True, nccl_weight_sync: bool = False,
+                 visible_devices: str | None = None):
         # In-process core: `llm_engine.step()` and weight loading then act on this process's
         # model. Must be set before vLLM is imported.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
@@ -146,7 +154,11 @@ class VLLMEngine:
                          if k not in self.dropped_settings})
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
-        with _without_torchrun_env():
+        if nccl_weight_sync:
+            from rlhf_pipe.rollout.nccl_sync import RECEIVER_CLS
+
+            kwargs["worker_extension_cls"] = RECEIVER_CLS
+        with _without_torchrun_env(visible_devices):
             self.llm = LLM(**kwargs)
         self.engine_index = engine_index
         self.version = 0
@@ -156,7 +168,9 @@ class VLLMEngine:
     def _sampling_params(self, s: SamplingSettings, seed: int):
         from vllm import SamplingParams
 
-        return SamplingParams(n=s.n, max_tokens=s.max_new_tokens, temperature=s.temperature,
+        max_tokens = (s.max_new_tokens if s.length_range is None
+                      else drawn_length(s.length_range, seed))
+        return SamplingParams(n=s.n, max_tokens=max_tokens, temperature=s.temperature,
                               top_p=s.top_p, top_k=s.top_k, ignore_eos=s.ignore_eos,
                               stop=list(s.stop) or None, seed=seed,
                               # Text is decoded by the trainer; vLLM detokenizes only for stops.
@@ -206,6 +220,24 @@ class VLLMEngine:
         self.last_sync = {"seconds": seconds, "bytes": nbytes,
                           "gbps": nbytes / max(seconds, 1e-9) / 1e9}
 
+    # ------------------------------------------------------------------ NCCL sync (GPU)
+
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int):
+        """Join the actor's NCCL sync group (rlhf_pipe.rollout.nccl_sync); every worker of
+        this engine takes rank `rank_offset + its tensor-parallel rank`."""
+        self.llm.collective_rpc("rlhf_pipe_init_weight_group",
+                                args=(host, port, rank_offset, world_size))
+
+    def receive_weights(self, layout, version: int) -> None:
+        """Receive one sync broadcast by the actor; blocks until every bucket is loaded."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("rlhf_pipe_receive_weights", args=(layout,))
+        nbytes = sum(numel * _itemsize(dtype) for dtype, _, numel in layout)
+        seconds = time.perf_counter() - start
+        self.version = version
+        self.last_sync = {"seconds": seconds, "bytes": nbytes,
+                          "gbps": nbytes / max(seconds, 1e-9) / 1e9}
+
     def _load_via_shm(self, tensors) -> None:
         """The engine core is another process: tensors cross as a safetensors file in shared
         memory (a pickled list of tensors does not load; measured, see DESIGN.md)."""
@@ -246,3 +278,9 @@ class VLLMEngine:
             except Exception as e:  # try the next API; report all if none works
                 errors.append(f"{method.__name__}: {type(e).__name__}: {e}")
         raise RuntimeError("could not load weights into vLLM: " + "; ".join(errors))
+
+
+def _itemsize(dtype_name: str) -> int:
+    import torch
+
+    return getattr(torch, dtype_name).itemsize
