@@ -183,6 +183,9 @@ class PlacementConfig:
     colocate_all: bool = False         # every role on the same GPUs (e.g. one GPU)
     gpus_per_node: int = field(default=8, metadata=_ge(1))
     device: Literal["auto", "cpu", "cuda"] = "auto"  # single-process runs
+    # torchrun: the GPU of each local rank, for layouts with more ranks than GPUs (by default
+    # local rank r takes GPU r mod the GPU count).
+    local_rank_gpus: Optional[list] = None
 
 
 @dataclass

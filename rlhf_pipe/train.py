@@ -126,7 +126,7 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
     conns = {peer: Connection(peer, group, placement.roles_of(peer))
              for peer, group in groups.items()}
     local = [r for r in LOCAL_ROLES if r not in role_ranks or role_ranks[r] == [controller]]
-    roles = build_roles(cfg, local, pad_id, _device(placement))
+    roles = build_roles(cfg, local, pad_id, _device(cfg, placement))
     t = cfg.train_config
     for role, ranks in role_ranks.items():
         if len(ranks) > 1:
@@ -137,7 +137,7 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
     bucket = cfg.train_config.weight_bucket_mb * 2**20
     nccl = _nccl_weight_sync(cfg, placement, role_ranks)
     engines = [build_vllm_engine(cfg, 0, in_process=False, nccl_weight_sync=nccl,
-                                 visible_devices=_engine_gpus(placement, controller))]
+                                 visible_devices=_engine_gpus(cfg, placement, controller))]
     if engine_leaders:
         from rlhf_pipe.dist.remote import RemoteEngine
 
@@ -193,7 +193,8 @@ def _bench(args, trainer, placement) -> None:
         return trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    gpus = len({_gpu_of(r) for r in range(world)}) if placement.device != "cpu" else world
+    gpus = (len({_gpu_of(trainer.cfg, r) for r in range(world)}) if placement.device != "cpu"
+            else world)
     runs, timelines, cfg, _ = measure_pipes(args.config, pipes, args.steps, args.warmup,
                                             overrides, trainer_for, devices=gpus)
     result = write_bench(args.config, cfg, runs, timelines, _streaming_for(trainer), args.out,
@@ -208,25 +209,36 @@ def _bench(args, trainer, placement) -> None:
     print(f"report: {result['out_dir']}/report.md", flush=True)
 
 
-def _device(placement):
-    """This rank's device: its LOCAL_RANK's GPU. With fewer GPUs than ranks on a node, ranks
-    share them round-robin (a smoke-test layout; the plan's memory estimate assumes one each)."""
+def _device(cfg, placement):
+    """This rank's device: its LOCAL_RANK's GPU (see `_gpu_of`)."""
     import torch
 
     if placement.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cuda", _gpu_of(cfg, int(os.environ["RANK"]))[1])
 
 
-def _gpu_of(rank: int):
-    """(node, GPU index) of a rank, as `_device` picks it."""
+def _gpu_of(cfg, rank: int):
+    """(node, GPU index) of a rank. placement_config.local_rank_gpus maps local ranks to GPUs;
+    by default they share a node's GPUs round-robin (with fewer GPUs than ranks, a smoke-test
+    layout: the plan's memory estimate assumes one GPU each)."""
     import torch
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    return rank // local_world, (rank % local_world) % max(torch.cuda.device_count(), 1)
+    local = rank % local_world
+    mapping = cfg.placement_config.local_rank_gpus
+    if mapping:
+        count = torch.cuda.device_count()
+        if len(mapping) != local_world or not all(
+                type(g) is int and 0 <= g < max(count, 1) for g in mapping):
+            raise _UserError(f"{cfg.source}: placement_config.local_rank_gpus: expected "
+                             f"{local_world} GPU indices (one per local rank) below {count}, "
+                             f"got {mapping!r}")
+        return rank // local_world, mapping[local]
+    return rank // local_world, local % max(torch.cuda.device_count(), 1)
 
 
-def _engine_gpus(placement, leader: int) -> str | None:
+def _engine_gpus(cfg, placement, leader: int) -> str | None:
     """CUDA_VISIBLE_DEVICES for the engine led by `leader`: its ranks' GPUs. Without it every
     engine's vLLM would take GPU 0 of its node."""
     import torch
@@ -234,7 +246,7 @@ def _engine_gpus(placement, leader: int) -> str | None:
     if placement.device == "cpu" or not torch.cuda.is_available():
         return None
     group = next(g for g in placement.engines if g[0] == leader)
-    return ",".join(str(_gpu_of(r)[1]) for r in group)
+    return ",".join(str(_gpu_of(cfg, r)[1]) for r in group)
 
 
 def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
@@ -246,9 +258,9 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
     if choice == "gloo":
         return False
     actor_rank = role_ranks["actor"][0]
-    engine_gpus = {_gpu_of(r) for group in placement.engines for r in group}
+    engine_gpus = {_gpu_of(cfg, r) for group in placement.engines for r in group}
     possible = (placement.device != "cpu" and torch.cuda.is_available()
-                and _gpu_of(actor_rank) not in engine_gpus)
+                and _gpu_of(cfg, actor_rank) not in engine_gpus)
     if choice == "nccl" and not possible:
         raise _UserError(f"{cfg.source}: train_config.weight_sync_backend: 'nccl' needs the "
                          f"actor (rank {actor_rank}) on a GPU that no vLLM engine uses")
@@ -265,7 +277,7 @@ def _run_engine(cfg, placement, rank, controller, group) -> None:
     role_ranks = _role_ranks(placement)
     serve_engine(build_vllm_engine(cfg, index, in_process=False,
                                    nccl_weight_sync=_nccl_weight_sync(cfg, placement, role_ranks),
-                                   visible_devices=_engine_gpus(placement, rank)),
+                                   visible_devices=_engine_gpus(cfg, placement, rank)),
                  controller, group)
 
 
@@ -280,7 +292,7 @@ def _run_roles(cfg, placement, rank, controller, group, dp_groups) -> None:
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
     mine = [r for r in placement.roles_of(rank) if r in LOCAL_ROLES]
-    serve(build_roles(cfg, mine, pad_id, _device(placement)), controller, group,
+    serve(build_roles(cfg, mine, pad_id, _device(cfg, placement)), controller, group,
           cfg.train_config.weight_bucket_mb * 2**20, dp_groups)
 
 

@@ -1,17 +1,22 @@
-# Timing workload: a random-weight model of Qwen2-0.5B's shape (rlhf_pipe.assets.shaped), answers
-# forced to max_new_tokens (ignore_eos), roles on their own torchrun ranks:
-#   torchrun --nproc-per-node 4 -m rlhf_pipe.train benchmarks/configs/qwen2_0_5b_shape_2gpu.py
-# On 2 GPUs the 4 ranks share them round-robin: rollout and critic on GPU 0, actor and
-# reference on GPU 1.
+# Timing workload: a random-weight model of Qwen2-0.5B's shape (rlhf_pipe.assets.shaped), answer
+# lengths drawn in 64..1024 tokens per request (ignore_eos), roles on their own torchrun ranks:
+#
+#   torchrun --nproc-per-node 4 -m rlhf_pipe.train benchmarks/configs/qwen2_0_5b_shape_2gpu.py \
+#       --bench 1,2,4,8 --steps 3 --warmup 1 --out DIR
+#
+# Two GPUs: vLLM alone on GPU 0 (rank 0), actor, critic and reference on GPU 1 (ranks 1-3,
+# placement_config.local_rank_gpus). Generation overlaps Forward and Train; Forward and Train
+# share GPU 1. The reward is a rule (no model).
 from rlhf_pipe.assets.shaped import build_shaped_assets
 
 _m = build_shaped_assets("qwen2-0.5b")
 
 PIPE_MICRO_BATCH_NUM = 4
-PROMPT_BATCH_SIZE = 64
+PROMPT_BATCH_SIZE = 128
 
-rollout_config = dict(max_new_tokens=256, ignore_eos=True, temperature=1.0, dtype="bfloat16",
-                      max_model_len=512, gpu_memory_utilization=0.3, enforce_eager=False)
+rollout_config = dict(max_new_tokens=1024, response_length_range=[64, 1024], ignore_eos=True,
+                      temperature=1.0, dtype="bfloat16", max_model_len=1152,
+                      gpu_memory_utilization=0.85, enforce_eager=False)
 repeater_config = dict(kl_coeff=0.01, gamma=1.0, gae_lambda=0.95, norm_rewards="batch")
 train_config = dict(train_micro_bs=8, infer_micro_bs=16, max_train_step=3, seed=0,
                     work_dir="work_dirs/qwen2_0_5b_shape_2gpu", stage_timeout_s=600,
@@ -26,4 +31,4 @@ model_configs = dict(
 )
 prompt_dataset_config = dict(samples_each_epoch=PROMPT_BATCH_SIZE, max_len=64,
                              message_datasets=[f"{_m.prompts}::1.0:digits"])
-placement_config = dict(gpus_per_node=4)
+placement_config = dict(gpus_per_node=4, local_rank_gpus=[0, 1, 1, 1])
