@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Phases of one GPU session on a lent machine (../shared/gpu/README.md), each one `run` call:
+#   tools/gpu/session.sh install|tests|bench2|bench1 [OUT]
+# `install` expects /tmp/stage to hold the three parts. Logs and results go to $OUT.
+set -uo pipefail
+phase=$1
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 RLHF_PIPE_CACHE=/tmp/cache
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+header() {
+    echo "# device: $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs)"
+    echo "# date: $(date -u +%FT%TZ); torch $(python3 -c 'import torch;print(torch.__version__)')"
+    echo "# command: $*"
+}
+case $phase in
+install)
+    mkdir -p /tmp/site
+    cat /tmp/stage/vllm.tar.xz.part* | xz -d -T8 | tar x -C /tmp/site &&
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/p3/*.whl
+    python3 -c "import vllm, deepspeed; print('vllm', vllm.__version__)"
+    ;;
+tests)
+    for f in tests/gpu/test_gpu_nccl_sync.py tests/gpu/test_gpu_torchrun.py tests/gpu/test_gpu_single.py; do
+        name=$(basename "$f" .py)
+        { header "python3 -m pytest -s -q $f"; timeout 400 python3 -m pytest -s -q -p no:cacheprovider "$f"; } \
+            > "$out/$name.log" 2>&1
+        tail -5 "$out/$name.log"
+    done
+    ;;
+bench2)
+    cfg=benchmarks/configs/qwen2_0_5b_shape_2gpu.py
+    cmd="python3 -m torch.distributed.run --nproc-per-node 4 -m rlhf_pipe.train $cfg --bench ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_2gpu ${EXTRA:-}"
+    { header "$cmd"; timeout 560 $cmd; } > "$out/bench_2gpu.log" 2>&1
+    grep -E "^pipe |bench: pipe|weight sync|error|Error" "$out/bench_2gpu.log" | tail -30
+    ;;
+bench1)
+    cfg=benchmarks/configs/qwen2_0_5b_shape_1gpu.py
+    cmd="python3 -m rlhf_pipe bench $cfg --pipe ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_1gpu ${EXTRA:-}"
+    { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout 560 $cmd; } > "$out/bench_1gpu.log" 2>&1
+    grep -E "^pipe |bench: pipe|streaming|error|Error" "$out/bench_1gpu.log" | tail -30
+    ;;
+esac
