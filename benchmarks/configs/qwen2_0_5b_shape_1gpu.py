@@ -17,7 +17,7 @@ rollout_config = dict(max_new_tokens=1024, response_length_range=[64, 1024], ign
                       temperature=1.0, dtype="bfloat16", max_model_len=1152,
                       gpu_memory_utilization=0.35, enforce_eager=False)
 repeater_config = dict(kl_coeff=0.01, gamma=1.0, gae_lambda=0.95, norm_rewards="batch")
-train_config = dict(train_micro_bs=8, infer_micro_bs=16, max_train_step=3, seed=0,
+train_config = dict(train_micro_bs=4, infer_micro_bs=4, max_train_step=3, seed=0,
                     work_dir="work_dirs/qwen2_0_5b_shape_1gpu", stage_timeout_s=600,
                     progress_bar=False)
 _trainer = dict(torch_dtype="bfloat16", lr=1e-6, max_grad_norm=1.0)

@@ -56,7 +56,11 @@ def build_shaped_assets(shape: str = "qwen2-0.5b", cache_dir: str | Path | None 
         for name in ("policy", "critic", "reward"):
             tok.save_pretrained(tmp / name)
         (tmp / "COMPLETE").write_text(shape + "\n")
-        os.rename(tmp, root)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # torchrun ranks build it at once; losing the race is fine
+            if not (root / "COMPLETE").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return assets
