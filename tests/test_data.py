@@ -154,3 +154,25 @@ def test_relay_buffer_keeps_and_evicts_episodes():
     again.load_state_dict(buf.state_dict())
     again.add(6, [])
     assert [e.episode_id for e in again.episodes] == [4, 5, 6]
+
+
+def test_pretrain_texts_are_mixed_by_ratio(tmp_path, tiny_assets):
+    # PTX used to cycle through the files' concatenation, ignoring the ratios.
+    from rlhf_pipe.trainer import RLHFTrainer
+    from tests.conftest import tiny_config
+
+    def texts(name, word):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{word} {i} {word}"}) + "\n"
+                                for i in range(5)))
+        return str(path)
+
+    tok = load_tokenizer(str(tiny_assets.policy))
+    cfg = tiny_config(tmp_path, **{
+        "model_configs.policy.generator_config.generator_type": "hf",  # no vLLM needed here
+        "pretrain_dataset_config": {"samples_each_epoch": 4, "message_datasets": [
+            f"{texts('a', 'alpha')}::1", f"{texts('b', 'beta')}::3"]}})
+    trainer = RLHFTrainer(cfg, console=False)
+    drawn = [tok.decode(ids).split()[0] for _ in range(5) for ids in trainer._next_ptx()]
+    trainer.close()
+    assert drawn.count("alpha") == 5 and drawn.count("beta") == 15
