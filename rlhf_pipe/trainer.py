@@ -395,7 +395,10 @@ class RLHFTrainer:
         samples = out.samples
         tokens = sum(s.num_actions for s in samples)
         m: dict = {"policy_version": self.version}
-        scores = torch.stack([s.score for s in samples])
+        # Reward tracks the current policy: replayed samples (chosen from the past, often for
+        # their reward) are left out of it.
+        fresh = [s for s in samples if s.relay_from is None] or samples
+        scores = torch.stack([s.score for s in fresh])
         m["reward"] = scores.mean()
         m["reward_std"] = scores.std(unbiased=False)
         m["response_len"] = tokens / len(samples)

@@ -66,3 +66,14 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
                      "clip_reward_max, clip_reward_min, gae_lambda, gamma, kl_coeff, kl_estimator, "
                      "kl_mode, norm_rewards)"]
     assert "Traceback" not in proc.stderr
+
+
+def test_relay_example_loads_with_its_data_features(tmp_path):
+    from rlhf_pipe.trainer import resolve_function
+
+    cfg = load_config(ROOT / "examples" / "rlhf" / "tiny_relay_cpu.py")
+    t, bg = cfg.train_config, cfg.model_configs.policy.generator_config.batch_generation
+    assert (t.stream_data_loader_type, t.max_relay_episode, t.relay_episode_offset) == \
+        ("dynamic", 2, 1)
+    assert bg.ranking and bg.min_prompt_length == 10
+    assert callable(resolve_function(t.relay_sample_fn))

@@ -58,6 +58,8 @@ def test_config_relay_fn_gets_the_kept_episodes_and_its_samples_are_trained(tmp_
     # The actor's loss covered every response token of the 20 samples.
     assert out.train_metrics["tokens"].item() == sum(s.num_actions for s in out.samples)
     assert sorted(s.sample_id for s in out.samples) == list(range(20))
+    fresh = torch.stack([s.score for s in out.samples if s.relay_from is None])
+    assert history[3]["reward"] == pytest.approx(fresh.mean().item())  # the policy's own
 
 
 def test_api_relay_fn_in_fixed_mode_replaces_fresh_prompts(tmp_path, fresh_engine):
