@@ -9,8 +9,9 @@ after the last micro-batch: one optimizer step per model (then the trainer syncs
 
 Micro-batches form in completion order: micro-batch i is the i-th group of `pipe_micro_bs`
 samples to finish (replayed samples from the relay buffer are finished already and come first;
-a 'dynamic' step may hold more than PIPE_MICRO_BATCH_NUM micro-batches). PIPE_MICRO_BATCH_NUM = 1 is the serial baseline. Each stage records its
-busy intervals so the trainer can report busy/idle seconds and draw the timeline.
+a 'dynamic' step may hold more than PIPE_MICRO_BATCH_NUM micro-batches). PIPE_MICRO_BATCH_NUM = 1
+is the serial baseline. Each stage records its busy intervals so the trainer can report
+busy/idle seconds and draw the timeline.
 """
 
 from __future__ import annotations

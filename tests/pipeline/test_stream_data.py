@@ -151,3 +151,27 @@ def test_ranking_and_min_prompt_length_in_the_plan(tmp_path, fresh_engine,
     assert short.prompts.skipped["too_short"] > 0
     assert short.train_step()["skipped_prompts"] == sum(short.prompts.skipped.values())
     short.close()
+
+
+def test_bad_relay_output_is_a_one_line_error(tmp_path, fresh_engine):
+    past = [{"prompt_ids": [5, 6], "response_ids": [7], "episode_id": 0, "prompt_index": 0}]
+    trainer = _trainer(tmp_path / "a", fresh_engine, **{"train_config.max_relay_episode": 1})
+    trainer.relay.add(0, past)
+    for fn, message in [
+            (lambda b: "x", "expected a list of sample dicts, got str"),
+            (lambda b: [{"prompt_ids": [], "response_ids": [1]}],
+             "item 0: expected a dict with token id lists 'prompt_ids' \\(non-empty\\)"),
+            (lambda b: b[0].buffer * 17, "returned 17 samples; a 'fixed' step holds 16")]:
+        trainer.set_relay_sample_fn(fn)
+        with pytest.raises(ValueError, match=message):
+            trainer._plan(1)
+    trainer.close()
+    grpo = _trainer(tmp_path / "b", fresh_engine, **{
+        "repeater_config.algorithm": "grpo", "rollout_config.n": 2,
+        "train_config.max_relay_episode": 1, "train_config.stream_data_loader_type": "dynamic"})
+    grpo.relay.add(0, past)
+    grpo.set_relay_sample_fn(lambda b: b[0].buffer)  # one answer of a prompt, not its 2
+    with pytest.raises(ValueError, match="needs whole groups of n=2 answers per prompt, got a "
+                                         "group of 1"):
+        grpo._plan(1)
+    grpo.close()
