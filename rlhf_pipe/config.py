@@ -56,10 +56,18 @@ class TrainerConfig:
 
 
 @dataclass
+class BatchGenerationConfig:
+    """ChatLearn's batch-generation settings for the training prompts."""
+    ranking: bool = False  # sort each step's prompts by length before generation
+    min_prompt_length: int = field(default=0, metadata=_ge(0))  # shorter prompts are skipped
+
+
+@dataclass
 class GeneratorConfig:
     generator_type: Literal["vllm", "hf"] = "vllm"
     num_engines: int = field(default=1, metadata=_ge(1))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    batch_generation: BatchGenerationConfig = field(default_factory=BatchGenerationConfig)
 
 
 @dataclass
@@ -166,6 +174,13 @@ class TrainConfig:
     weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
     tensorboard: bool = True
     progress_bar: bool = True
+    # ChatLearn's StreamDataset and relay buffer (README "Stream data and the relay buffer").
+    # 'fixed': every step trains on samples_each_epoch x n samples (replayed ones take the place
+    # of fresh ones); 'dynamic': replayed samples come on top, so a step may hold more.
+    stream_data_loader_type: Literal["fixed", "dynamic"] = "fixed"
+    max_relay_episode: int = field(default=0, metadata=_ge(-1))  # -1 keep all, 0 off, k newest
+    relay_episode_offset: int = field(default=0, metadata=_ge(0))  # keep episodes from this step
+    relay_sample_fn: Optional[str] = None  # "module:function", fn(episode_relay_buffers) -> dicts
 
 
 @dataclass
@@ -462,6 +477,17 @@ def validate(cfg: RunConfig) -> RunConfig:
               f"is {t.eval_interval}, but there is no eval_dataset_config")
     if mc.critic is None and t.critic_warmup_step:
         _fail(src, "train_config.critic_warmup_step", "set, but there is no critic model")
+    if t.relay_sample_fn is not None and ":" not in t.relay_sample_fn:
+        _fail(src, "train_config.relay_sample_fn",
+              f"expected 'module:function', got {t.relay_sample_fn!r}")
+    if t.relay_sample_fn is not None and t.max_relay_episode == 0:
+        _fail(src, "train_config.relay_sample_fn",
+              "set, but max_relay_episode is 0 (relay off); set it to -1 or a count >= 1")
+    min_len = mc.policy.generator_config.batch_generation.min_prompt_length
+    if min_len > cfg.prompt_dataset_config.max_len:
+        _fail(src, "model_configs.policy.generator_config.batch_generation.min_prompt_length",
+              f"exceeds prompt_dataset_config.max_len={cfg.prompt_dataset_config.max_len}, so "
+              f"no prompt could be used; got {min_len}")
     return cfg
 
 

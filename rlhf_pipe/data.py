@@ -1,4 +1,5 @@
-"""Prompt datasets: files, the reference's "path::ratio[SYS]:name" strings, mixing, batching.
+"""Prompt datasets: files, the reference's "path::ratio[SYS]:name" strings, mixing, batching,
+batch-generation ranking, and the relay buffer of past episodes.
 
 Files are JSONL, JSON (a list of records) or Parquet. Each record holds the prompt under
 `prompt_key`: a string, or a chat message list ([{"role": ..., "content": ...}]). Every problem
@@ -12,7 +13,9 @@ import math
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 
 class DataError(ValueError):
@@ -136,12 +139,72 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
+class RatioSampler:
+    """Which record of which dataset comes next, mixing datasets by their ratios.
+
+    The ratios are shares of everything drawn (dataset i gets r_i / sum(r) of all items, as the
+    reference's in-batch sampler means them). Each pick goes to the dataset furthest below its
+    share of the items drawn so far, so every dataset stays within one item of its share at
+    every point: a small ratio is honoured across steps even when one step's batch is too small
+    to hold it, and a step of any size (the relay can shrink it) keeps the mix. Each dataset is
+    reshuffled every pass with a seed derived from (seed, dataset, pass), so (pos, pass) per
+    dataset is the whole state.
+    """
+
+    def __init__(self, sizes: list[int], ratios: list[float], shuffle: bool = True, seed: int = 0):
+        self.sizes, self.shuffle, self.seed = list(sizes), shuffle, seed
+        # Exact fractions: a pick never depends on float rounding of the shares.
+        self._ratios = [Fraction(r) for r in ratios]
+        self._total_ratio = sum(self._ratios)
+        self._pos = [0] * len(sizes)
+        self._pass = [0] * len(sizes)
+        self._order = [self._shuffled(i) for i in range(len(sizes))]
+
+    def _shuffled(self, i: int) -> list[int]:
+        order = list(range(self.sizes[i]))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{i}/{self._pass[i]}").shuffle(order)
+        return order
+
+    def drawn(self, i: int) -> int:
+        return self._pass[i] * self.sizes[i] + self._pos[i]
+
+    def take(self, count: int) -> list[tuple[int, int]]:
+        """The next `count` (dataset, record) pairs."""
+        out = []
+        for _ in range(count):
+            drawn = [self.drawn(i) for i in range(len(self.sizes))]
+            after = sum(drawn) + 1
+            # deficit_i = share_i * after - drawn_i, scaled by the ratio total to stay exact
+            i = max(range(len(self.sizes)),
+                    key=lambda j: (self._ratios[j] * after - drawn[j] * self._total_ratio, -j))
+            if self._pos[i] == self.sizes[i]:
+                self._pass[i] += 1
+                self._pos[i] = 0
+                self._order[i] = self._shuffled(i)
+            out.append((i, self._order[i][self._pos[i]]))
+            self._pos[i] += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"pos": list(self._pos), "pass": list(self._pass)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pos, self._pass = list(state["pos"]), list(state["pass"])
+        self._order = [self._shuffled(i) for i in range(len(self.sizes))]
+
+
+class DataWarning(UserWarning):
+    """Prompts skipped by a filter the user asked for (counted, not an error)."""
+
+
 @dataclass
 class PromptSource:
-    """Yields one batch of prompts per PPO step, mixing datasets by ratio.
+    """Yields one batch of prompts per PPO step, mixing datasets by ratio (`RatioSampler`).
 
-    Each dataset is reshuffled every pass with a seed derived from (seed, dataset, pass), so the
-    position (`state_dict`) is all a resume needs.
+    Prompts that are empty, longer than `max_len` or shorter than `min_len` tokens
+    (generator_config.batch_generation.min_prompt_length) are skipped when the files are read,
+    and counted in `skipped`; the position (`state_dict`) is all a resume needs.
     """
     specs: list[DatasetSpec]
     tokenizer: object
@@ -150,7 +213,8 @@ class PromptSource:
     prompt_key: str = "prompt"
     shuffle: bool = True
     seed: int = 0
-    skipped: dict = field(default_factory=lambda: {"empty": 0, "too_long": 0})
+    min_len: int = 0
+    skipped: dict = field(default_factory=lambda: {"empty": 0, "too_long": 0, "too_short": 0})
 
     def __post_init__(self):
         self._data: list[list[tuple[str, list[int]]]] = []
@@ -169,51 +233,93 @@ class PromptSource:
                 if len(ids) > self.max_len:
                     self.skipped["too_long"] += 1
                     continue
+                if len(ids) < self.min_len:
+                    self.skipped["too_short"] += 1
+                    continue
                 items.append((text, ids))
+            short = self.skipped["too_short"] - before["too_short"]
+            if short:
+                warnings.warn(f"{spec.path}: skipped {short} prompts shorter than "
+                              f"min_prompt_length={self.min_len} tokens", DataWarning,
+                              stacklevel=3)  # the caller of PromptSource(...)
             if not items:
                 empty = self.skipped["empty"] - before["empty"]
                 too_long = self.skipped["too_long"] - before["too_long"]
                 raise DataError(f"{spec.path}: no usable prompt (empty: {empty}, "
-                                f"longer than {self.max_len} tokens: {too_long})")
+                                f"longer than {self.max_len} tokens: {too_long}"
+                                + (f", shorter than {self.min_len} tokens: {short})"
+                                   if self.min_len else ")"))
             self._data.append(items)
-        total = sum(s.ratio for s in self.specs)
-        self._quota = _largest_remainder([s.ratio / total * self.batch_size for s in self.specs])
-        self._pos = [0] * len(self.specs)
-        self._pass = [0] * len(self.specs)
-        self._order = [self._shuffled(i) for i in range(len(self.specs))]
+        self._sampler = RatioSampler([len(d) for d in self._data],
+                                     [s.ratio for s in self.specs], self.shuffle, self.seed)
 
-    def _shuffled(self, i: int) -> list[int]:
-        order = list(range(len(self._data[i])))
-        if self.shuffle:
-            random.Random(f"{self.seed}/{i}/{self._pass[i]}").shuffle(order)
-        return order
+    def next_batch(self, count: int | None = None) -> list[Prompt]:
+        """The next `count` prompts (default `batch_size`), indexed 0..count-1."""
+        picks = self._sampler.take(self.batch_size if count is None else count)
+        return [Prompt(k, *self._copy(self._data[i][j]), self.specs[i].name)
+                for k, (i, j) in enumerate(picks)]
 
-    def next_batch(self) -> list[Prompt]:
-        batch = []
-        for i, quota in enumerate(self._quota):
-            for _ in range(quota):
-                if self._pos[i] == len(self._order[i]):
-                    self._pass[i] += 1
-                    self._pos[i] = 0
-                    self._order[i] = self._shuffled(i)
-                text, ids = self._data[i][self._order[i][self._pos[i]]]
-                self._pos[i] += 1
-                batch.append(Prompt(len(batch), text, list(ids), self.specs[i].name))
-        return batch
+    @staticmethod
+    def _copy(item):
+        text, ids = item
+        return text, list(ids)
 
     def state_dict(self) -> dict:
-        return {"pos": list(self._pos), "pass": list(self._pass)}
+        return self._sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self._pos, self._pass = list(state["pos"]), list(state["pass"])
-        self._order = [self._shuffled(i) for i in range(len(self.specs))]
+        self._sampler.load_state_dict(state)
 
 
-def _largest_remainder(shares: list[float]) -> list[int]:
-    """Integer counts summing to round(sum(shares)), each within 1 of its share."""
-    floors = [int(math.floor(s)) for s in shares]
-    missing = round(sum(shares)) - sum(floors)
-    by_remainder = sorted(range(len(shares)), key=lambda i: floors[i] - shares[i])
-    for i in by_remainder[:missing]:
-        floors[i] += 1
-    return floors
+def rank_by_length(prompts: list[Prompt]) -> list[Prompt]:
+    """The step's prompts sorted by token count, shortest first, ties in drawn order, and
+    re-indexed 0..k-1 (ChatLearn's batch-generation ranking): prompts of similar length are
+    batched together, so less of each generation batch is padding. The set of prompts is
+    unchanged."""
+    ranked = sorted(prompts, key=lambda p: len(p.ids))  # sorted() is stable
+    return [Prompt(k, p.text, p.ids, p.dataset) for k, p in enumerate(ranked)]
+
+
+# ----------------------------------------------------------------------------- relay buffer
+
+@dataclass
+class EpisodeRelayBuffer:
+    """One past episode (PPO step) as `relay_sample_fn` sees it (ChatLearn's attributes).
+
+    `buffer` holds the samples *generated* in that episode, one dict each:
+    episode_id, sample_id, prompt_index (within that step), prompt_ids, response_ids (token id
+    lists), prompt_text, response_text, finish_reason, version (policy version that generated
+    it) and score (its raw reward, before clipping and normalisation). Samples replayed into
+    the episode are not in it, so replays never compound.
+    """
+    episode_id: int
+    buffer: list[dict]
+
+
+class RelayBuffer:
+    """The episodes a relay_sample_fn may draw from.
+
+    max_episodes: -1 keeps every episode, 0 turns the relay off, k keeps the newest k.
+    offset: episodes (steps, counted from 0) before `offset` are never kept.
+    """
+
+    def __init__(self, max_episodes: int = 0, offset: int = 0):
+        self.max_episodes, self.offset = max_episodes, offset
+        self.episodes: list[EpisodeRelayBuffer] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_episodes != 0
+
+    def add(self, episode_id: int, samples: list[dict]) -> None:
+        if not self.enabled or episode_id < self.offset:
+            return
+        self.episodes.append(EpisodeRelayBuffer(episode_id, samples))
+        if self.max_episodes > 0:
+            del self.episodes[:-self.max_episodes]  # evict the oldest
+
+    def state_dict(self) -> dict:
+        return {"episodes": [(e.episode_id, e.buffer) for e in self.episodes]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.episodes = [EpisodeRelayBuffer(i, list(b)) for i, b in state["episodes"]]

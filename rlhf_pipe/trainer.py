@@ -2,7 +2,8 @@
 
 One step reads as named, timed phases:
 
-    prompts   = data.next_batch()                    # host
+    relay     = relay_sample_fn(past episodes)        # host, optional: replayed samples
+    prompts   = data.next_batch()                    # host, ranked by length if asked
     output    = pipeline.run(plan)                    # generate | forward | advantage | train
     sync      = engine.load_weights(actor weights)    # new policy version into vLLM
     metrics   -> console, JSONL, TensorBoard          # the one host sync of the step
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import os
 import random
 import time
@@ -26,14 +28,15 @@ import torch
 
 from rlhf_pipe.checkpoint import STATE_FILE, write_checkpoint
 from rlhf_pipe.config import ConfigError, RunConfig
-from rlhf_pipe.data import PromptSource, parse_dataset_spec, read_records
+from rlhf_pipe.data import (DataError, PromptSource, RatioSampler, RelayBuffer,
+                            parse_dataset_spec, rank_by_length, read_records)
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
 from rlhf_pipe.models import (check_tokenizer_matches, load_causal_lm, load_tokenizer,
                               load_value_model)
 from rlhf_pipe.pipeline.stages import (STAGES, AdvantageSettings, StepOutput, StepPipeline,
                                        StepPlan)
 from rlhf_pipe.roles import CriticRole, LossSettings, PolicyRole, ReferenceRole, RewardRole
-from rlhf_pipe.rollout.types import SamplingSettings
+from rlhf_pipe.rollout.types import Completion, SamplingSettings
 
 
 def seed_everything(seed: int) -> None:
@@ -147,8 +150,15 @@ class RLHFTrainer:
         # Data first: a bad prompt file is reported before any model or engine is built.
         pd = cfg.prompt_dataset_config
         specs = [parse_dataset_spec(s, cfg.constants) for s in pd.message_datasets]
+        self.batch_generation = mc.policy.generator_config.batch_generation
         self.prompts = PromptSource(specs, self.tokenizer, pd.samples_each_epoch, pd.max_len,
-                                    pd.prompt_key, pd.shuffle, pd.seed)
+                                    pd.prompt_key, pd.shuffle, pd.seed,
+                                    min_len=self.batch_generation.min_prompt_length)
+        self.relay = RelayBuffer(t.max_relay_episode, t.relay_episode_offset)
+        self.relay_sample_fn = None
+        if t.relay_sample_fn:
+            self.relay_sample_fn = resolve_function(
+                t.relay_sample_fn, f"{cfg.source}: train_config.relay_sample_fn")
         if roles is None:
             roles = build_roles(cfg, ROLE_NAMES, self.pad_id, self.device, reward_fn)
         elif reward_fn is not None:
@@ -199,7 +209,17 @@ class RLHFTrainer:
         pd = self.cfg.prompt_dataset_config
         self.prompts = PromptSource([parse_dataset_spec(str(path))], self.tokenizer,
                                     pd.samples_each_epoch, pd.max_len, "prompt", pd.shuffle,
-                                    pd.seed)
+                                    pd.seed, min_len=self.batch_generation.min_prompt_length)
+
+    def set_relay_sample_fn(self, fn) -> None:
+        """Replay past samples with `fn(episode_relay_buffers) -> list[dict]` instead of the
+        configured train_config.relay_sample_fn. It is called before each step with the kept
+        episodes (`EpisodeRelayBuffer`s, oldest first); see README "Stream data and the relay
+        buffer"."""
+        if not self.relay.enabled:
+            raise ValueError("set_relay_sample_fn: the relay is off "
+                             "(train_config.max_relay_episode is 0); set it to -1 or >= 1")
+        self.relay_sample_fn = fn
 
     # ------------------------------------------------------------------ building
 
@@ -218,39 +238,124 @@ class RLHFTrainer:
         p = self.cfg.pretrain_dataset_config
         if p is None or self.cfg.train_config.pretrain_loss_weight == 0:
             return None
-        texts = []
-        for spec in (parse_dataset_spec(s, self.cfg.constants) for s in p.message_datasets):
+        specs = [parse_dataset_spec(s, self.cfg.constants) for s in p.message_datasets]
+        texts = []  # per dataset
+        for spec in specs:
+            texts.append([])
             for where, rec in read_records(spec.path):
                 if p.text_key not in rec:
-                    raise ValueError(f"{spec.path}:{where}: missing field {p.text_key!r}")
+                    raise DataError(f"{spec.path}:{where}: missing field {p.text_key!r}")
                 ids = self.tokenizer(str(rec[p.text_key]), add_special_tokens=False)["input_ids"]
                 if len(ids) > 1:
-                    texts.append(ids[:p.max_len])
-        if not texts:
-            raise ValueError("pretrain_dataset_config: no usable text")
-        return {"texts": texts, "pos": 0, "batch": p.samples_each_epoch}
+                    texts[-1].append(ids[:p.max_len])
+            if not texts[-1]:
+                raise DataError(f"{spec.path}: no usable pretrain text (every record is shorter "
+                                f"than 2 tokens)")
+        # Mixed by ratio like the prompts; in file order, as before, so one file cycles.
+        sampler = RatioSampler([len(x) for x in texts], [s.ratio for s in specs], False, p.seed)
+        return {"texts": texts, "sampler": sampler, "batch": p.samples_each_epoch}
 
     def _next_ptx(self):
         if self.ptx is None:
             return None
-        n, texts = self.ptx["batch"], self.ptx["texts"]
-        out = [texts[(self.ptx["pos"] + i) % len(texts)] for i in range(n)]
-        self.ptx["pos"] = (self.ptx["pos"] + n) % len(texts)
-        return out
+        return [self.ptx["texts"][i][j] for i, j in self.ptx["sampler"].take(self.ptx["batch"])]
+
+    # ------------------------------------------------------------------ relay
+
+    def _relay_items(self) -> list[dict]:
+        """What relay_sample_fn returns for this step, checked (nothing before any episode is
+        kept)."""
+        if self.relay_sample_fn is None or not self.relay.episodes:
+            return []
+        items = self.relay_sample_fn(list(self.relay.episodes))
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"relay_sample_fn: expected a list of sample dicts, "
+                             f"got {type(items).__name__}")
+
+        def token_ids(v, empty_ok):
+            return (isinstance(v, (list, tuple)) and (empty_ok or len(v) > 0)
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+
+        for j, d in enumerate(items):
+            if not (isinstance(d, dict) and token_ids(d.get("prompt_ids"), False)
+                    and token_ids(d.get("response_ids"), True)):
+                raise ValueError(f"relay_sample_fn: item {j}: expected a dict with token id "
+                                 f"lists 'prompt_ids' (non-empty) and 'response_ids', as in "
+                                 f"the episode buffers")
+        return list(items)
+
+    def _relay_completions(self, items: list[dict], first_prompt: int,
+                           first_id: int) -> tuple[list[Completion], list[str]]:
+        """Replayed samples as Completions numbered after the fresh ones. The answers of one
+        past prompt (same episode_id and prompt_index) share a new prompt index, so grpo/rloo
+        see them as one group."""
+        index: dict = {}
+        texts: list[str] = []
+        out = []
+        for j, d in enumerate(items):
+            key = (d.get("episode_id"), d["prompt_index"]) if "prompt_index" in d else j
+            if key not in index:
+                index[key] = first_prompt + len(texts)
+                texts.append(d.get("prompt_text") or self.tokenizer.decode(d["prompt_ids"]))
+            out.append(Completion(first_id + j, index[key], list(d["prompt_ids"]),
+                                  list(d["response_ids"]), d.get("finish_reason"),
+                                  d.get("version", -1),
+                                  extra={"relay_from": d.get("episode_id", -1)}))
+        rep, n = self.cfg.repeater_config, self.cfg.rollout_config.n
+        if rep.algorithm in ("grpo", "rloo"):
+            sizes = {}
+            for c in out:
+                sizes[c.prompt_index] = sizes.get(c.prompt_index, 0) + 1
+            short = [v for v in sizes.values() if v != n]
+            if short:
+                raise ValueError(f"relay_sample_fn: algorithm {rep.algorithm!r} needs whole "
+                                 f"groups of n={n} answers per prompt, got a group of "
+                                 f"{short[0]} (return every answer of a prompt, with its "
+                                 f"episode_id and prompt_index)")
+        return out, texts
+
+    def _episode_buffer(self, step: int, samples) -> list[dict]:
+        """The samples generated in this step, as the relay buffer keeps them (in sample-id
+        order, so the buffer does not depend on completion order)."""
+        fresh = sorted((s for s in samples if s.relay_from is None), key=lambda s: s.sample_id)
+        if not fresh:
+            return []
+        scores = torch.stack([s.score for s in fresh]).float().tolist()  # one host sync
+        return [dict(episode_id=step, sample_id=s.sample_id, prompt_index=s.prompt_index,
+                     prompt_ids=s.prompt_ids.tolist(), response_ids=s.response_ids.tolist(),
+                     prompt_text=s.prompt_text, response_text=s.response_text,
+                     finish_reason=s.finish_reason, version=s.version, score=score)
+                for s, score in zip(fresh, scores)]
 
     # ------------------------------------------------------------------ one step
 
     def _plan(self, step: int) -> StepPlan:
         cfg, t, r, rep = self.cfg, self.cfg.train_config, self.cfg.rollout_config, self.cfg.repeater_config
-        prompts = self.prompts.next_batch()
+        # Replayed samples first: in 'fixed' mode they take the place of fresh prompts.
+        relay = self._relay_items()
+        num_prompts = cfg.prompt_dataset_config.samples_each_epoch
+        if relay and t.stream_data_loader_type == "fixed":
+            if len(relay) > cfg.samples_per_step or len(relay) % r.n:
+                raise ValueError(
+                    f"relay_sample_fn returned {len(relay)} samples; a 'fixed' step holds "
+                    f"{cfg.samples_per_step} and replayed samples replace whole prompts of "
+                    f"n={r.n} answers (or set train_config.stream_data_loader_type='dynamic' "
+                    f"to add them on top)")
+            num_prompts -= len(relay) // r.n
+        prompts = self.prompts.next_batch(num_prompts)
+        if self.batch_generation.ranking:
+            prompts = rank_by_length(prompts)
+        replayed, relay_texts = self._relay_completions(relay, len(prompts), len(prompts) * r.n)
         stop = tuple(s for s in (r.stop_token_list or "").split(";") if s)
         return StepPlan(
-            prompt_ids=[p.ids for p in prompts], prompt_texts=[p.text for p in prompts],
+            prompt_ids=[p.ids for p in prompts],
+            prompt_texts=[p.text for p in prompts] + relay_texts,
             seeds=[request_seed(r.seed, step, p.index) for p in prompts],
             sampling=SamplingSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.n,
                                       r.ignore_eos, stop,
                                       tuple(r.response_length_range or ()) or None),
-            pipe_micro_bs=t.pipe_micro_bs, samples_per_step=cfg.samples_per_step,
+            pipe_micro_bs=t.pipe_micro_bs,
+            samples_per_step=len(prompts) * r.n + len(replayed), relay=replayed,
             advantage=AdvantageSettings(rep.kl_coeff, rep.kl_estimator, rep.gamma,
                                         rep.gae_lambda, rep.clip_reward_min,
                                         rep.clip_reward_max, rep.norm_rewards, rep.algorithm,
@@ -270,7 +375,9 @@ class RLHFTrainer:
         t = self.cfg.train_config
         start = time.perf_counter()
         plan = self._plan(step)
-        progress = StageProgress(step, self.cfg.pipe_micro_batch_num, t.progress_bar)
+        # A dynamic step may hold more than PIPE_MICRO_BATCH_NUM micro-batches.
+        progress = StageProgress(step, math.ceil(plan.samples_per_step / plan.pipe_micro_bs),
+                                 t.progress_bar)
         self.pipeline.on_event = progress
         try:
             out = self.pipeline.run(plan)
@@ -282,6 +389,8 @@ class RLHFTrainer:
             self.version += 1
             self._sync_weights()
         sync_s = time.perf_counter() - sync_start
+        if self.relay.enabled:
+            self.relay.add(step, self._episode_buffer(step, out.samples))
         metrics = self._step_metrics(out, plan, time.perf_counter() - start, sync_s)
         self.step_index += 1
         return metrics
@@ -290,7 +399,10 @@ class RLHFTrainer:
         samples = out.samples
         tokens = sum(s.num_actions for s in samples)
         m: dict = {"policy_version": self.version}
-        scores = torch.stack([s.score for s in samples])
+        # Reward tracks the current policy: replayed samples (chosen from the past, often for
+        # their reward) are left out of it.
+        fresh = [s for s in samples if s.relay_from is None] or samples
+        scores = torch.stack([s.score for s in fresh])
         m["reward"] = scores.mean()
         m["reward_std"] = scores.std(unbiased=False)
         m["response_len"] = tokens / len(samples)
@@ -333,6 +445,8 @@ class RLHFTrainer:
             m["sync/gbps"] = self.engine.last_sync["gbps"]
             m["sync/bytes"] = self.engine.last_sync["bytes"]
         m["skipped_prompts"] = sum(self.prompts.skipped.values())
+        m["samples"] = len(samples)
+        m["relay_samples"] = len(plan.relay)
         m["nonfinite_skipped"] = tm.get("nonfinite_skipped", 0.0)
         # The step's one device->host sync: every metric becomes a Python number here.
         m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()}
@@ -403,7 +517,8 @@ class RLHFTrainer:
             "step": self.step_index, "version": self.version,
             "actor": self.actor.training_state(),
             "data": self.prompts.state_dict(),
-            "ptx_pos": self.ptx["pos"] if self.ptx else 0,
+            "ptx": self.ptx["sampler"].state_dict() if self.ptx else None,
+            "relay": self.relay.state_dict(),
             "running_rewards": self.pipeline.running.state_dict(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state()},
@@ -423,7 +538,11 @@ class RLHFTrainer:
             self.critic.load_training_state(state["critic"])
         self.prompts.load_state_dict(state["data"])
         if self.ptx:
-            self.ptx["pos"] = state["ptx_pos"]
+            if "ptx" in state:
+                self.ptx["sampler"].load_state_dict(state["ptx"])
+            elif len(self.ptx["texts"]) == 1:  # written before PTX was mixed by ratio
+                self.ptx["sampler"].load_state_dict({"pos": [state["ptx_pos"]], "pass": [0]})
+        self.relay.load_state_dict(state.get("relay", {"episodes": []}))
         self.pipeline.running.load_state_dict(state["running_rewards"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])

@@ -341,7 +341,7 @@ def test_skipped_prompts_are_counted_per_file(tmp_path, tokenizer):
     a.write_text(json.dumps({"prompt": " "}) + "\n" + json.dumps({"prompt": "ok"}) + "\n"
                  + _long())
     src = PromptSource([parse_dataset_spec(str(a))], tokenizer, batch_size=2, max_len=16)
-    assert src.skipped == {"empty": 1, "too_long": 1}
+    assert src.skipped == {"empty": 1, "too_long": 1, "too_short": 0}
     assert [p.text for p in src.next_batch()] == ["ok", "ok"]
     # The failing file's message counts its own prompts, not those skipped in earlier files.
     b = tmp_path / "b.jsonl"

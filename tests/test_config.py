@@ -27,6 +27,13 @@ def test_example_loads_with_derived_sizes(tmp_path):
     ({"rollout_config.top_p": 0.0}, "rollout_config.top_p: expected a value > 0.0, got 0.0"),
     ({"rollout_confg": {}}, "rollout_confg: unknown key"),
     ({"model_configs.reward.reward_fn": "no_colon"}, "model_configs.reward.reward_fn: expected 'module:function'"),
+    ({"train_config.stream_data_loader_type": "stream"}, "train_config.stream_data_loader_type: expected 'fixed' or 'dynamic', got 'stream'"),
+    ({"train_config.max_relay_episode": -2}, "train_config.max_relay_episode: expected a value >= -1, got -2"),
+    ({"train_config.relay_episode_offset": -1}, "train_config.relay_episode_offset: expected a value >= 0, got -1"),
+    ({"train_config.max_relay_episode": 1, "train_config.relay_sample_fn": "no_colon"}, "train_config.relay_sample_fn: expected 'module:function', got 'no_colon'"),
+    ({"train_config.relay_sample_fn": "m:f"}, "train_config.relay_sample_fn: set, but max_relay_episode is 0 (relay off)"),
+    ({"model_configs.policy.generator_config.batch_generation.min_prompt_length": 49}, "model_configs.policy.generator_config.batch_generation.min_prompt_length: exceeds prompt_dataset_config.max_len=48"),
+    ({"model_configs.policy.generator_config.batch_generation.rank": True}, "model_configs.policy.generator_config.batch_generation.rank: unknown key (known: min_prompt_length, ranking)"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
@@ -72,3 +79,14 @@ def test_response_length_range_is_checked(tmp_path, value, extra, message):
     with pytest.raises(ConfigError, match="rollout_config.response_length_range") as e:
         tiny_config(tmp_path, **{"rollout_config.response_length_range": value, **extra})
     assert message in str(e.value)
+
+
+def test_relay_example_loads_with_its_data_features(tmp_path):
+    from rlhf_pipe.trainer import resolve_function
+
+    cfg = load_config(ROOT / "examples" / "rlhf" / "tiny_relay_cpu.py")
+    t, bg = cfg.train_config, cfg.model_configs.policy.generator_config.batch_generation
+    assert (t.stream_data_loader_type, t.max_relay_episode, t.relay_episode_offset) == \
+        ("dynamic", 2, 1)
+    assert bg.ranking and bg.min_prompt_length == 10
+    assert callable(resolve_function(t.relay_sample_fn))

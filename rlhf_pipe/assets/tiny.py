@@ -53,6 +53,14 @@ def digit_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return scores
 
 
+def replay_best_answers(episode_relay_buffers) -> list[dict]:
+    """relay_sample_fn of examples/rlhf/tiny_relay_cpu.py: the 4 best-scored answers of the
+    kept past episodes (ties: older first), replayed into the current step."""
+    pool = [d for episode in episode_relay_buffers for d in episode.buffer]
+    pool.sort(key=lambda d: (-d["score"], d["episode_id"], d["sample_id"]))
+    return pool[:4]
+
+
 def _prompt_text(rng: random.Random) -> str:
     digits = " ".join(str(rng.randrange(10)) for _ in range(rng.randint(2, 5)))
     return f"{rng.choice(WORDS)} write digits: {digits} =>"

@@ -26,6 +26,7 @@ class Sample:
     prompt_text: str = ""
     response_text: str = ""
     finish_reason: str | None = None
+    relay_from: int | None = None    # replayed: the episode (step) that generated it
     # Forward stage
     old_logp: Tensor | None = None   # (R_i,) actor log-probs at generation weights
     ref_logp: Tensor | None = None   # (R_i,)
