@@ -61,7 +61,7 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
-from rlhf_pipe.config import GeneratorConfig, RunConfig
+from rlhf_pipe.config import GeneratorConfig, RunConfig, reward_has_model, reward_scorers
 
 ROLES = ("rollout", "actor", "critic", "reference", "reward")
 # The model_configs entry behind each role.
@@ -213,12 +213,12 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
         if par.tensor.get("size", 1) != 1:
             problems.append(("tensor parallel", f"{tkey}.parallel.tensor.size: trainers run "
                              f"data-parallel only, expected 1, got {par.tensor.get('size')!r}"))
-        on_gpu = not (role == "reward" and not model.model_path)
+        on_gpu = role != "reward" or reward_has_model(model)
         specs[role] = RoleSpec(role, size if on_gpu else 0, f"{tkey}.parallel.data.size",
                                zero_stage=_zero_stage(model, f"{tkey}.deepspeed_config", problems),
                                on_gpu=on_gpu)
     if "reward" in specs and not specs["reward"].on_gpu:
-        notes.append(f"reward: reward_fn {mc.reward.reward_fn} only, no GPU")
+        notes.append(f"reward: {', '.join(reward_scorers(mc.reward))} (no learned model), no GPU")
 
     def colocate(guest: str, host: str, switch: str) -> None:
         if guest not in specs or not specs[guest].on_gpu or host not in specs:
