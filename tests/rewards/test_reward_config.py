@@ -110,3 +110,15 @@ def test_sampling_settings_reach_the_engine_request(tmp_path):
     default = sampling_settings(tiny_config(tmp_path, **{"rollout_config.prompt_logprobs": 2})
                                 .rollout_config)
     assert default.max_tokens(10) == 12 and default.prompt_logprobs == 2  # max_new_tokens
+
+
+def test_two_scorer_example_loads(tmp_path, monkeypatch):
+    from rlhf_pipe.config import load_config
+    from tests.conftest import ROOT
+
+    path = ROOT / "examples" / "rlhf" / "tiny_two_scorers_cpu.py"
+    monkeypatch.delenv("RLHF_PIPE_REWARD_URL", raising=False)
+    assert list(reward_scorers(load_config(path).model_configs.reward)) == ["digits", "rm"]
+    monkeypatch.setenv("RLHF_PIPE_REWARD_URL", f"https://bob:{SECRET}@rm.example/score")
+    got = reward_scorers(load_config(path).model_configs.reward)
+    assert list(got) == ["digits", "rm", "remote"] and got["remote"].token_env is None
