@@ -443,6 +443,10 @@ def model_size(cfg: RunConfig, role: str) -> ModelSize:
     name = MODEL_OF[role]
     model = getattr(cfg.model_configs, name)
     path = model.model_path if model is not None else None
+    if name == "reward" and model is not None and not path:
+        # Several learned scorers: the estimate counts the first one only (see README).
+        path = next((sc.model_path for sc in reward_scorers(model).values() if sc.model_path),
+                    None)
     if path and os.path.isfile(os.path.join(path, "config.json")):
         try:
             with open(os.path.join(path, "config.json")) as f:
