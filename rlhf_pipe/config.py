@@ -22,7 +22,14 @@ from rlhf_pipe.data import DataError, parse_dataset_spec
 
 
 class ConfigError(ValueError):
-    """A bad config value. `str(err)` is the whole one-line message."""
+    """A bad config value. `str(err)` is the whole one-line message. Any URL quoted in it
+    (e.g. a bad value's repr) is shown redacted: credentials never reach an error line."""
+
+    def __init__(self, message: str):
+        from rlhf_pipe.rewards.http import redact_url
+
+        super().__init__(re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+",
+                                lambda m: redact_url(m.group(0)), str(message)))
 
 
 def _ge(lo):
@@ -69,7 +76,8 @@ class RewardScorerConfig:
     The total reward is the sum of weight x score over the scorers."""
     weight: float = field(default=1.0, metadata=_range(-1e6, 1e6))  # finite; < 0 penalises
     model_path: Optional[str] = None  # a learned reward model (HF folder), on the reward ranks
-    url: Optional[str] = None         # a remote reward model (rlhf_pipe.rewards.http)
+    url: Optional[str] = field(default=None, repr=False)  # a remote reward model
+    #                                  (rlhf_pipe.rewards.http); repr=False: may hold a token
     reward_fn: Optional[str] = None   # a rule: "module:function", fn(prompts, responses)
     trust_remote_code: bool = False
     # url only: samples per request, seconds per request, retries with backoff_s * 2**try,

@@ -122,3 +122,12 @@ def test_two_scorer_example_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_PIPE_REWARD_URL", f"https://bob:{SECRET}@rm.example/score")
     got = reward_scorers(load_config(path).model_configs.reward)
     assert list(got) == ["digits", "rm", "remote"] and got["remote"].token_env is None
+
+
+def test_credentials_never_reach_a_config_error_or_repr(tmp_path):
+    url = f"https://bob:{SECRET}@rm.example/score?key={SECRET}"
+    with pytest.raises(ConfigError) as err:  # a list where a dict belongs: its repr is quoted
+        tiny_config(tmp_path, **{"model_configs.reward": {"scorers": [{"url": url}]}})
+    assert "https://***@rm.example/score?key=***" in str(err.value)
+    assert SECRET not in str(err.value)
+    assert SECRET not in repr(RewardScorerConfig(url=url))
