@@ -234,7 +234,9 @@ class RLHFTrainer:
         """Scorer names in the order of Sample.score_parts (a remote reward role has the
         configured ones)."""
         names = getattr(self.reward, "names", None)
-        return names if isinstance(names, list) else list(reward_scorers(self.cfg.model_configs.reward))
+        if isinstance(names, list):
+            return names
+        return list(reward_scorers(self.cfg.model_configs.reward))
 
     # ------------------------------------------------------------------ building
 

@@ -38,7 +38,8 @@ class RemoteRewardError(RuntimeError):
 def redact_url(url: str) -> str:
     """`url` with its user info and every query value replaced by ***.
 
-    'https://bob:s3cret@rm.example:8443/score?key=abc' -> 'https://***@rm.example:8443/score?key=***'.
+    'https://bob:s3cret@rm.example:8443/score?key=abc'
+        -> 'https://***@rm.example:8443/score?key=***'.
     Query values are masked whatever their name: a token may hide under any parameter name.
     """
     try:

@@ -39,7 +39,8 @@ class HFEngine:
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
                 # new_token_limit=False: long enough for the shortest prompt; rows cut below.
-                max_new_tokens=max(settings.max_tokens(len(p)) for p in chunk), do_sample=settings.temperature > 0,
+                max_new_tokens=max(settings.max_tokens(len(p)) for p in chunk),
+                do_sample=settings.temperature > 0,
                 temperature=settings.temperature or None, top_p=settings.top_p,
                 top_k=settings.top_k if settings.top_k > 0 else None,
                 num_return_sequences=settings.n, pad_token_id=self.pad_token_id,
