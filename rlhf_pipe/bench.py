@@ -196,7 +196,8 @@ def _streaming_for(trainer) -> dict:
                 "plain_tokens_per_s": None, "calls": "", "same_tokens": None,
                 "note": "skipped: streaming overhead is measured for the vLLM backend only"}
     plan = trainer._plan(trainer.step_index)
-    params = [engine._sampling_params(plan.sampling, seed) for seed in plan.seeds]
+    params = [engine._sampling_params(plan.sampling, seed, len(ids))
+              for seed, ids in zip(plan.seeds, plan.prompt_ids)]
     return measure_streaming(engine.llm, plan.prompt_ids, params)
 
 

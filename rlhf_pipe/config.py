@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,14 @@ from rlhf_pipe.data import DataError, parse_dataset_spec
 
 
 class ConfigError(ValueError):
-    """A bad config value. `str(err)` is the whole one-line message."""
+    """A bad config value. `str(err)` is the whole one-line message. Any URL quoted in it
+    (e.g. a bad value's repr) is shown redacted: credentials never reach an error line."""
+
+    def __init__(self, message: str):
+        from rlhf_pipe.rewards.http import redact_url
+
+        super().__init__(re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+",
+                                lambda m: redact_url(m.group(0)), str(message)))
 
 
 def _ge(lo):
@@ -71,6 +79,28 @@ class GeneratorConfig:
 
 
 @dataclass
+class RewardScorerConfig:
+    """One entry of `model_configs.reward.scorers`: exactly one of model_path, url, reward_fn.
+    The total reward is the sum of weight x score over the scorers."""
+    weight: float = field(default=1.0, metadata=_range(-1e6, 1e6))  # finite; < 0 penalises
+    model_path: Optional[str] = None  # a learned reward model (HF folder), on the reward ranks
+    url: Optional[str] = field(default=None, repr=False)  # a remote reward model
+    #                                  (rlhf_pipe.rewards.http); repr=False: may hold a token
+    reward_fn: Optional[str] = None   # a rule: "module:function", fn(prompts, responses)
+    trust_remote_code: bool = False
+    # url only: samples per request, seconds per request, retries with backoff_s * 2**try,
+    # and an environment variable holding a bearer token.
+    batch_size: int = field(default=16, metadata=_ge(1))
+    timeout_s: float = field(default=30.0, metadata=_range(0.0, 1e6, lo_open=True))
+    max_retries: int = field(default=3, metadata=_ge(0))
+    backoff_s: float = field(default=0.5, metadata=_range(0.0, 600.0))
+    token_env: Optional[str] = None
+
+
+_REMOTE_ONLY = ("batch_size", "timeout_s", "max_retries", "backoff_s", "token_env")
+
+
+@dataclass
 class ModelConfig:
     model_path: Optional[str] = None
     model_type: Optional[str] = None
@@ -79,6 +109,9 @@ class ModelConfig:
     generator_config: Optional[GeneratorConfig] = None
     # reward only: a rule-based function "module:function" used instead of / beside a model
     reward_fn: Optional[str] = None
+    # reward only: named, weighted scorers {name: RewardScorerConfig fields}, instead of
+    # model_path / reward_fn. Each scorer's mean is logged as reward/<name>.
+    scorers: Optional[dict] = None
 
 
 @dataclass
@@ -108,6 +141,14 @@ class RolloutConfig:
     # Timing workloads: [lo, hi] draws each request's answer length in that range from its
     # seed (with ignore_eos), so answers finish in a realistic, reproducible spread.
     response_length_range: Optional[list] = None
+    # ChatLearn's three: beam search (temperature 0; the n best of `beam_width` beams, which
+    # defaults to n); new_token_limit=True caps answers at max_new_tokens, False lets each
+    # answer fill the sequence up to max_model_len - prompt length; prompt_logprobs=k records
+    # the log-prob of every prompt token (and its top k) on each sample.
+    use_beam_search: bool = False
+    beam_width: Optional[int] = field(default=None, metadata=_ge(1))
+    new_token_limit: bool = True
+    prompt_logprobs: Optional[int] = field(default=None, metadata=_ge(0))
     # Evaluation sampling; None takes the training value.
     eval_temperature: Optional[float] = field(default=None, metadata=_ge(0.0))
     eval_top_p: Optional[float] = field(default=None, metadata=_range(0.0, 1.0, lo_open=True))
@@ -415,11 +456,19 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail(src, "rollout_config.response_length_range", "needs the vllm generator "
               "(model_configs.policy.generator_config.generator_type)")
     reward = mc.reward
-    if reward is None or (not reward.model_path and not reward.reward_fn):
+    if reward is None or (not reward.model_path and not reward.reward_fn
+                          and reward.scorers is None):
         _fail(src, "model_configs.reward", "expected a model_path, a reward_fn or both")
     if reward.reward_fn and ":" not in reward.reward_fn:
         _fail(src, "model_configs.reward.reward_fn",
               f"expected 'module:function', got {reward.reward_fn!r}")
+    # `rlhf-pipe plan` validates cluster configs on a machine without their model folders.
+    check_paths = os.environ.get("RLHF_PIPE_SKIP_PATH_CHECKS", "") not in ("1", "true", "yes")
+    if reward.scorers is not None:
+        reward.scorers = _check_scorers(reward, src, check_paths)
+    for role in ("policy", "critic", "reference"):
+        if getattr(mc, role) is not None and getattr(mc, role).scorers is not None:
+            _fail(src, f"model_configs.{role}.scorers", "only the reward model has scorers")
     algo = cfg.repeater_config.algorithm
     if mc.critic is None and algo == "ppo":
         _fail(src, "model_configs.critic", "algorithm 'ppo' needs a critic model (or set "
@@ -434,20 +483,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail(src, "model_configs.critic.model_path", "required key is missing")
     if mc.reference is not None and not mc.reference.model_path:
         _fail(src, "model_configs.reference.model_path", "required key is missing")
-    # `rlhf-pipe plan` validates cluster configs on a machine without their model folders.
-    check_paths = os.environ.get("RLHF_PIPE_SKIP_PATH_CHECKS", "") not in ("1", "true", "yes")
     for role in ("policy", "critic", "reference", "reward"):
         model = getattr(mc, role)
         if model is None:
             continue
-        path = model.model_path
-        if check_paths and path and not os.path.isdir(path):
-            _fail(src, f"model_configs.{role}.model_path", f"no such folder: {path}")
-        if check_paths and path and not any(
-                n.endswith((".safetensors", ".bin", ".safetensors.index.json"))
-                for n in os.listdir(path)):
-            _fail(src, f"model_configs.{role}.model_path",
-                  f"no weights (*.safetensors or *.bin) in {path}")
+        if check_paths and model.model_path:
+            _check_model_folder(src, f"model_configs.{role}.model_path", model.model_path)
         betas = model.trainer_config.betas
         if len(betas) != 2 or not all(type(b) in (int, float) for b in betas):
             _fail(src, f"model_configs.{role}.trainer_config.betas",
@@ -465,6 +506,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if check_paths and tok and not os.path.isdir(tok):
         _fail(src, "tokenizer_config.tokenizer_path", f"no such folder: {tok}")
 
+    _check_sampling(cfg)
     if r.max_model_len is not None and r.max_model_len <= r.max_new_tokens:
         _fail(src, "rollout_config.max_model_len",
               f"must exceed max_new_tokens={r.max_new_tokens}, got {r.max_model_len}")
@@ -489,6 +531,125 @@ def validate(cfg: RunConfig) -> RunConfig:
               f"exceeds prompt_dataset_config.max_len={cfg.prompt_dataset_config.max_len}, so "
               f"no prompt could be used; got {min_len}")
     return cfg
+
+
+def _check_sampling(cfg: RunConfig) -> None:
+    """use_beam_search, new_token_limit, prompt_logprobs against the rest of the config."""
+    src, r = cfg.source, cfg.rollout_config
+    generator = cfg.model_configs.policy.generator_config.generator_type
+    if r.use_beam_search:
+        if r.beam_width is not None and r.beam_width < r.n:
+            _fail(src, "rollout_config.beam_width",
+                  f"must be >= n={r.n} (the n best beams are the answers), got {r.beam_width}")
+        if r.stop_token_list:
+            _fail(src, "rollout_config.use_beam_search", "vLLM's beam search takes no stop "
+                  "strings; remove stop_token_list or turn beam search off")
+        if r.prompt_logprobs is not None:
+            _fail(src, "rollout_config.use_beam_search", "vLLM's beam search returns no "
+                  "prompt log-probs; remove prompt_logprobs or turn beam search off")
+    elif r.beam_width is not None:
+        _fail(src, "rollout_config.beam_width", "set, but use_beam_search is False")
+    if generator == "hf":
+        for key in ("use_beam_search", "prompt_logprobs"):
+            if getattr(r, key) not in (False, None):
+                _fail(src, f"rollout_config.{key}", "needs the vllm generator "
+                      "(model_configs.policy.generator_config.generator_type='vllm')")
+    if not r.new_token_limit:
+        if r.max_model_len is None:
+            _fail(src, "rollout_config.new_token_limit", "False lets answers fill the sequence "
+                  "up to max_model_len, so rollout_config.max_model_len is required")
+        max_prompt = cfg.prompt_dataset_config.max_len
+        if max_prompt >= r.max_model_len:
+            _fail(src, "prompt_dataset_config.max_len", f"must be below rollout_config."
+                  f"max_model_len={r.max_model_len} with new_token_limit=False (room for an "
+                  f"answer), got {max_prompt}")
+
+
+def _check_model_folder(src, key, path) -> None:
+    if not os.path.isdir(path):
+        _fail(src, key, f"no such folder: {path}")
+    if not any(n.endswith((".safetensors", ".bin", ".safetensors.index.json"))
+               for n in os.listdir(path)):
+        _fail(src, key, f"no weights (*.safetensors or *.bin) in {path}")
+
+
+def _check_scorers(reward: ModelConfig, src: str, check_paths: bool) -> dict:
+    """model_configs.reward.scorers -> {name: RewardScorerConfig}, every entry checked."""
+    from rlhf_pipe.rewards.http import redact_url
+
+    base = "model_configs.reward.scorers"
+    if reward.model_path or reward.reward_fn:
+        _fail(src, base, "give every scorer here, or model_path / reward_fn without scorers, "
+              "not both")
+    if not reward.scorers:
+        _fail(src, base, "expected at least one scorer")
+    out = {}
+    for name, raw in reward.scorers.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            _fail(src, f"{base}.{name!r}", "a scorer name is letters, digits, '_', '.' or '-' "
+                  "(it names the metric reward/<name>)")
+        key = f"{base}.{name}"
+        sc = raw if isinstance(raw, RewardScorerConfig) else _coerce(raw, RewardScorerConfig,
+                                                                      key, src)
+        kinds = [k for k in ("model_path", "url", "reward_fn") if getattr(sc, k)]
+        if len(kinds) != 1:
+            _fail(src, key, f"expected exactly one of model_path, url, reward_fn, got "
+                  f"{', '.join(kinds) if kinds else 'none'}")
+        if sc.reward_fn and ":" not in sc.reward_fn:
+            _fail(src, f"{key}.reward_fn", f"expected 'module:function', got {sc.reward_fn!r}")
+        given = raw.keys() if isinstance(raw, dict) else ()
+        for extra in _REMOTE_ONLY:
+            if extra in given and not sc.url:
+                _fail(src, f"{key}.{extra}", "only for a url scorer")
+        if sc.url:
+            _check_url(src, f"{key}.url", sc, redact_url(sc.url), check_paths)
+        if check_paths and sc.model_path:
+            _check_model_folder(src, f"{key}.model_path", sc.model_path)
+        out[name] = sc
+    return out
+
+
+def _check_url(src: str, key: str, sc: RewardScorerConfig, shown: str,
+               check_env: bool) -> None:
+    """Messages show the URL redacted: credentials never reach an error line."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(sc.url)
+        parts.port  # raises on a bad port
+    except ValueError:
+        _fail(src, key, f"not a valid URL: {shown}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        _fail(src, key, f"expected an http:// or https:// URL with a host, got {shown}")
+    if sc.token_env is not None:
+        if parts.username is not None:
+            _fail(src, key, "credentials in the URL and token_env both given; use one")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sc.token_env):
+            _fail(src, key.replace(".url", ".token_env"),
+                  f"expected an environment variable name, got {sc.token_env!r}")
+        if check_env and not os.environ.get(sc.token_env):
+            _fail(src, key.replace(".url", ".token_env"),
+                  f"environment variable {sc.token_env} is not set")
+
+
+def reward_scorers(reward: ModelConfig) -> dict:
+    """The reward's scorers as {name: RewardScorerConfig}, in order. A single model_path is the
+    scorer 'model' and a reward_fn the scorer 'reward_fn', both with weight 1, so the older
+    configs keep their meaning (model score + function score)."""
+    if reward.scorers is not None:
+        return dict(reward.scorers)
+    out = {}
+    if reward.model_path:
+        out["model"] = RewardScorerConfig(model_path=reward.model_path,
+                                          trust_remote_code=reward.trust_remote_code)
+    if reward.reward_fn:
+        out["reward_fn"] = RewardScorerConfig(reward_fn=reward.reward_fn)
+    return out
+
+
+def reward_has_model(reward: ModelConfig | None) -> bool:
+    """Whether the reward role holds a learned model (and so needs ranks and a GPU)."""
+    return reward is not None and any(sc.model_path for sc in reward_scorers(reward).values())
 
 
 # ----------------------------------------------------------------------------- loading

@@ -61,7 +61,7 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
-from rlhf_pipe.config import GeneratorConfig, RunConfig
+from rlhf_pipe.config import GeneratorConfig, RunConfig, reward_has_model, reward_scorers
 
 ROLES = ("rollout", "actor", "critic", "reference", "reward")
 # The model_configs entry behind each role.
@@ -213,12 +213,12 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
         if par.tensor.get("size", 1) != 1:
             problems.append(("tensor parallel", f"{tkey}.parallel.tensor.size: trainers run "
                              f"data-parallel only, expected 1, got {par.tensor.get('size')!r}"))
-        on_gpu = not (role == "reward" and not model.model_path)
+        on_gpu = role != "reward" or reward_has_model(model)
         specs[role] = RoleSpec(role, size if on_gpu else 0, f"{tkey}.parallel.data.size",
                                zero_stage=_zero_stage(model, f"{tkey}.deepspeed_config", problems),
                                on_gpu=on_gpu)
     if "reward" in specs and not specs["reward"].on_gpu:
-        notes.append(f"reward: reward_fn {mc.reward.reward_fn} only, no GPU")
+        notes.append(f"reward: {', '.join(reward_scorers(mc.reward))} (no learned model), no GPU")
 
     def colocate(guest: str, host: str, switch: str) -> None:
         if guest not in specs or not specs[guest].on_gpu or host not in specs:
@@ -443,6 +443,10 @@ def model_size(cfg: RunConfig, role: str) -> ModelSize:
     name = MODEL_OF[role]
     model = getattr(cfg.model_configs, name)
     path = model.model_path if model is not None else None
+    if name == "reward" and model is not None and not path:
+        # Several learned scorers: the estimate counts the first one only (see README).
+        path = next((sc.model_path for sc in reward_scorers(model).values() if sc.model_path),
+                    None)
     if path and os.path.isfile(os.path.join(path, "config.json")):
         try:
             with open(os.path.join(path, "config.json")) as f:

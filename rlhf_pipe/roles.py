@@ -252,34 +252,65 @@ class ReferenceRole:
                                response_logits(self.model, b), _labels(b)))
 
 
-class RewardRole:
-    """Reward model score, a rule-based function's score, or their sum."""
+@dataclass
+class Scorer:
+    """One term of the reward: `weight` x score. `impl` is a reward model (nn.Module, scored at
+    each row's last token) or a callable fn(prompts, responses) -> list of numbers (a rule
+    function, or rlhf_pipe.rewards.http.HTTPRewardModel)."""
+    name: str
+    weight: float
+    kind: str   # "model" | "remote" | "function"
+    impl: object
 
-    def __init__(self, model, pad_id: int, infer_micro_bs: int, reward_fn=None):
-        if model is None and reward_fn is None:
-            raise ValueError("a reward role needs a model or a reward function")
-        self.model, self.pad_id, self.infer_micro_bs = model, pad_id, infer_micro_bs
-        self.reward_fn = reward_fn
-        if model is not None:
-            model.eval().requires_grad_(False)
-            self.device = next(model.parameters()).device
+
+class RewardRole:
+    """The reward: the weighted sum of its scorers.
+
+    `scores` gives each sample a (1 + K,) tensor: the weighted total first, then the K scorers'
+    own unweighted scores in `names` order (logged as reward/<name>). Clipping and
+    normalisation later apply to the total only.
+    """
+
+    def __init__(self, scorers: list[Scorer], pad_id: int, infer_micro_bs: int):
+        if not scorers:
+            raise ValueError("a reward role needs at least one scorer")
+        self.scorers, self.pad_id, self.infer_micro_bs = list(scorers), pad_id, infer_micro_bs
+        for sc in self.scorers:
+            if sc.kind == "model":
+                sc.impl.eval().requires_grad_(False)
+
+    @property
+    def names(self) -> list[str]:
+        return [sc.name for sc in self.scorers]
+
+    def set_function(self, fn) -> None:
+        """Replace the rule-function scorers by `fn` (name 'reward_fn', weight 1); model and
+        remote scorers stay."""
+        self.scorers = [sc for sc in self.scorers if sc.kind != "function"]
+        self.scorers.append(Scorer("reward_fn", 1.0, "function", fn))
 
     @torch.no_grad()
     def scores(self, samples: list[Sample]) -> list[Tensor]:
+        parts = torch.stack([self._score(sc, samples) for sc in self.scorers], dim=1)  # (b, K)
         total = torch.zeros(len(samples), dtype=torch.float32)
-        if self.model is not None:
-            for i, chunk in enumerate(chunks(samples, self.infer_micro_bs)):
-                b = collate(chunk, self.pad_id).to(self.device)
-                start = i * self.infer_micro_bs
-                total[start:start + len(chunk)] += sequence_scores(self.model, b).float().cpu()
-        if self.reward_fn is not None:
-            values = self.reward_fn([s.prompt_text for s in samples],
-                                    [s.response_text for s in samples])
-            if len(values) != len(samples):
-                raise ValueError(f"reward function returned {len(values)} scores for "
-                                 f"{len(samples)} samples")
-            total += torch.tensor([float(v) for v in values], dtype=torch.float32)
-        return list(total.unbind(0))
+        for k, sc in enumerate(self.scorers):  # a plain sum: weight 1 scorers add up exactly
+            total += parts[:, k] if sc.weight == 1.0 else sc.weight * parts[:, k]
+        return list(torch.cat([total[:, None], parts], dim=1).unbind(0))
+
+    def _score(self, sc: Scorer, samples: list[Sample]) -> Tensor:
+        """(b,) float32 scores of one scorer."""
+        if sc.kind == "model":
+            device = next(sc.impl.parameters()).device
+            out = []
+            for chunk in chunks(samples, self.infer_micro_bs):
+                b = collate(chunk, self.pad_id).to(device)
+                out.append(sequence_scores(sc.impl, b).float().cpu())  # one copy per chunk
+            return torch.cat(out)
+        values = sc.impl([s.prompt_text for s in samples], [s.response_text for s in samples])
+        if len(values) != len(samples):
+            raise ValueError(f"reward scorer {sc.name!r} returned {len(values)} scores for "
+                             f"{len(samples)} samples")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -115,8 +115,6 @@ def run(args) -> int:
 
 def _run_controller(cfg, args, placement, role_ranks, controller, groups,
                     engine_leaders) -> None:
-    import torch
-
     from rlhf_pipe.dist.remote import Connection, RemoteRole, RemoteRoleGroup
     from rlhf_pipe.models import load_tokenizer
     from rlhf_pipe.trainer import RLHFTrainer, build_roles, build_vllm_engine
@@ -282,8 +280,6 @@ def _run_engine(cfg, placement, rank, controller, group) -> None:
 
 
 def _run_roles(cfg, placement, rank, controller, group, dp_groups) -> None:
-    import torch
-
     from rlhf_pipe.dist.remote import serve
     from rlhf_pipe.models import load_tokenizer
     from rlhf_pipe.trainer import build_roles, seed_everything

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from rlhf_pipe.checkpoint import STATE_FILE, write_checkpoint
-from rlhf_pipe.config import ConfigError, RunConfig
+from rlhf_pipe.config import ConfigError, RunConfig, reward_scorers
 from rlhf_pipe.data import (DataError, PromptSource, RatioSampler, RelayBuffer,
                             parse_dataset_spec, rank_by_length, read_records)
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
@@ -35,7 +34,8 @@ from rlhf_pipe.models import (check_tokenizer_matches, load_causal_lm, load_toke
                               load_value_model)
 from rlhf_pipe.pipeline.stages import (STAGES, AdvantageSettings, StepOutput, StepPipeline,
                                        StepPlan)
-from rlhf_pipe.roles import CriticRole, LossSettings, PolicyRole, ReferenceRole, RewardRole
+from rlhf_pipe.roles import (CriticRole, LossSettings, PolicyRole, ReferenceRole, RewardRole,
+                             Scorer)
 from rlhf_pipe.rollout.types import Completion, SamplingSettings
 
 
@@ -69,6 +69,21 @@ def _pick_device(choice: str) -> torch.device:
 def request_seed(base: int, step: int, prompt_index: int) -> int:
     """Per-request sampling seed: generation is reproducible whatever the batching."""
     return (base * 1_000_003 + step * 10_007 + prompt_index) % (2**31 - 1)
+
+
+def sampling_settings(r, evaluation: bool = False) -> SamplingSettings:
+    """rollout_config -> what the engine is asked for (evaluation: eval_* values, n = 1)."""
+    pick = (lambda name: getattr(r, name) if not evaluation or getattr(r, f"eval_{name}") is None
+            else getattr(r, f"eval_{name}"))
+    return SamplingSettings(
+        r.max_new_tokens, pick("temperature"), pick("top_p"), pick("top_k"),
+        1 if evaluation else r.n, r.ignore_eos,
+        tuple(x for x in (r.stop_token_list or "").split(";") if x),
+        use_beam_search=r.use_beam_search,
+        beam_width=max(r.beam_width or r.n, 1) if r.use_beam_search else None,
+        max_seq_len=None if r.new_token_limit else r.max_model_len,
+        prompt_logprobs=r.prompt_logprobs,
+        length_range=tuple(r.response_length_range) if r.response_length_range else None)
 
 
 ROLE_NAMES = ("actor", "critic", "reference", "reward")
@@ -108,14 +123,31 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None) -> d
                                    ref.trust_remote_code, "reference").to(device)
             roles[name] = ReferenceRole(model, pad_id, t.infer_micro_bs)
         elif name == "reward":
-            rw = mc.reward
-            model = None
-            if rw.model_path:
-                model = load_value_model(rw.model_path, rw.trainer_config.torch_dtype,
-                                         rw.trust_remote_code, "reward").to(device)
-            fn = reward_fn or (resolve_function(rw.reward_fn) if rw.reward_fn else None)
-            roles[name] = RewardRole(model, pad_id, t.infer_micro_bs, fn)
+            roles[name] = RewardRole(build_scorers(cfg, device), pad_id, t.infer_micro_bs)
+            if reward_fn is not None:
+                roles[name].set_function(reward_fn)
     return roles
+
+
+def build_scorers(cfg: RunConfig, device) -> list[Scorer]:
+    """The reward's scorers from model_configs.reward (see config.reward_scorers)."""
+    from rlhf_pipe.rewards.http import HTTPRewardModel
+
+    rw = cfg.model_configs.reward
+    out = []
+    for name, sc in reward_scorers(rw).items():
+        if sc.model_path:
+            what = "reward" if name == "model" and rw.scorers is None else f"reward scorer {name}"
+            model = load_value_model(sc.model_path, rw.trainer_config.torch_dtype,
+                                     sc.trust_remote_code, what).to(device)
+            out.append(Scorer(name, sc.weight, "model", model))
+        elif sc.url:
+            out.append(Scorer(name, sc.weight, "remote", HTTPRewardModel(
+                name, sc.url, batch_size=sc.batch_size, timeout_s=sc.timeout_s,
+                max_retries=sc.max_retries, backoff_s=sc.backoff_s, token_env=sc.token_env)))
+        else:
+            out.append(Scorer(name, sc.weight, "function", resolve_function(sc.reward_fn)))
+    return out
 
 
 def build_vllm_engine(cfg: RunConfig, engine_index: int = 0, in_process: bool = True,
@@ -162,7 +194,7 @@ class RLHFTrainer:
         if roles is None:
             roles = build_roles(cfg, ROLE_NAMES, self.pad_id, self.device, reward_fn)
         elif reward_fn is not None:
-            roles["reward"].reward_fn = reward_fn
+            roles["reward"].set_function(reward_fn)
         self.actor, self.critic = roles["actor"], roles.get("critic")
         self.reference, self.reward = roles.get("reference"), roles["reward"]
         actor_model = getattr(self.actor, "model", None)
@@ -194,8 +226,8 @@ class RLHFTrainer:
 
     def set_reward_fn(self, fn) -> None:
         """Score with `fn(prompts, responses) -> list[float]` instead of the configured reward
-        function (a reward model, if configured, still adds its score)."""
-        self.reward.reward_fn = fn
+        function (model and remote scorers, if configured, still add their scores)."""
+        self.reward.set_function(fn)
 
     def set_prompts(self, prompts: list[str]) -> None:
         """Train on these prompt texts (rendered with the chat template when there is one)."""
@@ -221,10 +253,18 @@ class RLHFTrainer:
                              "(train_config.max_relay_episode is 0); set it to -1 or >= 1")
         self.relay_sample_fn = fn
 
+    def reward_names(self) -> list[str]:
+        """Scorer names in the order of Sample.score_parts (a remote reward role has the
+        configured ones)."""
+        names = getattr(self.reward, "names", None)
+        if isinstance(names, list):
+            return names
+        return list(reward_scorers(self.cfg.model_configs.reward))
+
     # ------------------------------------------------------------------ building
 
     def _build_engine(self, actor_model, in_process: bool = True):
-        r, mc = self.cfg.rollout_config, self.cfg.model_configs
+        mc = self.cfg.model_configs
         gen = mc.policy.generator_config
         if gen.generator_type == "hf":
             from rlhf_pipe.rollout.hf_engine import HFEngine
@@ -346,14 +386,11 @@ class RLHFTrainer:
         if self.batch_generation.ranking:
             prompts = rank_by_length(prompts)
         replayed, relay_texts = self._relay_completions(relay, len(prompts), len(prompts) * r.n)
-        stop = tuple(s for s in (r.stop_token_list or "").split(";") if s)
         return StepPlan(
             prompt_ids=[p.ids for p in prompts],
             prompt_texts=[p.text for p in prompts] + relay_texts,
             seeds=[request_seed(r.seed, step, p.index) for p in prompts],
-            sampling=SamplingSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.n,
-                                      r.ignore_eos, stop,
-                                      tuple(r.response_length_range or ()) or None),
+            sampling=sampling_settings(r),
             pipe_micro_bs=t.pipe_micro_bs,
             samples_per_step=len(prompts) * r.n + len(replayed), relay=replayed,
             advantage=AdvantageSettings(rep.kl_coeff, rep.kl_estimator, rep.gamma,
@@ -405,6 +442,10 @@ class RLHFTrainer:
         scores = torch.stack([s.score for s in fresh])
         m["reward"] = scores.mean()
         m["reward_std"] = scores.std(unbiased=False)
+        if samples[0].score_parts is not None:  # each scorer's own mean, before its weight
+            parts = torch.stack([s.score_parts for s in samples]).mean(0)
+            for name, value in zip(self.reward_names(), parts.unbind(0)):
+                m[f"reward/{name}"] = value
         m["response_len"] = tokens / len(samples)
         kl = torch.cat([s.kl for s in samples])
         m["kl"] = kl.mean() if kl.numel() else 0.0
@@ -459,11 +500,7 @@ class RLHFTrainer:
 
         r = self.cfg.rollout_config
         prompts = self.eval_prompts.next_batch()
-        settings = SamplingSettings(
-            r.max_new_tokens, r.temperature if r.eval_temperature is None else r.eval_temperature,
-            r.top_p if r.eval_top_p is None else r.eval_top_p,
-            r.top_k if r.eval_top_k is None else r.eval_top_k, 1, r.ignore_eos,
-            tuple(x for x in (r.stop_token_list or "").split(";") if x))
+        settings = sampling_settings(r, evaluation=True)
         done = []
         self.engine.generate([p.ids for p in prompts], [p.index for p in prompts], settings,
                              [request_seed(r.seed + 1, 0, p.index) for p in prompts],
@@ -473,7 +510,7 @@ class RLHFTrainer:
                           prompts[c.prompt_index].text,
                           self.tokenizer.decode(c.response_ids, skip_special_tokens=True))
                    for c in sorted(done, key=lambda c: c.sample_id)]
-        scores = torch.stack(self.reward.scores(samples))
+        scores = torch.stack(self.reward.scores(samples))[:, 0]  # the total
         return {"eval/reward": scores.mean().item(),
                 "eval/response_len": sum(s.num_actions for s in samples) / len(samples)}
 

@@ -32,6 +32,8 @@ class Sample:
     ref_logp: Tensor | None = None   # (R_i,)
     values: Tensor | None = None     # (R_i,) critic values
     score: Tensor | None = None      # () reward before clipping / normalisation
+    score_parts: Tensor | None = None  # (K,) each reward scorer's own score, before weights
+    prompt_logprobs: list | None = None  # rollout prompt_logprobs: per prompt token, or None
     # Advantage stage
     kl: Tensor | None = None         # (R_i,)
     token_rewards: Tensor | None = None  # (R_i,)

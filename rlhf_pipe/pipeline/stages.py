@@ -213,7 +213,8 @@ class StepPipeline:
             response_ids=torch.tensor(c.response_ids, dtype=torch.long),
             prompt_text=plan.prompt_texts[c.prompt_index],
             response_text=self.tokenizer.decode(c.response_ids, skip_special_tokens=True),
-            finish_reason=c.finish_reason, relay_from=c.extra.get("relay_from"))
+            finish_reason=c.finish_reason, relay_from=c.extra.get("relay_from"),
+            prompt_logprobs=c.prompt_logprobs)
 
     def _forward_models(self, samples: list[Sample]) -> None:
         jobs = {"old_logp": self._pool.submit(self.actor.logprobs, samples),
@@ -224,7 +225,10 @@ class StepPipeline:
             jobs["values"] = self._pool.submit(self.critic.values, samples)
         for name, job in jobs.items():
             for s, value in zip(samples, job.result()):
-                setattr(s, name, value)
+                if name == "score":  # (1 + K,): the weighted total, then each scorer's score
+                    s.score, s.score_parts = value[0], value[1:]
+                else:
+                    setattr(s, name, value)
 
     def _advantage(self, run: _Run, plan: StepPlan, inp: Channel, out: Channel) -> None:
         a = plan.advantage

@@ -38,7 +38,9 @@ class HFEngine:
             torch.manual_seed(seeds[start])
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=settings.max_new_tokens, do_sample=settings.temperature > 0,
+                # new_token_limit=False: long enough for the shortest prompt; rows cut below.
+                max_new_tokens=max(settings.max_tokens(len(p)) for p in chunk),
+                do_sample=settings.temperature > 0,
                 temperature=settings.temperature or None, top_p=settings.top_p,
                 top_k=settings.top_k if settings.top_k > 0 else None,
                 num_return_sequences=settings.n, pad_token_id=self.pad_token_id,
@@ -47,6 +49,7 @@ class HFEngine:
             done = []
             for row, answer in enumerate(answers):
                 i, k = divmod(row, settings.n)
+                answer = answer[:settings.max_tokens(len(chunk[i]))]
                 if not settings.ignore_eos and self.eos_token_id in answer:
                     answer = answer[:answer.index(self.eos_token_id) + 1]
                     reason = "stop"

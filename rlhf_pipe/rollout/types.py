@@ -15,7 +15,20 @@ class SamplingSettings:
     n: int = 1
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    use_beam_search: bool = False
+    beam_width: int | None = None        # None: n
+    # None: answers stop at max_new_tokens (new_token_limit=True). Else the whole sequence
+    # stops here: an answer may take max_seq_len - prompt length tokens (ChatLearn's
+    # new_token_limit=False with seq_length).
+    max_seq_len: int | None = None
+    prompt_logprobs: int | None = None   # k: record prompt-token log-probs (and top k)
     length_range: tuple[int, int] | None = None  # per-request lengths drawn from the seed
+
+    def max_tokens(self, prompt_len: int) -> int:
+        """The answer-length cap of one request."""
+        if self.max_seq_len is None:
+            return self.max_new_tokens
+        return self.max_seq_len - prompt_len
 
 
 def drawn_length(length_range: tuple[int, int], seed: int) -> int:
@@ -36,6 +49,9 @@ class Completion:
     version: int          # policy version of the weights that generated it
     engine: int = 0
     extra: dict = field(default_factory=dict)
+    # With prompt_logprobs=k: one entry per prompt token, {token id: log-prob} holding the
+    # prompt's own token and the top k; None for the first token (nothing to condition on).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class CompletionSink(Protocol):

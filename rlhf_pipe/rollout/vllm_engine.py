@@ -119,12 +119,22 @@ class _RequestSink:
         if not 0 <= local < len(self.prompt_indices):
             raise RuntimeError(f"vLLM returned unknown request id {output.request_id}")
         prompt_index = self.prompt_indices[local]
+        prompt_logprobs = _plain_logprobs(output.prompt_logprobs)
         for k, choice in enumerate(output.outputs):
             self.sink.put(Completion(
                 sample_id=prompt_index * self.n + k, prompt_index=prompt_index,
                 prompt_ids=list(output.prompt_token_ids), response_ids=list(choice.token_ids),
-                finish_reason=choice.finish_reason, version=self.version, engine=self.engine))
+                finish_reason=choice.finish_reason, version=self.version, engine=self.engine,
+                prompt_logprobs=prompt_logprobs))
             self.seen += 1
+
+
+def _plain_logprobs(entries):
+    """vLLM's prompt log-probs ({token: Logprob} per position) as plain {int: float} dicts."""
+    if entries is None:
+        return None
+    return [None if d is None else {int(t): float(lp.logprob) for t, lp in d.items()}
+            for d in entries]
 
 
 class VLLMEngine:
@@ -165,19 +175,24 @@ class VLLMEngine:
         self._load_method = None
         self.last_sync = {}
 
-    def _sampling_params(self, s: SamplingSettings, seed: int):
+    def _sampling_params(self, s: SamplingSettings, seed: int, prompt_len: int):
         from vllm import SamplingParams
 
-        max_tokens = (s.max_new_tokens if s.length_range is None
+        max_tokens = (s.max_tokens(prompt_len) if s.length_range is None
                       else drawn_length(s.length_range, seed))
         return SamplingParams(n=s.n, max_tokens=max_tokens, temperature=s.temperature,
                               top_p=s.top_p, top_k=s.top_k, ignore_eos=s.ignore_eos,
                               stop=list(s.stop) or None, seed=seed,
+                              prompt_logprobs=s.prompt_logprobs,
                               # Text is decoded by the trainer; vLLM detokenizes only for stops.
                               detokenize=bool(s.stop))
 
     def generate(self, prompt_ids, prompt_indices, settings, seeds, sink) -> None:
-        params = [self._sampling_params(settings, seed) for seed in seeds]
+        if settings.use_beam_search:
+            self._beam_search(prompt_ids, prompt_indices, settings, sink)
+            return
+        params = [self._sampling_params(settings, seed, len(ids))
+                  for seed, ids in zip(seeds, prompt_ids)]
         # Request ids come from the LLM's own counter; taking one value here tells us where
         # this call's ids start (they are consecutive), so outputs map back to prompts.
         id_base = int(next(self.llm.request_counter)) + 1
@@ -194,6 +209,44 @@ class VLLMEngine:
         if request_sink.seen != expected:
             raise RuntimeError(f"vLLM engine {self.engine_index} finished {request_sink.seen} "
                                f"of {expected} samples")
+
+    def _beam_search(self, prompt_ids, prompt_indices, s: SamplingSettings, sink) -> None:
+        """Beam search with `beam_width` beams (default n); the n best are the answers.
+
+        vLLM V1 has no beam-search flag in SamplingParams: `LLM.beam_search` runs the whole
+        batch one token at a time and returns when every prompt is done. So this does NOT
+        stream: every Completion reaches `sink` when the call returns (the Forward stage then
+        takes the micro-batches one after another). Temperature is 0, so seeds play no part and
+        the result is deterministic; stop strings and prompt log-probs are not available
+        (config.py refuses them).
+        """
+        from vllm.sampling_params import BeamSearchParams
+
+        width = s.beam_width or s.n
+        eos = self.llm.get_tokenizer().eos_token_id
+        # One max_tokens per call: with new_token_limit=False prompts of one length go together.
+        by_limit: dict[int, list[int]] = {}
+        for i, ids in enumerate(prompt_ids):
+            by_limit.setdefault(s.max_tokens(len(ids)), []).append(i)
+        done = []
+        for max_tokens, rows in by_limit.items():
+            params = BeamSearchParams(beam_width=width, max_tokens=max_tokens,
+                                      ignore_eos=s.ignore_eos, temperature=0.0)
+            outputs = self.llm.beam_search([{"prompt_token_ids": list(prompt_ids[i])}
+                                            for i in rows], params)
+            for i, out in zip(rows, outputs):
+                if len(out.sequences) < s.n:
+                    raise RuntimeError(f"beam search returned {len(out.sequences)} beams, "
+                                       f"expected n={s.n}")
+                prompt, pidx = list(prompt_ids[i]), prompt_indices[i]
+                for k, beam in enumerate(out.sequences[:s.n]):  # best first
+                    answer = list(beam.tokens[len(prompt):])
+                    stopped = bool(answer) and answer[-1] == eos and not s.ignore_eos
+                    done.append(Completion(pidx * s.n + k, pidx, prompt, answer,
+                                           "stop" if stopped else "length", self.version,
+                                           self.engine_index))
+        for c in done:
+            sink.put(c)
 
     def _abort_unfinished(self) -> None:
         engine = self.llm.llm_engine
