@@ -38,10 +38,13 @@ def run(args) -> dict:
                        lora_dropout=0.0, lora_layer="ColumnParallelLinear,LinearLayer,"
                        "RowParallelLinear")
     torch.manual_seed(0)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = lora.apply_lora(load_causal_lm(str(assets.policy), args.dtype), tc, "bench", "policy")
+    model.to(device)
     actor = PolicyRole(model, 0, lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0,
                        warmup_steps=0, max_grad_norm=1.0, infer_micro_bs=1, train_micro_bs=1)
     engines = {mode: VLLMEngine(str(assets.policy), dtype=args.dtype, seed=0, max_model_len=256,
+                                gpu_memory_utilization=0.3,
                                 lora=lora.peft_config(tc).to_dict() if mode == "adapter" else None,
                                 engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20})
                for mode in ("merged", "adapter")}
@@ -53,7 +56,7 @@ def run(args) -> dict:
         with torch.no_grad():  # a new adapter, as after an optimizer step
             for n, p in model.named_parameters():
                 if ".lora_B" in n:
-                    p.normal_(0, 0.01, generator=g)
+                    p.copy_(0.01 * torch.randn(p.shape, generator=g))
         for mode, engine in engines.items():
             actor.lora_sync = mode
             start = time.perf_counter()
@@ -98,6 +101,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default=None, help="the actor's; default cuda if there is one")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.dtype = args.dtype or ("float32" if args.model == "tiny" else "bfloat16")
@@ -106,7 +110,12 @@ def main() -> None:
         print(f"{args.model} {r['mode']}: sync {r['sync_s_median'] * 1e3:.1f} ms "
               f"({r['sync_mb']:.2f} MB), generation {r['gen_tok_s_median']:.1f} tokens/s "
               f"(medians of {args.steps} steps)")
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+    import torch
+    import vllm
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "gpu": gpu,
+              "vllm": vllm.__version__, "torch": torch.__version__,
               "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
               "command": "python " + " ".join(sys.argv), "results": results}
     if args.out:
