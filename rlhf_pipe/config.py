@@ -97,8 +97,7 @@ class GeneratorConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # With a LoRA policy: 'merged' sends base + adapter merged under the base model's names;
     # 'adapter' sends only the adapter, served by vLLM's LoRA support (one LoRARequest per
-    # policy version); 'auto': 'adapter' from 256 MB of weights on, else 'merged', the one
-    # measured faster at each size (rlhf_pipe/lora.py: sync_mode).
+    # policy version); 'auto' is 'merged', measured faster (rlhf_pipe/lora.py: sync_mode).
     lora_sync: Literal["auto", "merged", "adapter"] = "auto"
 
 

@@ -10,7 +10,7 @@ Weight sync to vLLM, `generator_config.lora_sync`:
              any engine loads it as ordinary new weights.
     adapter  only the lora_A / lora_B tensors, in peft's file layout; the engine writes them
              to /dev/shm and serves them as a vLLM LoRARequest (`VLLMEngine(lora=...)`).
-    auto     adapter from 256 MB of policy weights on, merged below (measured: AUTO_ADAPTER_BYTES).
+    auto     merged, the faster on the CPU at every size measured (see `sync_mode`).
 
 Checkpoints: `actor/` stays a plain HF folder of merged weights (export and serving need no
 peft) and `actor/adapter/` holds the adapter, which is what resume loads: the base comes from
@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_pipe.config import (VLLM_MAX_LORA_RANK, ConfigError, TrainerConfig,
-                              lora_target_modules)
+from rlhf_pipe.config import ConfigError, TrainerConfig, lora_target_modules
 
 ADAPTER = "default"            # peft's adapter name
 FILE_PREFIX = "base_model.model."  # peft's save_pretrained prefix; vLLM strips it
@@ -177,32 +176,16 @@ def dropout_active(model: nn.Module):
             m.eval()
 
 
-# 'auto' serves the adapter from this much policy weight on (safetensors bytes). Measured on
-# the CPU (BENCHMARKS.md, "LoRA sync"): the tiny model (1.8 MB) syncs merged in 58 ms and
-# vLLM's LoRA path generates 3x slower, so merged wins; the Qwen2-0.5B shape (1.2 GB) syncs
-# merged in 3.6 s against 58 ms for the adapter, and generates as fast either way.
-AUTO_ADAPTER_BYTES = 256 * 2**20
-
-
 def sync_mode(cfg) -> str | None:
-    """'merged' or 'adapter' for a LoRA policy, None without LoRA."""
+    """'merged' or 'adapter' for a LoRA policy, None without LoRA. 'auto' is 'merged': on the
+    CPU, vLLM's LoRA path generated 2-3x slower, which outweighed the faster sync at both
+    sizes measured (tiny; Qwen2-0.5B shape: 1.4 s merged vs 0.05 s adapter sync, 108 vs 55
+    tokens/s; BENCHMARKS.md, "LoRA weight sync")."""
     policy = cfg.model_configs.policy
-    tc = policy.trainer_config
-    if not tc.enable_lora:
+    if not policy.trainer_config.enable_lora:
         return None
-    if policy.generator_config.lora_sync != "auto":
-        return policy.generator_config.lora_sync
-    if policy.generator_config.generator_type != "vllm" or tc.lora_dim > VLLM_MAX_LORA_RANK:
-        return "merged"
-    return auto_mode(_weight_bytes(policy.model_path))
-
-
-def auto_mode(weight_bytes: int) -> str:
-    return "adapter" if weight_bytes >= AUTO_ADAPTER_BYTES else "merged"
-
-
-def _weight_bytes(model_path: str) -> int:
-    return sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+    mode = policy.generator_config.lora_sync
+    return "merged" if mode == "auto" else mode
 
 
 def engine_lora(cfg) -> dict | None:

@@ -64,7 +64,7 @@ def test_lora_trains_only_the_adapter_and_vllm_serves_it(tmp_path, fresh_engine,
     """Merged sync (the default): base bit for bit unchanged, adapter changed, optimizer holds
     only trainable tensors, and vLLM's greedy answers are the merged HF model's."""
     trainer = RLHFTrainer(tiny_config(tmp_path, **LORA), engine=fresh_engine, console=False)
-    assert trainer.actor.lora_sync == "merged"  # 'auto' on a model of 1.8 MB
+    assert trainer.actor.lora_sync == "merged"  # 'auto'
     actor, critic = trainer.actor.model, trainer.critic.model
     before = {"actor": _state(actor), "critic": _state(critic)}
     for role in (trainer.actor, trainer.critic):
@@ -210,10 +210,10 @@ def test_lora_layer_aliases_map_to_hf_names():
     assert lora_target_modules("ColumnParallelLinear,LinearLayer,RowParallelLinear") == "all-linear"
 
 
-def test_auto_sync_mode_follows_the_measured_crossover(tmp_path):
+def test_sync_mode_auto_is_merged(tmp_path):
     assert lora.sync_mode(tiny_config(tmp_path)) is None  # no LoRA
-    assert lora.sync_mode(tiny_config(tmp_path, **LORA)) == "merged"  # tiny: 1.8 MB
-    hf = {"model_configs.policy.generator_config.generator_type": "hf"}
-    assert lora.sync_mode(tiny_config(tmp_path, **LORA, **hf)) == "merged"
-    assert lora.auto_mode(1_200_000_000) == "adapter"  # the Qwen2-0.5B shape, bf16
-    assert lora.auto_mode(1_800_000) == "merged"
+    assert lora.sync_mode(tiny_config(tmp_path, **LORA)) == "merged"
+    adapter = {"model_configs.policy.generator_config.lora_sync": "adapter"}
+    assert lora.sync_mode(tiny_config(tmp_path, **LORA, **adapter)) == "adapter"
+    assert lora.engine_lora(tiny_config(tmp_path, **LORA, **adapter))["r"] == 8
+    assert lora.engine_lora(tiny_config(tmp_path, **LORA)) is None  # a plain engine

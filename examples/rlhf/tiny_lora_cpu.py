@@ -15,8 +15,7 @@ model_configs = dict(
             lr=1e-2,
         ),
         # 'merged' (base + adapter under the base names), 'adapter' (vLLM LoRARequest per
-        # policy version) or 'auto': 'adapter' from 256 MB of weights on, else 'merged'
-        # (the faster at each size measured, BENCHMARKS.md); 'merged' for this tiny model.
+        # policy version) or 'auto' (= 'merged', measured faster: BENCHMARKS.md).
         generator_config=dict(lora_sync="auto"),
     ),
     critic=dict(
