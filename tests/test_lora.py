@@ -217,3 +217,18 @@ def test_sync_mode_auto_is_merged(tmp_path):
     assert lora.sync_mode(tiny_config(tmp_path, **LORA, **adapter)) == "adapter"
     assert lora.engine_lora(tiny_config(tmp_path, **LORA, **adapter))["r"] == 8
     assert lora.engine_lora(tiny_config(tmp_path, **LORA)) is None  # a plain engine
+
+
+def test_hf_rollout_backend_gets_merged_weights(tmp_path):
+    over = {**LORA, "model_configs.policy.generator_config.generator_type": "hf",
+            "PIPE_MICRO_BATCH_NUM": 2}
+    trainer = RLHFTrainer(tiny_config(tmp_path, **over), console=False)
+    assert not lora.has_lora(trainer.engine.model)  # a plain model, loaded by HF names
+    trainer.learn(1)
+    trainer.close()
+    served, merged = trainer.engine.model.state_dict(), lora.merged_tensors(trainer.actor.model)
+    assert served.keys() == merged.keys()
+    assert all(torch.equal(served[k], merged[k]) for k in merged)
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"],
+                           trainer.actor.model.get_submodule("model.layers.0.mlp.up_proj")
+                           .base_layer.weight)
