@@ -53,7 +53,8 @@ def apply_lora(model: nn.Module, tc: TrainerConfig, src: str, role: str) -> nn.M
 
     config = peft_config(tc)
     # A critic's value head is new: it trains in full, not through an adapter.
-    config.exclude_modules = [h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)] or None
+    config.exclude_modules = [h for h in HEAD_NAMES
+                              if isinstance(getattr(model, h, None), nn.Module)] or None
     try:
         model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"

@@ -140,7 +140,8 @@ def sequence_scores(model: nn.Module, batch: PaddedBatch) -> Tensor:
     return _value_head(model)(last).squeeze(-1).float()
 
 
-def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None, state: dict | None = None) -> None:
+def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
+            state: dict | None = None) -> None:
     """Save an HF folder: config.json and model.safetensors.
 
     Written with safetensors directly: under an initialised torch.distributed world,
