@@ -472,7 +472,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                 for n in os.listdir(path)):
             _fail(src, f"model_configs.{role}.model_path",
                   f"no weights (*.safetensors or *.bin) in {path}")
-        _validate_lora(src, role, model)
+        _validate_lora(src, role, model, t.weight_sync_backend)
         betas = model.trainer_config.betas
         if len(betas) != 2 or not all(type(b) in (int, float) for b in betas):
             _fail(src, f"model_configs.{role}.trainer_config.betas",
@@ -505,7 +505,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _validate_lora(src: str, role: str, model: ModelConfig) -> None:
+def _validate_lora(src: str, role: str, model: ModelConfig, sync_backend: str) -> None:
     tc, key = model.trainer_config, f"model_configs.{role}.trainer_config"
     if not tc.enable_lora:
         for name in LORA_DEFAULTS.keys() | {"lora_alpha"}:
@@ -535,6 +535,10 @@ def _validate_lora(src: str, role: str, model: ModelConfig) -> None:
         if gen.generator_type != "vllm":
             _fail(src, f"model_configs.{role}.generator_config.lora_sync",
                   f"'adapter' needs generator_type 'vllm', got {gen.generator_type!r}")
+        if sync_backend == "nccl":  # NCCL loads whole weights by name into the workers
+            _fail(src, f"model_configs.{role}.generator_config.lora_sync",
+                  "'adapter' cannot go over train_config.weight_sync_backend 'nccl'; use "
+                  "'merged' or weight_sync_backend 'gloo'")
         if tc.lora_dim > VLLM_MAX_LORA_RANK:
             _fail(src, f"{key}.lora_dim", f"vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANK} "
                   f"(lora_sync 'adapter'), got {tc.lora_dim}")

@@ -187,6 +187,10 @@ def test_plain_checkpoint_folder_holds_merged_weights(tmp_path):
       "model_configs.policy.trainer_config.lora_dim": 1024,
       "model_configs.policy.generator_config.lora_sync": "adapter"},
      "model_configs.policy.trainer_config.lora_dim: vLLM serves LoRA ranks up to 512"),
+    ({"model_configs.policy.trainer_config.enable_lora": True,
+      "model_configs.policy.generator_config.lora_sync": "adapter",
+      "train_config.weight_sync_backend": "nccl"},
+     "model_configs.policy.generator_config.lora_sync: 'adapter' cannot go over"),
 ])
 def test_bad_lora_config_is_one_line_naming_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
