@@ -150,7 +150,7 @@ def test_lora_pipelined_equals_serial_and_resume_is_exact(tmp_path, vllm_engine,
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_plain_checkpoint_folder_holds_merged_weights(tmp_path):
+def test_checkpoint_holds_merged_weights_and_a_peft_adapter(tmp_path):
     cfg = tiny_config(tmp_path, **LORA)
     actor = build_roles(cfg, ["actor"], 0, "cpu")["actor"]
     with torch.no_grad():
@@ -165,6 +165,15 @@ def test_plain_checkpoint_folder_holds_merged_weights(tmp_path):
     assert not torch.equal(plain["model.layers.0.self_attn.q_proj.weight"],
                            actor.model.get_submodule("model.layers.0.self_attn.q_proj")
                            .base_layer.weight)
+    # actor/adapter/ is peft's own layout: PeftModel loads it onto the base model.
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(load_causal_lm(str(cfg.model_configs.policy.model_path)),
+                                           str(tmp_path / "actor" / lora.ADAPTER_DIR))
+    x = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=x).logits, actor.model(input_ids=x).logits,
+                              atol=1e-5)
 
 
 @pytest.mark.parametrize("override, message", [
