@@ -168,8 +168,8 @@ def test_checkpoint_holds_merged_weights_and_a_peft_adapter(tmp_path):
     # actor/adapter/ is peft's own layout: PeftModel loads it onto the base model.
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(load_causal_lm(str(cfg.model_configs.policy.model_path)),
-                                           str(tmp_path / "actor" / lora.ADAPTER_DIR))
+    base = load_causal_lm(cfg.model_configs.policy.model_path)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "actor" / lora.ADAPTER_DIR))
     x = torch.tensor([[1, 50, 60, 70]])
     with torch.no_grad():
         assert torch.allclose(peft_model(input_ids=x).logits, actor.model(input_ids=x).logits,
