@@ -61,6 +61,41 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed_config: Optional[dict] = None
+    # LoRA through peft, ChatLearn's keys (policy and critic only). Base weights stay frozen;
+    # the optimiser holds only the adapter (and the critic's value head). The other lora_*
+    # keys may only be set with enable_lora; `validate` fills their defaults.
+    enable_lora: bool = False
+    lora_dim: Optional[int] = field(default=None, metadata=_ge(1))  # rank r; default 8
+    # Scaling is lora_alpha / lora_dim; default lora_dim (scaling 1, ChatLearn's default).
+    lora_alpha: Optional[float] = field(default=None, metadata=_range(0.0, 1e6, lo_open=True))
+    # Active in the Train stage's forward passes only (Forward-stage log-probs stay exact).
+    lora_dropout: Optional[float] = field(default=None, metadata=_range(0.0, 0.99))
+    # Comma-separated: HF module names (q_proj, ...) and/or ChatLearn's layer classes, see
+    # LORA_LAYER_ALIASES. Default: every linear layer of the transformer blocks.
+    lora_layer: Optional[str] = None
+
+
+# ChatLearn names Megatron layer classes; on HF Llama/Qwen2-style models they are these
+# modules (fused qkv_proj/gate_up_proj cover Phi-3-style models). "LinearLayer", a plain
+# linear, matches every nn.Linear in the blocks (peft's "all-linear", head excluded).
+LORA_LAYER_ALIASES = {
+    "ColumnParallelLinear": ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj",
+                             "gate_up_proj"),
+    "RowParallelLinear": ("o_proj", "down_proj"),
+    "LinearLayer": ("all-linear",),
+    "all-linear": ("all-linear",),
+}
+LORA_DEFAULTS = dict(lora_dim=8, lora_dropout=0.0,
+                     lora_layer="ColumnParallelLinear,LinearLayer,RowParallelLinear")
+VLLM_MAX_LORA_RANK = 512  # vLLM's largest max_lora_rank
+
+
+def lora_target_modules(lora_layer: str) -> list | str:
+    """'ColumnParallelLinear,o_proj' -> peft target_modules ('all-linear' wins when named)."""
+    names = []
+    for item in (x.strip() for x in lora_layer.split(",")):
+        names.extend(LORA_LAYER_ALIASES.get(item, (item,)))
+    return "all-linear" if "all-linear" in names else sorted(set(names))
 
 
 @dataclass
@@ -76,6 +111,10 @@ class GeneratorConfig:
     num_engines: int = field(default=1, metadata=_ge(1))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     batch_generation: BatchGenerationConfig = field(default_factory=BatchGenerationConfig)
+    # With a LoRA policy: 'merged' sends base + adapter merged under the base model's names;
+    # 'adapter' sends only the adapter, served by vLLM's LoRA support (one LoRARequest per
+    # policy version); 'auto' is 'merged', measured faster (rlhf_pipe/lora.py: sync_mode).
+    lora_sync: Literal["auto", "merged", "adapter"] = "auto"
 
 
 @dataclass
@@ -489,6 +528,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             continue
         if check_paths and model.model_path:
             _check_model_folder(src, f"model_configs.{role}.model_path", model.model_path)
+        _validate_lora(src, role, model, t.weight_sync_backend)
         betas = model.trainer_config.betas
         if len(betas) != 2 or not all(type(b) in (int, float) for b in betas):
             _fail(src, f"model_configs.{role}.trainer_config.betas",
@@ -650,6 +690,45 @@ def reward_scorers(reward: ModelConfig) -> dict:
 def reward_has_model(reward: ModelConfig | None) -> bool:
     """Whether the reward role holds a learned model (and so needs ranks and a GPU)."""
     return reward is not None and any(sc.model_path for sc in reward_scorers(reward).values())
+
+
+def _validate_lora(src: str, role: str, model: ModelConfig, sync_backend: str) -> None:
+    tc, key = model.trainer_config, f"model_configs.{role}.trainer_config"
+    if not tc.enable_lora:
+        for name in LORA_DEFAULTS.keys() | {"lora_alpha"}:
+            if getattr(tc, name) is not None:
+                _fail(src, f"{key}.{name}", "set, but enable_lora is False")
+        gen = model.generator_config
+        if gen is not None and gen.lora_sync != "auto":
+            _fail(src, f"model_configs.{role}.generator_config.lora_sync",
+                  f"set to {gen.lora_sync!r}, but the policy has no LoRA (enable_lora is False)")
+        return
+    if role not in ("policy", "critic"):
+        _fail(src, f"{key}.enable_lora", "LoRA trains an adapter; only the policy and the "
+              f"critic train, so it cannot be set for the {role}")
+    for name, default in LORA_DEFAULTS.items():
+        if getattr(tc, name) is None:
+            setattr(tc, name, default)
+    if tc.lora_alpha is None:
+        tc.lora_alpha = float(tc.lora_dim)
+    items = [x.strip() for x in tc.lora_layer.split(",")]
+    for item in items:
+        if item not in LORA_LAYER_ALIASES and not item.isidentifier():
+            _fail(src, f"{key}.lora_layer",
+                  f"expected comma-separated module names (e.g. q_proj,v_proj) or "
+                  f"{', '.join(LORA_LAYER_ALIASES)}, got {tc.lora_layer!r}")
+    gen = model.generator_config
+    if gen is not None and gen.lora_sync == "adapter":
+        if gen.generator_type != "vllm":
+            _fail(src, f"model_configs.{role}.generator_config.lora_sync",
+                  f"'adapter' needs generator_type 'vllm', got {gen.generator_type!r}")
+        if sync_backend == "nccl":  # NCCL loads whole weights by name into the workers
+            _fail(src, f"model_configs.{role}.generator_config.lora_sync",
+                  "'adapter' cannot go over train_config.weight_sync_backend 'nccl'; use "
+                  "'merged' or weight_sync_backend 'gloo'")
+        if tc.lora_dim > VLLM_MAX_LORA_RANK:
+            _fail(src, f"{key}.lora_dim", f"vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANK} "
+                  f"(lora_sync 'adapter'), got {tc.lora_dim}")
 
 
 # ----------------------------------------------------------------------------- loading

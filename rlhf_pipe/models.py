@@ -140,13 +140,14 @@ def sequence_scores(model: nn.Module, batch: PaddedBatch) -> Tensor:
     return _value_head(model)(last).squeeze(-1).float()
 
 
-def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> None:
+def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
+            state: dict | None = None) -> None:
     """Save an HF folder: config.json and model.safetensors.
 
     Written with safetensors directly: under an initialised torch.distributed world,
     transformers' save_pretrained on a rank other than 0 writes no weight file (measured,
     DESIGN.md). Tensors that share storage (tied embeddings) are written once; loading
-    re-ties them.
+    re-ties them. `state` replaces the model's state dict (a LoRA model's merged weights).
     """
     from safetensors.torch import save_file
 
@@ -156,7 +157,7 @@ def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> None:
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(out_dir)
     tensors, seen = {}, set()
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state is None else state).items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
             continue

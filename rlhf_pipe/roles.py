@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from rlhf_pipe import lora
 from rlhf_pipe.checkpoint import CheckpointError
 from rlhf_pipe.models import response_logits, save_hf, sequence_scores, token_values
 from rlhf_pipe.pipeline.batch import Sample, chunks, collate, pad_field
@@ -65,7 +66,8 @@ class _Trainable:
         self.pad_id, self.infer_micro_bs, self.train_micro_bs = pad_id, infer_micro_bs, train_micro_bs
         self.dp_group = None  # set by the distributed runner when the role has > 1 rank
         self.model = model
-        self.model.requires_grad_(True)
+        if not lora.has_lora(model):  # a LoRA model keeps its base frozen
+            self.model.requires_grad_(True)
         self.optimizer, self.scheduler = _make_optimizer(model, lr, betas, eps, weight_decay,
                                                          warmup_steps)
         self.max_grad_norm = max_grad_norm
@@ -115,6 +117,10 @@ class _Trainable:
             torch._foreach_div_(grads, divisor)
 
     def save(self, out_dir: str) -> None:
+        if lora.has_lora(self.model):  # merged plain HF folder + the adapter that resume loads
+            save_hf(self.model, out_dir, state=lora.merged_tensors(self.model))
+            lora.save_adapter(self.model, Path(out_dir) / lora.ADAPTER_DIR)
+            return
         save_hf(self.model, out_dir)
 
     def training_state(self) -> dict:
@@ -128,6 +134,9 @@ class _Trainable:
         """Weights of an HF folder written by `save`, strictly (rotary buffers aside)."""
         from safetensors.torch import load_file
 
+        if lora.has_lora(self.model):  # the base is model_path's, frozen: load the adapter
+            lora.load_adapter(self.model, Path(folder) / lora.ADAPTER_DIR)
+            return
         weights = {}
         for f in sorted(Path(folder).glob("*.safetensors")):
             weights.update(load_file(str(f)))
@@ -140,6 +149,8 @@ class _Trainable:
 class PolicyRole(_Trainable):
     """The actor: log-probs for the Forward stage, PPO (and PTX) updates for the Train stage."""
 
+    lora_sync = "merged"  # with LoRA, what named_weights sends: 'merged' or 'adapter'
+
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[Tensor]:
         return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
@@ -151,7 +162,8 @@ class PolicyRole(_Trainable):
         sums = _Sums()
         for chunk in chunks(samples, self.train_micro_bs):
             b = collate(chunk, self.pad_id).to(self.device)
-            logits = response_logits(self.model, b)
+            with lora.dropout_active(self.model):
+                logits = response_logits(self.model, b)
             logp = core.logprobs_from_logits(logits, _labels(b))
             R, mask = b.response_width, b.response_mask
             old = pad_field(chunk, "old_logp", R).to(self.device)
@@ -185,13 +197,19 @@ class PolicyRole(_Trainable):
                 ids[i, :len(t)] = torch.tensor(t)
                 mask[i, :len(t)] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+            with lora.dropout_active(self.model):
+                logits = self.model(input_ids=ids, attention_mask=mask.long(),
+                                    use_cache=False).logits
             nll = core.ptx_loss(logits[:, :-1], ids[:, 1:], mask[:, 1:])
             (weight * core.aggregate(nll, mask[:, 1:], total)).backward()
             sums.add(ptx_loss=core.masked_sum(nll.detach(), mask[:, 1:]), ptx_tokens=mask[:, 1:].sum())
         return sums.values
 
     def named_weights(self):
+        if lora.has_lora(self.model):
+            tensors = (lora.adapter_tensors(self.model) if self.lora_sync == "adapter"
+                       else lora.merged_tensors(self.model))
+            return iter(tensors.items())
         return ((name, p.detach()) for name, p in self.model.state_dict().items())
 
     # NCCL weight sync, GPU to GPU (rlhf_pipe.rollout.nccl_sync); the controller drives it.
@@ -226,7 +244,8 @@ class CriticRole(_Trainable):
         sums = _Sums()
         for chunk in chunks(samples, self.train_micro_bs):
             b = collate(chunk, self.pad_id).to(self.device)
-            values = token_values(self.model, b)
+            with lora.dropout_active(self.model):
+                values = token_values(self.model, b)
             R, mask = b.response_width, b.response_mask
             old = pad_field(chunk, "values", R).to(self.device)
             returns = pad_field(chunk, "returns", R).to(self.device)

@@ -252,8 +252,10 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
     a GPU. 'auto' falls back to gloo (through host memory) otherwise."""
     import torch
 
+    from rlhf_pipe.lora import sync_mode
+
     choice = cfg.train_config.weight_sync_backend
-    if choice == "gloo":
+    if choice == "gloo" or sync_mode(cfg) == "adapter":  # an adapter goes as a LoRARequest
         return False
     actor_rank = role_ranks["actor"][0]
     engine_gpus = {_gpu_of(cfg, r) for group in placement.engines for r in group}

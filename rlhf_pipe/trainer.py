@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from rlhf_pipe import lora
 from rlhf_pipe.checkpoint import STATE_FILE, write_checkpoint
 from rlhf_pipe.config import ConfigError, RunConfig, reward_scorers
 from rlhf_pipe.data import (DataError, PromptSource, RatioSampler, RelayBuffer,
@@ -105,16 +106,21 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None) -> d
         if name == "actor":
             pol = mc.policy.trainer_config
             model = load_causal_lm(mc.policy.model_path, pol.torch_dtype,
-                                   mc.policy.trust_remote_code, "policy").to(device)
-            roles[name] = PolicyRole(model, pad_id, lr=pol.lr, betas=pol.betas, eps=pol.eps,
-                                     weight_decay=pol.weight_decay,
+                                   mc.policy.trust_remote_code, "policy")
+            if pol.enable_lora:
+                model = lora.apply_lora(model, pol, cfg.source, "policy")
+            roles[name] = PolicyRole(model.to(device), pad_id, lr=pol.lr, betas=pol.betas,
+                                     eps=pol.eps, weight_decay=pol.weight_decay,
                                      warmup_steps=pol.lr_warmup_steps,
                                      max_grad_norm=pol.max_grad_norm, **sizes)
+            roles[name].lora_sync = lora.sync_mode(cfg) or "merged"
         elif name == "critic" and mc.critic is not None:
             c = mc.critic.trainer_config
             model = load_value_model(mc.critic.model_path, c.torch_dtype,
-                                     mc.critic.trust_remote_code, "critic").to(device)
-            roles[name] = CriticRole(model, pad_id, lr=c.lr, betas=c.betas, eps=c.eps,
+                                     mc.critic.trust_remote_code, "critic")
+            if c.enable_lora:
+                model = lora.apply_lora(model, c, cfg.source, "critic")
+            roles[name] = CriticRole(model.to(device), pad_id, lr=c.lr, betas=c.betas, eps=c.eps,
                                      weight_decay=c.weight_decay, warmup_steps=c.lr_warmup_steps,
                                      max_grad_norm=c.max_grad_norm, **sizes)
         elif name == "reference" and mc.reference is not None:
@@ -161,7 +167,8 @@ def build_vllm_engine(cfg: RunConfig, engine_index: int = 0, in_process: bool = 
                       gpu_memory_utilization=r.gpu_memory_utilization,
                       enforce_eager=r.enforce_eager, engine_kwargs=r.engine_kwargs,
                       engine_index=engine_index, in_process=in_process,
-                      nccl_weight_sync=nccl_weight_sync, visible_devices=visible_devices)
+                      nccl_weight_sync=nccl_weight_sync, visible_devices=visible_devices,
+                      lora=lora.engine_lora(cfg))
 
 
 class RLHFTrainer:
@@ -269,7 +276,10 @@ class RLHFTrainer:
         if gen.generator_type == "hf":
             from rlhf_pipe.rollout.hf_engine import HFEngine
 
-            return HFEngine(copy.deepcopy(actor_model), self.pad_id,
+            # A LoRA actor's copy is merged: this engine then loads merged weights by HF name.
+            model = (lora.merged_copy(actor_model) if lora.has_lora(actor_model)
+                     else copy.deepcopy(actor_model))
+            return HFEngine(model, self.pad_id,
                             self.tokenizer.eos_token_id,
                             chunk_size=self.cfg.train_config.infer_micro_bs)
         return build_vllm_engine(self.cfg, 0, in_process)

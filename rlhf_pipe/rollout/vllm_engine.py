@@ -9,10 +9,12 @@ return value is every output sorted by request id.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from rlhf_pipe.rollout.types import (Completion, CompletionSink, SamplingSettings,
                                      drawn_length)
@@ -89,6 +91,20 @@ def unsupported_engine_settings(settings: dict) -> list[str]:
     return sorted(k for k in settings if k not in known)
 
 
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank
+
+
+def _lora_engine_kwargs(lora: dict) -> dict:
+    """LLM settings to serve one adapter of rank lora['r'] (config.py caps r at 512)."""
+    rank = min(x for x in _VLLM_LORA_RANKS if x >= lora["r"])
+    return dict(enable_lora=True, max_lora_rank=rank, max_loras=1)
+
+
+def _is_adapter(tensors) -> bool:
+    """LoRA tensors only (peft names: ...lora_A.weight / ...lora_B.weight)."""
+    return bool(tensors) and all(".lora_" in name for name, _ in tensors)
+
+
 @contextmanager
 def _without_torchrun_env(visible_devices: str | None = None):
     """Hide torchrun's variables while vLLM starts; `visible_devices` sets the GPUs its
@@ -145,7 +161,7 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
                  engine_kwargs: dict | None = None, engine_index: int = 0,
                  in_process: bool = True, nccl_weight_sync: bool = False,
-                 visible_devices: str | None = None):
+                 visible_devices: str | None = None, lora: dict | None = None):
         # In-process core: `llm_engine.step()` and weight loading then act on this process's
         # model. Must be set before vLLM is imported.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
@@ -168,12 +184,18 @@ class VLLMEngine:
             from rlhf_pipe.rollout.nccl_sync import RECEIVER_CLS
 
             kwargs["worker_extension_cls"] = RECEIVER_CLS
+        if lora is not None:
+            kwargs.update(_lora_engine_kwargs(lora))
         with _without_torchrun_env(visible_devices):
             self.llm = LLM(**kwargs)
         self.engine_index = engine_index
         self.version = 0
         self._load_method = None
         self.last_sync = {}
+        # LoRA 'adapter' sync: `lora` is the adapter's peft config; `lora_request` the adapter
+        # served now (None: the engine's own weights). Ids never repeat: vLLM caches by id.
+        self.lora, self.lora_request = lora, None
+        self._lora_ids = itertools.count(1)
 
     def _sampling_params(self, s: SamplingSettings, seed: int, prompt_len: int):
         from vllm import SamplingParams
@@ -200,7 +222,8 @@ class VLLMEngine:
                                     self.engine_index, sink)
         try:
             self.llm.generate_to_queue(prompt_token_ids=prompt_ids, sampling_params=params,
-                                       use_tqdm=False, queue=request_sink)
+                                       use_tqdm=False, queue=request_sink,
+                                       lora_request=self.lora_request)
         except BaseException:
             # A failed consumer stops us mid-batch: drop our requests so the engine is clean.
             self._abort_unfinished()
@@ -258,16 +281,21 @@ class VLLMEngine:
             pass
 
     def load_weights(self, named_tensors, version: int) -> None:
-        """Load new actor weights (HF names) into the running engine, in process."""
+        """Load new actor weights (HF names) into the running engine, in process; or, on an
+        engine built with `lora`, a LoRA adapter (peft names), served from then on."""
         start = time.perf_counter()
         tensors = list(named_tensors)
         nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
-        if not self.in_process:
-            self._load_via_shm(tensors)
-        elif self._load_method is None:
-            self._load_method = self._pick_load_method(tensors)
+        if self.lora is not None and _is_adapter(tensors):
+            self._load_adapter(tensors, version)
         else:
-            self._load_method(tensors)
+            self._drop_adapter()  # whole weights replace an adapted policy
+            if not self.in_process:
+                self._load_via_shm(tensors)
+            elif self._load_method is None:
+                self._load_method = self._pick_load_method(tensors)
+            else:
+                self._load_method(tensors)
         self.version = version
         seconds = time.perf_counter() - start
         self.last_sync = {"seconds": seconds, "bytes": nbytes,
@@ -290,6 +318,38 @@ class VLLMEngine:
         self.version = version
         self.last_sync = {"seconds": seconds, "bytes": nbytes,
                           "gbps": nbytes / max(seconds, 1e-9) / 1e9}
+
+    # ------------------------------------------------------------------ LoRA ('adapter' sync)
+
+    def _load_adapter(self, tensors, version: int) -> None:
+        """Serve a new adapter: written to /dev/shm in peft's layout, loaded by vLLM at once
+        (so the files can go and the sync time includes the load), the previous one dropped."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        from rlhf_pipe.lora import write_adapter_config
+
+        self._drop_adapter()
+        folder = tempfile.mkdtemp(prefix="rlhf_pipe_lora_",
+                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        try:
+            write_adapter_config(self.lora, Path(folder))
+            save_file({n: t.detach().contiguous().cpu() for n, t in tensors},
+                      os.path.join(folder, "adapter_model.safetensors"))
+            request = LoRARequest(f"policy_v{version}", next(self._lora_ids), folder)
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not load the LoRA adapter of version {version}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.lora_request = request
+
+    def _drop_adapter(self) -> None:
+        if self.lora_request is not None:
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            self.lora_request = None
 
     def _load_via_shm(self, tensors) -> None:
         """The engine core is another process: tensors cross as a safetensors file in shared
