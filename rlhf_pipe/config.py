@@ -10,6 +10,7 @@ single line: "<file>: <key>: expected ..., got ...".
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -393,6 +394,10 @@ def _check_range(value, meta: dict, key: str, src: str) -> None:
     if value is None or not meta:
         return
     lo, hi = meta.get("ge"), meta.get("le")
+    # A lower bound alone would let inf through (a learning rate of inf, a timeout that never
+    # fires): every ranged number must be finite.
+    if isinstance(value, float) and math.isinf(value):
+        raise ConfigError(f"{src}: {key}: expected a finite number, got {value!r}")
     # Written as `not (in range)` so that NaN fails every range.
     if lo is not None and not (value > lo if meta.get("lo_open") else value >= lo):
         op = ">" if meta.get("lo_open") else ">="

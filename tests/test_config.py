@@ -90,3 +90,12 @@ def test_relay_example_loads_with_its_data_features(tmp_path):
         ("dynamic", 2, 1)
     assert bg.ranking and bg.min_prompt_length == 10
     assert callable(resolve_function(t.relay_sample_fn))
+
+
+@pytest.mark.parametrize("key", ["repeater_config.kl_coeff", "train_config.stage_timeout_s",
+                                 "model_configs.policy.trainer_config.max_grad_norm",
+                                 "rollout_config.request_timeout_s"])
+def test_inf_is_refused_even_where_only_a_lower_bound_is_set(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"{key.split('.')[-1]}: expected a finite number, "
+                                          f"got inf"):
+        tiny_config(tmp_path, **{key: float("inf")})
