@@ -30,9 +30,9 @@ tests)
     ;;
 bench2)
     cfg=benchmarks/configs/qwen2_0_5b_shape_2gpu.py
-    cmd="python3 -m torch.distributed.run --nproc-per-node 4 -m rlhf_pipe.train $cfg --bench ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_2gpu ${EXTRA:-}"
-    { header "$cmd"; timeout 560 $cmd; } > "$out/bench_2gpu.log" 2>&1
-    grep -E "^pipe |bench: pipe|weight sync|error|Error" "$out/bench_2gpu.log" | tail -30
+    cmd="python3 -m torch.distributed.run --nproc-per-node 4 -m rlhf_pipe.train $cfg --bench ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_2gpu${TAG:-} ${EXTRA:-}"
+    { header "$cmd"; timeout 560 $cmd; } > "$out/bench_2gpu${TAG:-}.log" 2>&1
+    grep -E "^pipe |bench: pipe|weight sync|error|Error" "$out/bench_2gpu${TAG:-}.log" | tail -30
     ;;
 bench1)
     cfg=benchmarks/configs/qwen2_0_5b_shape_1gpu.py
