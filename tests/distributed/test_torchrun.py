@@ -1,6 +1,7 @@
 """The roles on their own torchrun ranks (gloo, CPU): same weights as one process, and a
 killed rank takes the whole run down quickly with a message naming it."""
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ QUIET = {"train_config.progress_bar": False, "train_config.tensorboard": False,
          "train_config.stage_timeout_s": 60}
 
 
-def _torchrun(nproc, work, steps, extra=(), wait=True):
+def _torchrun(nproc, work, steps, extra=(), wait=True, args=()):
     sets = {**QUIET, "train_config.work_dir": str(work), "train_config.max_train_step": steps}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(29500 + os.getpid() % 1000), "-m", "rlhf_pipe.train",
@@ -29,6 +30,7 @@ def _torchrun(nproc, work, steps, extra=(), wait=True):
         cmd += ["--set", f"{k}={v}"]
     for item in extra:
         cmd += ["--set", item]
+    cmd += list(args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     if not wait:
@@ -136,6 +138,39 @@ def test_killed_rank_stops_every_rank_within_60s(tmp_path, victim):
     assert f"exitcode: -9) local_rank: {victim}" in stderr, stderr[-3000:]
     assert "rlhf_pipe placement: rank 0 rollout, rank 1 actor, rank 2 critic, rank 3 reference" \
         in stderr
+
+
+def test_kill_then_resume_auto_continues_exactly(tmp_path, vllm_engine, initial_policy_weights):
+    """kill -9 of the critic's rank mid-run, then `--resume auto`: the run goes on from the last
+    whole checkpoint and ends with the weights of an uninterrupted one-process run."""
+    work = tmp_path / "dist"
+    proc = _torchrun(4, work, 200, ("train_config.save_interval=1",), wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while not (work / "checkpoints" / "step_000002" / "COMPLETE").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(_rank_pids(proc.pid)[2], signal.SIGKILL)
+        proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    done = sorted(p.name for p in (work / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    last = int(done[-1].removeprefix("step_"))
+    total = last + 2
+    resumed = _torchrun(4, work, total, ("train_config.save_interval=1",),
+                        args=("--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"trained to step {total}" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [last + 1, last + 2]  # the resumed run logged only the new steps
+    single = _single_process(tmp_path / "single", vllm_engine, initial_policy_weights, total)
+    for part in ("actor", "critic"):
+        a = _weights(work / "checkpoints" / f"step_{total:06d}" / part)
+        b = _weights(single / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
 def test_rlhf_pipe_train_launches_torchrun_for_one_node(tmp_path):
