@@ -414,6 +414,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         if len(betas) != 2 or not all(type(b) in (int, float) for b in betas):
             _fail(src, f"model_configs.{role}.trainer_config.betas",
                   f"expected two floats, got {betas!r}")
+        if model.trainer_config.deepspeed_config is not None:
+            from rlhf_pipe.zero import deepspeed_problem  # lazily: it imports torch
+
+            problem = deepspeed_problem(role, model.trainer_config)
+            if problem:
+                _fail(src, f"model_configs.{role}.trainer_config.deepspeed_config.{problem[0]}",
+                      problem[1])
+            if role == "policy" and mc.policy.generator_config.generator_type == "hf":
+                _fail(src, "model_configs.policy.generator_config.generator_type",
+                      "'hf' generates with a copy of the actor's module, which DeepSpeed "
+                      "partitions: use 'vllm' with a deepspeed_config")
         parallels = [("trainer_config", model.trainer_config.parallel)]
         if model.generator_config is not None:
             parallels.append(("generator_config", model.generator_config.parallel))

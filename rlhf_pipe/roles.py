@@ -71,6 +71,9 @@ class _Trainable:
         self.max_grad_norm = max_grad_norm
         self.device = next(model.parameters()).device
 
+    def _backward(self, loss: Tensor) -> None:
+        loss.backward()  # rlhf_pipe.zero routes it through the DeepSpeed engine
+
     def prepare_step(self, grad_divisor: float):
         """Divide the accumulated grads by the batch normaliser and clip them. Returns the
         pre-clip norm (a tensor), or None when there is nothing to update."""
@@ -162,7 +165,7 @@ class PolicyRole(_Trainable):
                 kl_term = core.kl_penalty(logp, ref, "k3")
                 per_token = per_token + loss.kl_loss_coeff * kl_term
                 sums.add(kl_loss=core.masked_sum(kl_term.detach(), mask))
-            (loss.ppo_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples)).backward()
+            self._backward(loss.ppo_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples))
             with torch.no_grad():
                 sums.add(policy_loss=core.masked_sum(per_token, mask),
                          clip_frac=core.masked_sum(clipped, mask),
@@ -187,7 +190,7 @@ class PolicyRole(_Trainable):
             ids, mask = ids.to(self.device), mask.to(self.device)
             logits = self.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
             nll = core.ptx_loss(logits[:, :-1], ids[:, 1:], mask[:, 1:])
-            (weight * core.aggregate(nll, mask[:, 1:], total)).backward()
+            self._backward(weight * core.aggregate(nll, mask[:, 1:], total))
             sums.add(ptx_loss=core.masked_sum(nll.detach(), mask[:, 1:]), ptx_tokens=mask[:, 1:].sum())
         return sums.values
 
@@ -212,7 +215,7 @@ class CriticRole(_Trainable):
             old = pad_field(chunk, "values", R).to(self.device)
             returns = pad_field(chunk, "returns", R).to(self.device)
             per_token, clipped = core.value_loss(values, old, returns, loss.value_clip)
-            (loss.value_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples)).backward()
+            self._backward(loss.value_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples))
             with torch.no_grad():
                 sums.add(value_loss=core.masked_sum(per_token, mask),
                          value_clip_frac=core.masked_sum(clipped, mask),
