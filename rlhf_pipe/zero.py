@@ -25,9 +25,11 @@ Import-light: deepspeed is imported only when a role is built.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import socket
+import threading
 from pathlib import Path
 
 import torch
@@ -220,6 +222,18 @@ def _named_full_weights_names(model):
             yield f"{prefix}.{n}".lstrip("."), None
 
 
+def _serial(method):
+    """One call at a time per role. In one process the Forward and Train stages are threads
+    that share the actor; ZeRO-3 gathers and releases weights per module in each forward,
+    which two interleaved calls would undo under each other (the distributed runner already
+    serialises a rank's calls)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class _ZeroTrainable:
     """Mixed into PolicyRole / CriticRole: the same methods, with model and optimizer under
     a DeepSpeed engine. See the module docstring for the normaliser."""
@@ -233,12 +247,17 @@ class _ZeroTrainable:
         self.dp_size = self.engine.dp_world_size
         self.dp_rank = torch.distributed.get_rank(group=self.engine.data_parallel_group)
         self._ptx_scale = 1.0
+        self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- backward, padding
 
     def _backward(self, loss) -> None:
         loss = loss * self._ptx_scale if self._ptx_scale != 1.0 else loss
         self.engine.backward(loss, scale_wrt_gas=False)
+        # engine.forward() would do this at the start of the next forward: close this backward
+        # (ZeRO-3 accumulates into, rather than overwrites, the partitions after it). The
+        # roles call the module itself: the critic's per-token values bypass its forward().
+        self.zero.clear_backward_seen_flag()
 
     def _dummy_output(self):
         ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
@@ -248,11 +267,12 @@ class _ZeroTrainable:
         """n zero-weight passes, so this rank joins as many collectives as its peers."""
         for _ in range(max(n, 0)):
             if train:
-                self.engine.backward(self._dummy_output().sum() * 0.0, scale_wrt_gas=False)
+                self._backward(self._dummy_output().sum() * 0.0)
             else:
                 with torch.no_grad():
                     self._dummy_output()
 
+    @_serial
     def train(self, samples, loss, num_samples, pad_to: int = 0) -> dict:
         out = super().train(samples, loss, num_samples) if samples else {}
         self._pad(pad_to - len(chunks(samples, self.train_micro_bs)), train=True)
@@ -260,12 +280,14 @@ class _ZeroTrainable:
 
     # ---------------------------------------------------------------- the step
 
+    @_serial
     def divide_grads(self, divisor: float) -> None:
         # Grads live in ZeRO's partitions: instead of dividing them now, later backward
         # passes (PTX) are multiplied by `divisor` and prepare_step divides all of it once:
         # (G + d * P) / d = G / d + P.
         self._ptx_scale *= divisor
 
+    @_serial
     def prepare_step(self, grad_divisor: float):
         """Finish the accumulation and return the true pre-clip norm (a tensor), before any
         weight changes, so the caller can still drop a non-finite update of either model."""
@@ -286,6 +308,7 @@ class _ZeroTrainable:
             return torch.tensor(math.nan)
         return scaled / scale
 
+    @_serial
     def apply_step(self, norm) -> dict:
         # engine.step() minus the finalising prepare_step did (a second one fails in ZeRO-2):
         # the two calls of DeepSpeed's own _take_model_step. step() divides by the loss scale
@@ -296,6 +319,7 @@ class _ZeroTrainable:
         self.scheduler.step()
         return {"grad_norm": norm.detach(), "lr": self.scheduler.get_last_lr()[0]}
 
+    @_serial
     def drop_grads(self) -> None:
         # The cleanup ZeRO's step() itself does on an overflowing step: forget the
         # accumulated partitions (and the offload buffers) without updating anything.
@@ -317,14 +341,17 @@ class _ZeroTrainable:
     # ---------------------------------------------------------------- weights, state
 
     def named_weights(self):
-        return _named_full_weights(self.model, self.stage)
+        with self._lock:  # held while the caller iterates (a generator)
+            yield from _named_full_weights(self.model, self.stage)
 
+    @_serial
     def save(self, out_dir: str) -> None:
         # Every dp rank gathers (ZeRO-3); the group asks rank 0 only to write.
         tensors = {n: t.cpu() for n, t in self.named_weights()}
         if self.dp_rank == 0:
             save_hf(self.model, out_dir, state_dict=tensors)
 
+    @_serial
     def load_weights_from(self, folder: str) -> None:
         from safetensors.torch import load_file
 
@@ -336,10 +363,12 @@ class _ZeroTrainable:
         # afterwards replaces them with the exact fp32 values).
         self.zero._restore_from_bit16_weights()
 
+    @_serial
     def training_state(self) -> dict:
         return {"zero": self.zero.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "zero_stage": self.stage, "dp_size": self.dp_size, "dp_rank": self.dp_rank}
 
+    @_serial
     def load_training_state(self, state: dict) -> None:
         """`state`: one rank's training_state, or {"ranks": [...]} with every rank's."""
         ranks = state.get("ranks", [state])
@@ -359,12 +388,14 @@ class _ZeroTrainable:
 
 
 class ZeroPolicyRole(_ZeroTrainable, PolicyRole):
+    @_serial
     def logprobs(self, samples, pad_to: int = 0):
         out = super().logprobs(samples)
         if self.stage == 3:
             self._pad(pad_to - len(chunks(samples, self.infer_micro_bs)), train=False)
         return out
 
+    @_serial
     def ptx(self, token_ids, weight, total=None, pad_to: int = 0) -> dict:
         out = super().ptx(token_ids, weight, total) if token_ids else {}
         self._pad(pad_to - len(chunks(token_ids, self.train_micro_bs)), train=True)
@@ -372,6 +403,7 @@ class ZeroPolicyRole(_ZeroTrainable, PolicyRole):
 
 
 class ZeroCriticRole(_ZeroTrainable, CriticRole):
+    @_serial
     def values(self, samples, pad_to: int = 0):
         out = super().values(samples)
         if self.stage == 3:
