@@ -52,9 +52,12 @@ def _make_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps,
                             weight_decay=weight_decay, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    return opt, warmup_schedule(opt, warmup_steps)
+
+
+def warmup_schedule(opt, warmup_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
-    return opt, sched
 
 
 class _Trainable:

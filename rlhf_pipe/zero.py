@@ -37,7 +37,8 @@ import torch
 from rlhf_pipe.checkpoint import CheckpointError
 from rlhf_pipe.models import save_hf
 from rlhf_pipe.pipeline.batch import chunks
-from rlhf_pipe.roles import CriticRole, PolicyRole, ReferenceRole, RewardRole
+from rlhf_pipe.roles import (CriticRole, PolicyRole, ReferenceRole, RewardRole,
+                             warmup_schedule)
 
 # Keys rlhf_pipe sets itself (from trainer_config / train_config); a user value would be ignored.
 _OWNED_KEYS = ("optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu",
@@ -240,6 +241,8 @@ class _ZeroTrainable:
 
     def __init__(self, model, pad_id, *, ds_config: dict, dp_group=None, **kw):
         super().__init__(model, pad_id, **kw)  # builds torch AdamW + the warm-up schedule
+        if offloads_optimizer(ds_config):
+            self._use_cpu_adam(kw)
         self.stage = zero_stage(ds_config)
         self.engine = _initialize(self.model, self.optimizer, ds_config, dp_group)
         self.model = self.engine.module
@@ -248,6 +251,21 @@ class _ZeroTrainable:
         self.dp_rank = torch.distributed.get_rank(group=self.engine.data_parallel_group)
         self._ptx_scale = 1.0
         self._lock = threading.RLock()
+
+    def _use_cpu_adam(self, kw) -> None:
+        """Offloaded fp32 partitions step on the CPU: DeepSpeed's vectorised CPU Adam (a C++
+        extension, built on first use: ~4 min on a 2-core machine), else torch's AdamW."""
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            opt = DeepSpeedCPUAdam([p for p in self.model.parameters() if p.requires_grad],
+                                   lr=kw["lr"], betas=tuple(kw["betas"]), eps=kw["eps"],
+                                   weight_decay=kw["weight_decay"], adamw_mode=True)
+        except Exception as e:  # no compiler: torch's AdamW gives the same update, slower
+            print(f"rlhf_pipe: DeepSpeedCPUAdam unavailable ({type(e).__name__}: {e}); "
+                  f"stepping the offloaded optimizer with torch.optim.AdamW", flush=True)
+            return
+        self.optimizer, self.scheduler = opt, warmup_schedule(opt, kw["warmup_steps"])
 
     # ---------------------------------------------------------------- backward, padding
 
