@@ -85,8 +85,10 @@ def run(args) -> int:
     peers = sorted(({r for ranks in role_ranks.values() for r in ranks}
                     | set(engine_leaders)) - {controller})
     groups = {peer: dist.new_group([controller, peer], timeout=timeout) for peer in peers}
+    # DeepSpeed roles get a group even on one rank: DeepSpeed must not take the world.
+    zero = _zero_stages(cfg)
     dp_groups = {role: dist.new_group(ranks, timeout=timeout)
-                 for role, ranks in role_ranks.items() if len(ranks) > 1}
+                 for role, ranks in role_ranks.items() if len(ranks) > 1 or role in zero}
     _CURRENT["roles"] = roles_here
     if rank == controller:
         from rlhf_pipe.dist import guard
@@ -95,7 +97,8 @@ def run(args) -> int:
     try:
         if rank == controller:
             _run_controller(cfg, args, placement, role_ranks, controller, groups,
-                            engine_leaders)
+                            engine_leaders, {r: g for r, g in dp_groups.items()
+                                             if controller in role_ranks[r]})
         elif rank in engine_leaders:
             _run_engine(cfg, placement, rank, controller, groups[rank])
         elif rank in groups:
@@ -108,7 +111,7 @@ def run(args) -> int:
 
 
 def _run_controller(cfg, args, placement, role_ranks, controller, groups,
-                    engine_leaders) -> None:
+                    engine_leaders, dp_groups) -> None:
     import torch
 
     from rlhf_pipe.dist.remote import Connection, RemoteRole, RemoteRoleGroup
@@ -120,12 +123,12 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
     conns = {peer: Connection(peer, group, placement.roles_of(peer))
              for peer, group in groups.items()}
     local = [r for r in LOCAL_ROLES if r not in role_ranks or role_ranks[r] == [controller]]
-    roles = build_roles(cfg, local, pad_id, _device(placement))
+    roles = build_roles(cfg, local, pad_id, _device(placement), dp_groups=dp_groups)
     t = cfg.train_config
     for role, ranks in role_ranks.items():
         if len(ranks) > 1:
             roles[role] = RemoteRoleGroup([conns[r] for r in ranks], role, t.infer_micro_bs,
-                                          t.train_micro_bs)
+                                          t.train_micro_bs, _zero_stages(cfg).get(role))
         elif ranks != [controller]:
             roles[role] = RemoteRole(conns[ranks[0]], role)
     engine = None
@@ -184,8 +187,20 @@ def _run_roles(cfg, placement, rank, controller, group, dp_groups) -> None:
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
     mine = [r for r in placement.roles_of(rank) if r in LOCAL_ROLES]
-    serve(build_roles(cfg, mine, pad_id, _device(placement)), controller, group,
-          cfg.train_config.weight_bucket_mb * 2**20, dp_groups)
+    serve(build_roles(cfg, mine, pad_id, _device(placement), dp_groups=dp_groups), controller,
+          group, cfg.train_config.weight_bucket_mb * 2**20, dp_groups)
+
+
+def _zero_stages(cfg) -> dict[str, int]:
+    """role -> ZeRO stage, for the roles with a deepspeed_config."""
+    from rlhf_pipe.zero import zero_stage
+
+    out = {}
+    for role, key in zip(LOCAL_ROLES, ("policy", "critic", "reference", "reward")):
+        model = getattr(cfg.model_configs, key)
+        if model is not None and model.trainer_config.deepspeed_config:
+            out[role] = zero_stage(model.trainer_config.deepspeed_config)
+    return out
 
 
 class _UserError(Exception):

@@ -159,6 +159,8 @@ def _groups(dp_group):
             raise RuntimeError("a DeepSpeed role in a multi-rank run needs its data-parallel "
                                "group (rlhf_pipe.train creates one per DeepSpeed role)")
         return dist.group.WORLD, dist.group.WORLD
+    if dist.get_world_size(group=dp_group) == 1:
+        return dp_group, dp_group
     return dp_group, dist.new_group([dist.get_rank()], use_local_synchronization=True)
 
 
@@ -166,9 +168,60 @@ def _initialize(model, optimizer, config: dict, dp_group):
     import deepspeed
 
     group, alone = _groups(dp_group)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                      mpu=_GroupMPU(group, alone), dist_init_required=False)
+    if zero_stage(config) == 3:
+        _scope_order_checks_to_dp_group()
+    with _barriers_within(group):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                          mpu=_GroupMPU(group, alone), dist_init_required=False)
     return engine
+
+
+def _scope_order_checks_to_dp_group() -> None:
+    """ZeRO-3 (deepspeed 0.19.8) checks in each first forward that the ranks agree on the
+    module order, by broadcasts from global rank 0 over the whole world. Here rank 0 is
+    the controller, which never joins: a hang. The same check, over the data-parallel group
+    (DeepSpeed's global mpu: one DeepSpeed group per rank)."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero import partition_parameters, partitioned_param_coordinator, stage3
+    from deepspeed.utils import groups
+
+    def same_on_dp_ranks(ints) -> None:
+        group = groups._get_data_parallel_group()
+        src = dist.get_global_rank(group, 0)
+        device = get_accelerator().current_device_name()
+        mine = torch.tensor([len(ints), *ints], dtype=torch.long, device=device)
+        first = torch.tensor([len(ints)], dtype=torch.long, device=device)
+        dist.broadcast(first, src=src, group=group)
+        theirs = mine.clone() if first.item() == len(ints) else None
+        if theirs is not None:
+            dist.broadcast(theirs, src=src, group=group)
+        if theirs is None or not torch.equal(theirs, mine):
+            raise RuntimeError(f"ZeRO-3: data-parallel rank {dist.get_rank(group)} disagrees "
+                               f"with rank 0 on the module/parameter order")
+
+    for module in (partition_parameters, partitioned_param_coordinator, stage3):
+        module.assert_ints_same_as_other_ranks = same_on_dp_ranks
+
+
+@contextlib.contextmanager
+def _barriers_within(group):
+    """ZeRO-3's optimizer set-up calls barriers on the whole world (deepspeed 0.19.8,
+    stage3.py), which the other roles' ranks never join: a hang. While the engine is built,
+    a barrier without a group is one of the role's own group."""
+    import deepspeed.comm as ds_comm
+
+    world_barrier = ds_comm.barrier
+
+    def barrier(group=None, **kwargs):
+        return world_barrier(group=own if group is None else group, **kwargs)
+
+    own = group
+    ds_comm.barrier = barrier
+    try:
+        yield
+    finally:
+        ds_comm.barrier = world_barrier
 
 
 def _gathered(params, modifier_rank=None):
@@ -361,6 +414,12 @@ class _ZeroTrainable:
     def named_weights(self):
         with self._lock:  # held while the caller iterates (a generator)
             yield from _named_full_weights(self.model, self.stage)
+
+    def join_weights(self) -> None:
+        """ZeRO-3, a rank other than the first: take part in the gathers of the first's
+        named_weights (the tensors are dropped here)."""
+        for _ in self.named_weights():
+            pass
 
     @_serial
     def save(self, out_dir: str) -> None:

@@ -58,6 +58,14 @@ def _single_process(tmp_path, engine, initial, steps, **over):
     ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
     ("actor on two data-parallel ranks", 5,
      ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2")),
+    # DeepSpeed: actor and critic each under ZeRO, the actor on 2 data-parallel ranks. With
+    # 4 micro-batches of 4 samples (one chunk each) rank 1 gets no chunk: it joins ZeRO's
+    # collectives with zero-weight passes (ZeRO-3: forwards and weight gathers too).
+    *[(f"ZeRO-{stage}, actor on two data-parallel ranks", 5,
+       ("model_configs.policy.trainer_config.parallel.data.size=2",
+        *(f"model_configs.{m}.trainer_config.deepspeed_config="
+          f"{{'zero_optimization': {{'stage': {stage}}}}}" for m in ("policy", "critic"))))
+      for stage in (2, 3)],
 ])
 def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_weights,
                                         layout, nproc, extra):
