@@ -415,16 +415,17 @@ def validate(cfg: RunConfig) -> RunConfig:
             _fail(src, f"model_configs.{role}.trainer_config.betas",
                   f"expected two floats, got {betas!r}")
         if model.trainer_config.deepspeed_config is not None:
-            from rlhf_pipe.zero import deepspeed_problem  # lazily: it imports torch
+            from rlhf_pipe.zero import deepspeed_problem, zero_stage  # lazily: imports torch
 
             problem = deepspeed_problem(role, model.trainer_config)
             if problem:
                 _fail(src, f"model_configs.{role}.trainer_config.deepspeed_config.{problem[0]}",
                       problem[1])
-            if role == "policy" and mc.policy.generator_config.generator_type == "hf":
+            if role == "policy" and zero_stage(model.trainer_config.deepspeed_config) == 3 and \
+                    mc.policy.generator_config.generator_type == "hf":
                 _fail(src, "model_configs.policy.generator_config.generator_type",
-                      "'hf' generates with a copy of the actor's module, which DeepSpeed "
-                      "partitions: use 'vllm' with a deepspeed_config")
+                      "'hf' generates with a copy of the actor's module, which ZeRO-3 "
+                      "partitions: use 'vllm', or ZeRO-2")
         parallels = [("trainer_config", model.trainer_config.parallel)]
         if model.generator_config is not None:
             parallels.append(("generator_config", model.generator_config.parallel))
