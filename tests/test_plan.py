@@ -373,3 +373,16 @@ def test_colocated_memory_sums_roles_and_offload_counts_ref_or_reward_once():
     # over the limit on a shared GPU: the rank is named
     tight = estimate_memory(plan(ONE), 30)  # 0.35 x 30 for vLLM + ~25.8 GB for the rest
     assert any(w.startswith("rank 0 (colocated roles): up to ~") for w in tight.warnings)
+
+
+def test_zero_offload_is_read_and_leaves_the_gpu_estimate():
+    key = "model_configs.policy.trainer_config.deepspeed_config.zero_optimization"
+    base = estimate_memory(plan(BIG), 80).roles["actor"]
+    p = plan(BIG, {f"{key}.offload_optimizer": {"device": "cpu"},
+                   f"{key}.offload_param": {"device": "cpu"}})
+    assert p.roles["actor"].offload == ("optimizer", "param")
+    assert p.roles["actor"].parallel_text() == "dp 8, ZeRO-3 (optimizer + param on CPU)"
+    off = estimate_memory(p, 80).roles["actor"]
+    # ZeRO-3 over 8 keeps only the 2-byte gradient partition (and activations) on the GPU.
+    assert (off.weights, off.optim, off.grads) == (0.0, 0.0, base.grads)
+    assert off.total == pytest.approx(base.total - base.weights - base.optim)
