@@ -392,21 +392,28 @@ class _ZeroTrainable:
 
     @_serial
     def drop_grads(self) -> None:
-        # The cleanup ZeRO's step() itself does on an overflowing step: forget the
-        # accumulated partitions (and the offload buffers) without updating anything.
+        """Forget the accumulated gradients without updating anything: the start of ZeRO's
+        own step() and its overflow branch (deepspeed 0.19.8; tests/pipeline/test_zero.py
+        covers ZeRO-2, ZeRO-2 offload and ZeRO-3 offload)."""
         z = self.zero
-        z.zero_grad(set_to_none=True)
-        if hasattr(z, "averaged_gradients"):
-            for k in list(z.averaged_gradients.keys() if isinstance(z.averaged_gradients, dict)
-                          else range(len(z.averaged_gradients))):
-                z.averaged_gradients[k] = None
-        for name in ("all_grad_tensors",):
-            if isinstance(getattr(z, name, None), dict):
-                for k in list(getattr(z, name)):
-                    getattr(z, name)[k] = None
-        if getattr(z, "cpu_offload", False) and hasattr(z, "reset_cpu_buffers"):
-            z.reset_cpu_buffers()
-        self.zero.loss_scale = 1.0
+        if self.stage == 3:
+            z._pre_step()  # the next backward starts a new accumulation
+            z._overflow_clean_up(z.loss_scale)
+        else:
+            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+            z.micro_step_id = INITIAL_MICRO_STEP_ID
+            z._wait_for_offload_copies()
+            z.zero_grad(set_to_none=True)
+            z._release_preflattened_grad_buffers()
+            if z.cpu_offload:
+                z._offload_accumulated_param_ids = set()
+                z.reset_cpu_buffers()
+            else:
+                for k in z.averaged_gradients:
+                    z.averaged_gradients[k] = None
+                    z.all_grad_tensors[k] = None
+        z.loss_scale = 1.0
         self._ptx_scale = 1.0
 
     # ---------------------------------------------------------------- weights, state

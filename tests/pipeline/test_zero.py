@@ -117,3 +117,41 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path, vllm_engine,
             (part, _max_diff(with_gc[part], without[part]))
         assert all(torch.equal(zero_gc[part][k], zero[part][k]) for k in zero[part]), \
             (part, _max_diff(zero_gc[part], zero[part]))
+
+
+class _NanOnFirstStep:
+    """A NaN score in the first step's batch, the tiny digit reward afterwards."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prompts, responses):
+        from rlhf_pipe.assets.tiny import digit_reward
+
+        self.calls += 1
+        scores = digit_reward(prompts, responses)
+        return [float("nan")] + scores[1:] if self.calls == 1 else scores
+
+
+@pytest.mark.parametrize("zero", [_ds(2), _ds(2, offload_optimizer={"device": "cpu"}),
+                                  _ds(3, offload_optimizer={"device": "cpu"})])
+def test_skipped_nonfinite_update_leaves_zero_partitions_clean(tmp_path, vllm_engine,
+                                                               initial_policy_weights, zero):
+    # PIPE 1: the reward function sees the whole first batch in its first call.
+    over = {"train_config.on_nonfinite": "skip", "repeater_config.norm_rewards": False,
+            "PIPE_MICRO_BATCH_NUM": 1}
+    out = {}
+    for name, ds in (("plain", {}), ("zero", _both(zero))):
+        vllm_engine.load_weights(initial_policy_weights.items(), version=0)
+        trainer = RLHFTrainer(tiny_config(tmp_path / name, **over, **ds), engine=vllm_engine,
+                              reward_fn=_NanOnFirstStep(), console=False)
+        first = trainer.train_step()
+        assert first["nonfinite_skipped"] == 1.0
+        actor = dict(_named_full_weights(trainer.actor.model, getattr(trainer.actor, "stage", 0)))
+        assert all(torch.equal(actor[k], initial_policy_weights[k]) for k in actor)
+        trainer.train_step()  # a finite step: the dropped NaN gradients must be gone
+        trainer.close()
+        out[name] = _weights(trainer)
+    for part in ("actor", "critic"):
+        assert all(torch.isfinite(v).all() for v in out["zero"][part].values())
+        assert _max_diff(out["plain"][part], out["zero"][part]) <= TOL
