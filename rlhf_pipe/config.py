@@ -417,6 +417,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         if model.trainer_config.deepspeed_config is not None:
             from rlhf_pipe.zero import deepspeed_problem, zero_stage  # lazily: imports torch
 
+            if not path:
+                _fail(src, f"model_configs.{role}.trainer_config.deepspeed_config",
+                      "set, but there is no model_path (a reward_fn runs no model)")
             problem = deepspeed_problem(role, model.trainer_config)
             if problem:
                 _fail(src, f"model_configs.{role}.trainer_config.deepspeed_config.{problem[0]}",

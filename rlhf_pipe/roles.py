@@ -127,6 +127,9 @@ class _Trainable:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_training_state(self, state: dict) -> None:
+        if "optimizer" not in state:  # written under DeepSpeed (rlhf_pipe.zero)
+            raise CheckpointError("the checkpoint's optimizer state is DeepSpeed ZeRO's, this "
+                                  "run has no deepspeed_config: resume with the same one")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -421,6 +421,15 @@ def test_deepspeed_config_it_cannot_honour_is_one_line(tmp_path, role, ds, key, 
     assert str(err.value) == f"{TINY_CONFIG}: {_DS.format(role)}.{key}: {message}"
 
 
+def test_deepspeed_config_of_a_reward_function_is_refused(tmp_path):
+    from rlhf_pipe.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, **{_DS.format("reward"): {"zero_optimization": {"stage": 3}}})
+    assert str(err.value) == (f"{TINY_CONFIG}: {_DS.format('reward')}: set, but there is no "
+                              "model_path (a reward_fn runs no model)")
+
+
 def test_zero3_actor_with_the_hf_generator_is_refused(tmp_path):
     from rlhf_pipe.config import ConfigError
 

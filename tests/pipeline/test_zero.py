@@ -96,6 +96,10 @@ def test_zero3_trains_syncs_vllm_and_resumes(tmp_path, vllm_engine, initial_poli
     with pytest.raises(CheckpointError, match="ZeRO-3 over 1 rank.*this run is ZeRO-2 over 1"):
         other.resume(ckpt)
     other.close()
+    plain_run = RLHFTrainer(tiny_config(tmp_path / "plain2"), engine=vllm_engine, console=False)
+    with pytest.raises(CheckpointError, match="ZeRO's, this run has no deepspeed_config"):
+        plain_run.resume(ckpt)
+    plain_run.close()
 
 
 def test_gradient_checkpointing_gives_the_same_weights(tmp_path, vllm_engine,
