@@ -212,11 +212,11 @@ def _barriers_within(group):
     import deepspeed.comm as ds_comm
 
     world_barrier = ds_comm.barrier
+    own = group
 
     def barrier(group=None, **kwargs):
         return world_barrier(group=own if group is None else group, **kwargs)
 
-    own = group
     ds_comm.barrier = barrier
     try:
         yield
@@ -232,8 +232,8 @@ def _gathered(params, modifier_rank=None):
 
 
 def _named_full_weights(model, stage: int):
-    """(name, full tensor) in state_dict order; ZeRO-3 gathers one module at a time, so
-    the full model is never resident at once (every dp rank must iterate alongside)."""
+    """(name, full tensor) of every state_dict entry. ZeRO-3 gathers one module at a time,
+    so the full model is never resident at once (every dp rank must iterate alongside)."""
     if stage < 3:
         yield from ((n, t.detach()) for n, t in model.state_dict().items())
         return
@@ -251,7 +251,8 @@ def _named_full_weights(model, stage: int):
 
 def _load_full_weights(model, weights: dict, stage: int, folder: str) -> None:
     """Copy `weights` into the model's parameters (ZeRO-3: gathered, rank 0's copy wins)."""
-    names = {n for n, _ in _named_full_weights_names(model)}
+    names = {f"{prefix}.{n}".lstrip(".") for prefix, module in model.named_modules()
+             for n, _ in module.named_parameters(recurse=False)}
     missing = sorted(names - set(weights))
     unexpected = sorted(set(weights) - names)
     if unexpected or [k for k in missing if "rotary" not in k]:
@@ -268,12 +269,6 @@ def _load_full_weights(model, weights: dict, stage: int, folder: str) -> None:
                 key = f"{prefix}.{n}".lstrip(".")
                 if key in weights:
                     p.copy_(weights[key].to(p.dtype))
-
-
-def _named_full_weights_names(model):
-    for prefix, module in model.named_modules():
-        for n, _ in module.named_parameters(recurse=False):
-            yield f"{prefix}.{n}".lstrip("."), None
 
 
 def _serial(method):
