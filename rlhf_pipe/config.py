@@ -538,6 +538,21 @@ def validate(cfg: RunConfig) -> RunConfig:
         if len(betas) != 2 or not all(type(b) in (int, float) for b in betas):
             _fail(src, f"model_configs.{role}.trainer_config.betas",
                   f"expected two floats, got {betas!r}")
+        if model.trainer_config.deepspeed_config is not None:
+            from rlhf_pipe.zero import deepspeed_problem, zero_stage  # lazily: imports torch
+
+            if not path:
+                _fail(src, f"model_configs.{role}.trainer_config.deepspeed_config",
+                      "set, but there is no model_path (a reward_fn runs no model)")
+            problem = deepspeed_problem(role, model.trainer_config)
+            if problem:
+                _fail(src, f"model_configs.{role}.trainer_config.deepspeed_config.{problem[0]}",
+                      problem[1])
+            if role == "policy" and zero_stage(model.trainer_config.deepspeed_config) == 3 and \
+                    mc.policy.generator_config.generator_type == "hf":
+                _fail(src, "model_configs.policy.generator_config.generator_type",
+                      "'hf' generates with a copy of the actor's module, which ZeRO-3 "
+                      "partitions: use 'vllm', or ZeRO-2")
         parallels = [("trainer_config", model.trainer_config.parallel)]
         if model.generator_config is not None:
             parallels.append(("generator_config", model.generator_config.parallel))
@@ -711,6 +726,9 @@ def _validate_lora(src: str, role: str, model: ModelConfig, sync_backend: str) -
     if role not in ("policy", "critic"):
         _fail(src, f"{key}.enable_lora", "LoRA trains an adapter; only the policy and the "
               f"critic train, so it cannot be set for the {role}")
+    if tc.deepspeed_config:
+        _fail(src, f"{key}.enable_lora", "LoRA under DeepSpeed is not built yet; remove "
+              "deepspeed_config (an adapter's optimizer state is small) or enable_lora")
     for name, default in LORA_DEFAULTS.items():
         if getattr(tc, name) is None:
             setattr(tc, name, default)

@@ -141,13 +141,14 @@ def sequence_scores(model: nn.Module, batch: PaddedBatch) -> Tensor:
 
 
 def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
-            state: dict | None = None) -> None:
+            state_dict: dict | None = None) -> None:
     """Save an HF folder: config.json and model.safetensors.
 
     Written with safetensors directly: under an initialised torch.distributed world,
     transformers' save_pretrained on a rank other than 0 writes no weight file (measured,
     DESIGN.md). Tensors that share storage (tied embeddings) are written once; loading
-    re-ties them. `state` replaces the model's state dict (a LoRA model's merged weights).
+    re-ties them. `state_dict`: the weights to write instead of the model's own (ZeRO-3
+    gathers them; a LoRA model writes its merged weights).
     """
     from safetensors.torch import save_file
 
@@ -157,7 +158,7 @@ def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(out_dir)
     tensors, seen = {}, set()
-    for name, t in (model.state_dict() if state is None else state).items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
             continue
@@ -166,3 +167,15 @@ def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing
+    them. transformers checkpoints a layer only while `layer.training` is True, and the roles
+    keep models in eval mode (no dropout, so Forward and Train log-probs agree). So only the
+    checkpointing modules themselves are flagged as training, not their children: dropout
+    and attention-dropout modules stay in eval mode."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True

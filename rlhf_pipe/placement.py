@@ -89,6 +89,7 @@ class RoleSpec:
     engines: int = 0                 # rollout: number of vLLM engines
     generator: str = ""              # rollout: 'vllm' or 'hf'
     zero_stage: Optional[int] = None  # None: no DeepSpeed
+    offload: tuple = ()              # ZeRO offload to CPU: "optimizer" and/or "param"
     host: Optional[str] = None       # colocated on this role's ranks
     on_gpu: bool = True              # False: a reward_fn only, no ranks
 
@@ -100,6 +101,8 @@ class RoleSpec:
                 return "HF generate on the actor's ranks"
             return f"{self.engines} vLLM engine{'s' if self.engines != 1 else ''} x TP {self.tp}"
         zero = "no DeepSpeed" if self.zero_stage is None else f"ZeRO-{self.zero_stage}"
+        if self.offload:
+            zero += f" ({' + '.join(self.offload)} on CPU)"
         return f"dp {self.size}, {zero}"
 
 
@@ -185,6 +188,16 @@ def _zero_stage(model, key: str, problems: list) -> Optional[int]:
     return 0
 
 
+def _offload(model) -> tuple:
+    """What ZeRO keeps in CPU memory: ("optimizer",), ("param",), both or ()."""
+    zero = (model.trainer_config.deepspeed_config or {}).get("zero_optimization")
+    if not isinstance(zero, dict):
+        return ()
+    return tuple(name for name in ("optimizer", "param")
+                 if isinstance(zero.get(f"offload_{name}"), dict)
+                 and zero[f"offload_{name}"].get("device", "none") == "cpu")
+
+
 def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str]], list[str]]:
     """RoleSpecs of the present roles, the problems found while reading them, and notes."""
     mc, pc = cfg.model_configs, cfg.placement_config
@@ -216,7 +229,7 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
         on_gpu = role != "reward" or reward_has_model(model)
         specs[role] = RoleSpec(role, size if on_gpu else 0, f"{tkey}.parallel.data.size",
                                zero_stage=_zero_stage(model, f"{tkey}.deepspeed_config", problems),
-                               on_gpu=on_gpu)
+                               offload=_offload(model), on_gpu=on_gpu)
     if "reward" in specs and not specs["reward"].on_gpu:
         notes.append(f"reward: {', '.join(reward_scorers(mc.reward))} (no learned model), no GPU")
 
@@ -575,6 +588,10 @@ def estimate_memory(placement: Placement, gpu_mem_gb: float = 80.0) -> MemoryEst
         w, g, o = train_state_gb(size.params, spec.zero_stage, spec.size, tc.torch_dtype)
         if not training:  # forward only: weights (ZeRO-3 partitions them), no grads, no Adam
             g = o = 0.0
+        if "optimizer" in spec.offload:  # fp32 master, m and v live in CPU memory
+            o = 0.0
+        if "param" in spec.offload and spec.zero_stage == 3:  # gathered per layer only
+            w = 0.0
         roles[role] = RoleMemory(role, size, w, g, o, act)
 
     offload = cfg.placement_config.ref_reward_offload

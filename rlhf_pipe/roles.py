@@ -53,9 +53,12 @@ def _make_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps,
                             weight_decay=weight_decay, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    return opt, warmup_schedule(opt, warmup_steps)
+
+
+def warmup_schedule(opt, warmup_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
-    return opt, sched
 
 
 class _Trainable:
@@ -72,6 +75,9 @@ class _Trainable:
                                                          warmup_steps)
         self.max_grad_norm = max_grad_norm
         self.device = next(model.parameters()).device
+
+    def _backward(self, loss: Tensor) -> None:
+        loss.backward()  # rlhf_pipe.zero routes it through the DeepSpeed engine
 
     def prepare_step(self, grad_divisor: float):
         """Divide the accumulated grads by the batch normaliser and clip them. Returns the
@@ -118,7 +124,7 @@ class _Trainable:
 
     def save(self, out_dir: str) -> None:
         if lora.has_lora(self.model):  # merged plain HF folder + the adapter that resume loads
-            save_hf(self.model, out_dir, state=lora.merged_tensors(self.model))
+            save_hf(self.model, out_dir, state_dict=lora.merged_tensors(self.model))
             lora.save_adapter(self.model, Path(out_dir) / lora.ADAPTER_DIR)
             return
         save_hf(self.model, out_dir)
@@ -127,6 +133,9 @@ class _Trainable:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_training_state(self, state: dict) -> None:
+        if "optimizer" not in state:  # written under DeepSpeed (rlhf_pipe.zero)
+            raise CheckpointError("the checkpoint's optimizer state is DeepSpeed ZeRO's, this "
+                                  "run has no deepspeed_config: resume with the same one")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -174,7 +183,7 @@ class PolicyRole(_Trainable):
                 kl_term = core.kl_penalty(logp, ref, "k3")
                 per_token = per_token + loss.kl_loss_coeff * kl_term
                 sums.add(kl_loss=core.masked_sum(kl_term.detach(), mask))
-            (loss.ppo_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples)).backward()
+            self._backward(loss.ppo_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples))
             with torch.no_grad():
                 sums.add(policy_loss=core.masked_sum(per_token, mask),
                          clip_frac=core.masked_sum(clipped, mask),
@@ -201,7 +210,7 @@ class PolicyRole(_Trainable):
                 logits = self.model(input_ids=ids, attention_mask=mask.long(),
                                     use_cache=False).logits
             nll = core.ptx_loss(logits[:, :-1], ids[:, 1:], mask[:, 1:])
-            (weight * core.aggregate(nll, mask[:, 1:], total)).backward()
+            self._backward(weight * core.aggregate(nll, mask[:, 1:], total))
             sums.add(ptx_loss=core.masked_sum(nll.detach(), mask[:, 1:]), ptx_tokens=mask[:, 1:].sum())
         return sums.values
 
@@ -250,7 +259,7 @@ class CriticRole(_Trainable):
             old = pad_field(chunk, "values", R).to(self.device)
             returns = pad_field(chunk, "returns", R).to(self.device)
             per_token, clipped = core.value_loss(values, old, returns, loss.value_clip)
-            (loss.value_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples)).backward()
+            self._backward(loss.value_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples))
             with torch.no_grad():
                 sums.add(value_loss=core.masked_sum(per_token, mask),
                          value_clip_frac=core.masked_sum(clipped, mask),

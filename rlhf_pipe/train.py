@@ -93,8 +93,10 @@ def run(args) -> int:
     peers = sorted(({r for ranks in role_ranks.values() for r in ranks}
                     | set(engine_leaders)) - {controller})
     groups = {peer: dist.new_group([controller, peer], timeout=timeout) for peer in peers}
+    # DeepSpeed roles get a group even on one rank: DeepSpeed must not take the world.
+    zero = _zero_stages(cfg)
     dp_groups = {role: dist.new_group(ranks, timeout=timeout)
-                 for role, ranks in role_ranks.items() if len(ranks) > 1}
+                 for role, ranks in role_ranks.items() if len(ranks) > 1 or role in zero}
     _CURRENT["roles"] = roles_here
     if rank == controller:
         from rlhf_pipe.dist import guard
@@ -103,7 +105,8 @@ def run(args) -> int:
     try:
         if rank == controller:
             _run_controller(cfg, args, placement, role_ranks, controller, groups,
-                            engine_leaders)
+                            engine_leaders, {r: g for r, g in dp_groups.items()
+                                             if controller in role_ranks[r]})
         elif rank in engine_leaders:
             _run_engine(cfg, placement, rank, controller, groups[rank])
         elif rank in groups:
@@ -116,7 +119,7 @@ def run(args) -> int:
 
 
 def _run_controller(cfg, args, placement, role_ranks, controller, groups,
-                    engine_leaders) -> None:
+                    engine_leaders, dp_groups) -> None:
     from rlhf_pipe.dist.remote import Connection, RemoteRole, RemoteRoleGroup
     from rlhf_pipe.models import load_tokenizer
     from rlhf_pipe.trainer import RLHFTrainer, build_roles, build_vllm_engine
@@ -126,12 +129,12 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
     conns = {peer: Connection(peer, group, placement.roles_of(peer))
              for peer, group in groups.items()}
     local = [r for r in LOCAL_ROLES if r not in role_ranks or role_ranks[r] == [controller]]
-    roles = build_roles(cfg, local, pad_id, _device(cfg, placement))
+    roles = build_roles(cfg, local, pad_id, _device(cfg, placement), dp_groups=dp_groups)
     t = cfg.train_config
     for role, ranks in role_ranks.items():
         if len(ranks) > 1:
             roles[role] = RemoteRoleGroup([conns[r] for r in ranks], role, t.infer_micro_bs,
-                                          t.train_micro_bs)
+                                          t.train_micro_bs, _zero_stages(cfg).get(role))
         elif ranks != [controller]:
             roles[role] = RemoteRole(conns[ranks[0]], role)
     bucket = cfg.train_config.weight_bucket_mb * 2**20
@@ -270,7 +273,13 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
     if choice == "nccl" and not possible:
         raise _UserError(f"{cfg.source}: train_config.weight_sync_backend: 'nccl' needs the "
                          f"actor (rank {actor_rank}) on a GPU that no vLLM engine uses")
-    return possible
+    # A ZeRO-3 actor on several ranks gathers its weights with every rank; the NCCL sender
+    # runs on the first alone (not built), so such a run syncs through the controller.
+    sharded = _zero_stages(cfg).get("actor") == 3 and len(role_ranks["actor"]) > 1
+    if sharded and choice == "nccl":
+        raise _UserError(f"{cfg.source}: train_config.weight_sync_backend: 'nccl' is not "
+                         f"built for a ZeRO-3 actor on several ranks; use 'gloo' or 'auto'")
+    return possible and not sharded
 
 
 def _run_engine(cfg, placement, rank, controller, group) -> None:
@@ -296,8 +305,20 @@ def _run_roles(cfg, placement, rank, controller, group, dp_groups) -> None:
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
     mine = [r for r in placement.roles_of(rank) if r in LOCAL_ROLES]
-    serve(build_roles(cfg, mine, pad_id, _device(cfg, placement)), controller, group,
-          cfg.train_config.weight_bucket_mb * 2**20, dp_groups)
+    serve(build_roles(cfg, mine, pad_id, _device(cfg, placement), dp_groups=dp_groups), controller,
+          group, cfg.train_config.weight_bucket_mb * 2**20, dp_groups)
+
+
+def _zero_stages(cfg) -> dict[str, int]:
+    """role -> ZeRO stage, for the roles with a deepspeed_config."""
+    from rlhf_pipe.zero import zero_stage
+
+    out = {}
+    for role, key in zip(LOCAL_ROLES, ("policy", "critic", "reference", "reward")):
+        model = getattr(cfg.model_configs, key)
+        if model is not None and model.trainer_config.deepspeed_config:
+            out[role] = zero_stage(model.trainer_config.deepspeed_config)
+    return out
 
 
 class _UserError(Exception):

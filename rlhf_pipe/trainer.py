@@ -31,8 +31,8 @@ from rlhf_pipe.config import ConfigError, RunConfig, reward_scorers
 from rlhf_pipe.data import (DataError, PromptSource, RatioSampler, RelayBuffer,
                             parse_dataset_spec, rank_by_length, read_records)
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
-from rlhf_pipe.models import (check_tokenizer_matches, load_causal_lm, load_tokenizer,
-                              load_value_model)
+from rlhf_pipe.models import (check_tokenizer_matches, enable_gradient_checkpointing,
+                              load_causal_lm, load_tokenizer, load_value_model)
 from rlhf_pipe.pipeline.stages import (STAGES, AdvantageSettings, StepOutput, StepPipeline,
                                        StepPlan)
 from rlhf_pipe.roles import (CriticRole, LossSettings, PolicyRole, ReferenceRole, RewardRole,
@@ -90,49 +90,80 @@ def sampling_settings(r, evaluation: bool = False) -> SamplingSettings:
 ROLE_NAMES = ("actor", "critic", "reference", "reward")
 
 
-def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None) -> dict:
-    """The named roles as models in this process (the ones the config has)."""
+def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None,
+                dp_groups: dict | None = None) -> dict:
+    """The named roles as models in this process (the ones the config has). A role with a
+    deepspeed_config runs under DeepSpeed (rlhf_pipe.zero) on its `dp_groups` group."""
     t, mc = cfg.train_config, cfg.model_configs
-    for role, model in (("policy", mc.policy), ("critic", mc.critic),
-                        ("reference", mc.reference), ("reward", mc.reward)):
-        if model is not None and model.trainer_config.deepspeed_config:
-            # Never ignore it silently: a user asking for ZeRO-3 must not get plain Adam.
-            raise ConfigError(f"{cfg.source}: model_configs.{role}.trainer_config."
-                              f"deepspeed_config: DeepSpeed training is not implemented yet "
-                              f"(remove the key to train with plain data parallel)")
     sizes = dict(infer_micro_bs=t.infer_micro_bs, train_micro_bs=t.train_micro_bs)
+    groups = dp_groups or {}
     roles = {}
     for name in names:
         if name == "actor":
-            pol = mc.policy.trainer_config
-            model = load_causal_lm(mc.policy.model_path, pol.torch_dtype,
-                                   mc.policy.trust_remote_code, "policy")
-            if pol.enable_lora:
-                model = lora.apply_lora(model, pol, cfg.source, "policy")
-            roles[name] = PolicyRole(model.to(device), pad_id, lr=pol.lr, betas=pol.betas,
-                                     eps=pol.eps, weight_decay=pol.weight_decay,
-                                     warmup_steps=pol.lr_warmup_steps,
-                                     max_grad_norm=pol.max_grad_norm, **sizes)
+            pol = mc.policy
+            model = load_causal_lm(pol.model_path, pol.trainer_config.torch_dtype,
+                                   pol.trust_remote_code, "policy")
+            if pol.trainer_config.enable_lora:
+                model = lora.apply_lora(model, pol.trainer_config, cfg.source, "policy")
+            roles[name] = _trained_role(PolicyRole, "ZeroPolicyRole", model.to(device), pad_id,
+                                        pol.trainer_config, sizes, device, groups.get(name))
             roles[name].lora_sync = lora.sync_mode(cfg) or "merged"
         elif name == "critic" and mc.critic is not None:
-            c = mc.critic.trainer_config
-            model = load_value_model(mc.critic.model_path, c.torch_dtype,
-                                     mc.critic.trust_remote_code, "critic")
-            if c.enable_lora:
-                model = lora.apply_lora(model, c, cfg.source, "critic")
-            roles[name] = CriticRole(model.to(device), pad_id, lr=c.lr, betas=c.betas, eps=c.eps,
-                                     weight_decay=c.weight_decay, warmup_steps=c.lr_warmup_steps,
-                                     max_grad_norm=c.max_grad_norm, **sizes)
+            c = mc.critic
+            model = load_value_model(c.model_path, c.trainer_config.torch_dtype,
+                                     c.trust_remote_code, "critic")
+            if c.trainer_config.enable_lora:
+                model = lora.apply_lora(model, c.trainer_config, cfg.source, "critic")
+            roles[name] = _trained_role(CriticRole, "ZeroCriticRole", model.to(device), pad_id,
+                                        c.trainer_config, sizes, device, groups.get(name))
         elif name == "reference" and mc.reference is not None:
             ref = mc.reference
             model = load_causal_lm(ref.model_path, ref.trainer_config.torch_dtype,
                                    ref.trust_remote_code, "reference").to(device)
-            roles[name] = ReferenceRole(model, pad_id, t.infer_micro_bs)
+            ds = _deepspeed(ref.trainer_config, t, device, groups.get(name), trained=False)
+            if ds is None:
+                roles[name] = ReferenceRole(model, pad_id, t.infer_micro_bs)
+            else:
+                from rlhf_pipe.zero import ZeroReferenceRole
+                roles[name] = ZeroReferenceRole(model, pad_id, t.infer_micro_bs, ds_config=ds,
+                                                dp_group=groups.get(name))
         elif name == "reward":
-            roles[name] = RewardRole(build_scorers(cfg, device), pad_id, t.infer_micro_bs)
+            scorers = build_scorers(cfg, device)
+            ds = _deepspeed(mc.reward.trainer_config, t, device, groups.get(name), trained=False)
+            if ds is None:
+                roles[name] = RewardRole(scorers, pad_id, t.infer_micro_bs)
+            else:
+                from rlhf_pipe.zero import ZeroRewardRole
+                roles[name] = ZeroRewardRole(scorers, pad_id, t.infer_micro_bs, ds_config=ds,
+                                             dp_group=groups.get(name))
             if reward_fn is not None:
                 roles[name].set_function(reward_fn)
     return roles
+
+
+def _deepspeed(tc, t, device, dp_group, trained: bool) -> dict | None:
+    """The DeepSpeed engine config of a role, or None without a deepspeed_config."""
+    if not tc.deepspeed_config:
+        return None
+    import torch.distributed as dist
+
+    from rlhf_pipe import zero
+
+    zero.ensure_process_group(torch.device(device))
+    dp = dist.get_world_size(group=dp_group) if dp_group is not None else 1
+    return zero.engine_config(tc.deepspeed_config, tc, t.train_micro_bs, dp, trained)
+
+
+def _trained_role(plain_cls, zero_cls: str, model, pad_id, tc, sizes, device, dp_group):
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    kw = dict(lr=tc.lr, betas=tc.betas, eps=tc.eps, weight_decay=tc.weight_decay,
+              warmup_steps=tc.lr_warmup_steps, max_grad_norm=tc.max_grad_norm, **sizes)
+    ds = _deepspeed(tc, SimpleNamespace(**sizes), device, dp_group, trained=True)
+    if ds is None:
+        return plain_cls(model, pad_id, **kw)
+    from rlhf_pipe import zero
+    return getattr(zero, zero_cls)(model, pad_id, ds_config=ds, dp_group=dp_group, **kw)
 
 
 def build_scorers(cfg: RunConfig, device) -> list[Scorer]:

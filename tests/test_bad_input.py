@@ -391,14 +391,49 @@ def test_cli_bad_data_file(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_deepspeed_config_is_refused_not_ignored(tmp_path):
-    from rlhf_pipe.config import ConfigError
-    from rlhf_pipe.trainer import build_roles
+_DS = "model_configs.{}.trainer_config.deepspeed_config"
 
-    cfg = tiny_config(tmp_path, **{"model_configs.policy.trainer_config.deepspeed_config":
-                                   {"zero_optimization": {"stage": 3}}})
+
+@pytest.mark.parametrize("role, ds, key, message", [
+    ("policy", {"zero_optimization": {"stage": 1}}, "zero_optimization.stage",
+     "expected 2 or 3, got 1"),
+    ("reference", {"zero_optimization": {"stage": 2}}, "zero_optimization.stage",
+     "expected 3: a forward-only model has no gradients or optimizer state to partition, "
+     "only weights (ZeRO-3), got 2"),
+    ("critic", {"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}},
+     "optimizer", "set by rlhf_pipe (lr, betas, eps, weight_decay, lr_warmup_steps from "
+     "trainer_config; batch sizes from train_config): remove it"),
+    ("policy", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
+     "bf16.enabled", "is True, but trainer_config.torch_dtype is 'float32': set both to bf16 "
+     "or neither"),
+    ("policy", {"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}},
+     "fp16.enabled", "fp16 needs dynamic loss scaling, which the batch normaliser (carried as "
+     "the loss scale) excludes: use bf16"),
+    ("critic", {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5},
+     "gradient_clipping", "0.5 differs from trainer_config.max_grad_norm=1.0: give it once, "
+     "in max_grad_norm"),
+])
+def test_deepspeed_config_it_cannot_honour_is_one_line(tmp_path, role, ds, key, message):
+    from rlhf_pipe.config import ConfigError
+
     with pytest.raises(ConfigError) as err:
-        build_roles(cfg, ["actor"], 0, "cpu")
-    assert str(err.value) == (f"{cfg.source}: model_configs.policy.trainer_config."
-                              "deepspeed_config: DeepSpeed training is not implemented yet "
-                              "(remove the key to train with plain data parallel)")
+        tiny_config(tmp_path, **{_DS.format(role): ds})
+    assert str(err.value) == f"{TINY_CONFIG}: {_DS.format(role)}.{key}: {message}"
+
+
+def test_deepspeed_config_of_a_reward_function_is_refused(tmp_path):
+    from rlhf_pipe.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, **{_DS.format("reward"): {"zero_optimization": {"stage": 3}}})
+    assert str(err.value) == (f"{TINY_CONFIG}: {_DS.format('reward')}: set, but there is no "
+                              "model_path (a reward_fn runs no model)")
+
+
+def test_zero3_actor_with_the_hf_generator_is_refused(tmp_path):
+    from rlhf_pipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"generator_config\.generator_type: 'hf' generates "
+                       r"with a copy of the actor's module, which ZeRO-3 partitions"):
+        tiny_config(tmp_path, **{_DS.format("policy"): {"zero_optimization": {"stage": 3}},
+                                 "model_configs.policy.generator_config.generator_type": "hf"})

@@ -178,10 +178,16 @@ def test_dp_size_below_one_fails_even_in_a_config_built_in_code():
         "model_configs.critic.trainer_config.parallel.data.size: expected an int >= 1, got 0")
 
 
+def test_bad_zero_stage_is_refused_when_the_config_loads():
+    from rlhf_pipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model_configs\.policy\.trainer_config\."
+                       r"deepspeed_config\.zero_optimization\.stage: expected 2 or 3, got 4$"):
+        plan(BIG, {"model_configs.policy.trainer_config.deepspeed_config.zero_optimization"
+                   ".stage": 4})
+
+
 @pytest.mark.parametrize("override, name, message", [
-    ({"model_configs.policy.trainer_config.deepspeed_config.zero_optimization.stage": 4},
-     "zero stage", "model_configs.policy.trainer_config.deepspeed_config.zero_optimization.stage:"
-     " expected 0, 1, 2 or 3, got 4"),
     ({"model_configs.policy.trainer_config.parallel.data.size": 3}, "micro-batch split",
      "pipe_micro_bs 32 does not split evenly over actor dp 3"),
     ({"train_config.infer_micro_bs": 16}, "micro-batch split",
@@ -367,3 +373,16 @@ def test_colocated_memory_sums_roles_and_offload_counts_ref_or_reward_once():
     # over the limit on a shared GPU: the rank is named
     tight = estimate_memory(plan(ONE), 30)  # 0.35 x 30 for vLLM + ~25.8 GB for the rest
     assert any(w.startswith("rank 0 (colocated roles): up to ~") for w in tight.warnings)
+
+
+def test_zero_offload_is_read_and_leaves_the_gpu_estimate():
+    key = "model_configs.policy.trainer_config.deepspeed_config.zero_optimization"
+    base = estimate_memory(plan(BIG), 80).roles["actor"]
+    p = plan(BIG, {f"{key}.offload_optimizer": {"device": "cpu"},
+                   f"{key}.offload_param": {"device": "cpu"}})
+    assert p.roles["actor"].offload == ("optimizer", "param")
+    assert p.roles["actor"].parallel_text() == "dp 8, ZeRO-3 (optimizer + param on CPU)"
+    off = estimate_memory(p, 80).roles["actor"]
+    # ZeRO-3 over 8 keeps only the 2-byte gradient partition (and activations) on the GPU.
+    assert (off.weights, off.optim, off.grads) == (0.0, 0.0, base.grads)
+    assert off.total == pytest.approx(base.total - base.weights - base.optim)

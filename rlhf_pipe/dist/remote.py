@@ -13,6 +13,7 @@ message per parameter.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import traceback
 
@@ -24,7 +25,8 @@ import torch.distributed as dist
 REMOTE_METHODS = frozenset({
     "logprobs", "values", "scores", "train", "ptx", "prepare_step", "apply_step", "drop_grads",
     "divide_grads", "save", "training_state", "load_training_state", "load_weights_from",
-    "weight_sync_address", "init_weight_sender", "weight_layout", "broadcast_weights"})
+    "weight_sync_address", "init_weight_sender", "weight_layout", "broadcast_weights",
+    "join_weights"})
 _SEND_WEIGHTS = "__send_weights__"
 
 
@@ -338,24 +340,38 @@ class RemoteRoleGroup:
     """A role on several data-parallel ranks. The controller deals chunks (of the size the
     role pads together) round-robin over the ranks and reassembles results in order;
     gradients are summed across the ranks inside `prepare_step`, so the update equals the
-    one-rank update up to the order of float additions."""
+    one-rank update up to the order of float additions.
+
+    Under DeepSpeed (`zero_stage` set) every rank joins every train call, and under ZeRO-3
+    every forward and weight gather too, with `pad_to` zero-weight passes for the ranks with
+    fewer chunks: ZeRO's collectives run inside those calls (rlhf_pipe.zero). Its optimizer
+    state is partitioned, so training_state holds every rank's part."""
 
     _ALL = ("drop_grads", "divide_grads", "apply_step", "load_training_state",
             "load_weights_from")
-    _FIRST = ("save", "training_state", "weight_sync_address", "init_weight_sender",
-              "weight_layout", "broadcast_weights")
+    # The NCCL weight sync talks to the first rank only (rlhf_pipe.dist.weight_sync).
+    _FIRST = ("weight_sync_address", "init_weight_sender", "weight_layout", "broadcast_weights")
 
     def __init__(self, conns: list[Connection], name: str, infer_micro_bs: int,
-                 train_micro_bs: int):
+                 train_micro_bs: int, zero_stage: int | None = None):
         self._conns, self._name = conns, name
         self._infer, self._train = infer_micro_bs, train_micro_bs
+        self._zero = zero_stage
+        # Under DeepSpeed a call is a collective of the ranks, so they must all see calls in
+        # the same order: one call at a time for the whole group (the Forward and Train
+        # stages would otherwise reach the two ranks' locks in different orders).
+        self._order = threading.Lock() if zero_stage is not None else contextlib.nullcontext()
 
     def _parallel(self, calls: list[tuple]) -> list:
+        with self._order:
+            return self._parallel_unordered(calls)
+
+    def _parallel_unordered(self, calls: list[tuple]) -> list:
         results, errors = [None] * len(calls), []
 
-        def body(i, conn, method, args):
+        def body(i, conn, method, args, kwargs=None):
             try:
-                results[i] = conn.call(self._name, method, args)
+                results[i] = conn.call(self._name, method, args, kwargs)
             except BaseException as e:
                 errors.append(e)
 
@@ -376,12 +392,21 @@ class RemoteRoleGroup:
             per_rank[j % len(self._conns)].extend(range(start, min(start + size, len(items))))
         return per_rank
 
+    def _calls(self, method: str, items: list, size: int, extra: tuple, every_rank: bool):
+        """(indices per called rank, calls): ranks with nothing are skipped unless
+        `every_rank`, where each rank pads to the largest chunk count."""
+        dealt = self._deal(items, size)
+        if not every_rank:
+            dealt = [(c, idx) for c, idx in zip(self._conns, dealt) if idx]
+            return ([idx for _, idx in dealt],
+                    [(c, method, ([items[i] for i in idx], *extra)) for c, idx in dealt])
+        pad_to = max(-(-len(idx) // size) for idx in dealt)
+        return dealt, [(c, method, ([items[i] for i in idx], *extra), {"pad_to": pad_to})
+                       for c, idx in zip(self._conns, dealt)]
+
     def _forward(self, method: str, samples: list) -> list:
-        dealt = self._deal(samples, self._infer)
-        calls = [(c, method, ([samples[i] for i in idx],)) for c, idx in zip(self._conns, dealt)
-                 if idx]
+        live, calls = self._calls(method, samples, self._infer, (), self._zero == 3)
         out = [None] * len(samples)
-        live = [idx for idx in dealt if idx]
         for idx, values in zip(live, self._parallel(calls)):
             for i, v in zip(idx, values):
                 out[i] = v
@@ -397,22 +422,30 @@ class RemoteRoleGroup:
         return self._forward("scores", samples)
 
     def train(self, samples, loss, num_samples):
-        dealt = self._deal(samples, self._train)
-        calls = [(c, "train", ([samples[i] for i in idx], loss, num_samples))
-                 for c, idx in zip(self._conns, dealt) if idx]
+        _, calls = self._calls("train", samples, self._train, (loss, num_samples),
+                               self._zero is not None)
         return _sum_metrics(self._parallel(calls))
 
     def ptx(self, token_ids, weight, total=None):
         if total is None:
             total = sum(max(len(t) - 1, 0) for t in token_ids)
-        dealt = self._deal(token_ids, self._train)
-        calls = [(c, "ptx", ([token_ids[i] for i in idx], weight, total))
-                 for c, idx in zip(self._conns, dealt) if idx]
+        _, calls = self._calls("ptx", token_ids, self._train, (weight, total),
+                               self._zero is not None)
         return _sum_metrics(self._parallel(calls))
 
     def prepare_step(self, grad_divisor):
         # Every rank joins the gradient all-reduce; the norms are then equal.
         return self._parallel([(c, "prepare_step", (grad_divisor,)) for c in self._conns])[0]
+
+    def training_state(self):
+        if self._zero is None:
+            return self._conns[0].call(self._name, "training_state")
+        return {"ranks": self._parallel([(c, "training_state", ()) for c in self._conns])}
+
+    def save(self, out_dir):
+        # ZeRO-3: every rank gathers, the first writes.
+        conns = self._conns if self._zero == 3 else self._conns[:1]
+        self._parallel([(c, "save", (out_dir,)) for c in conns])
 
     def __getattr__(self, method: str):
         if method in self._ALL:
@@ -422,7 +455,29 @@ class RemoteRoleGroup:
         raise AttributeError(method)
 
     def named_weights(self):
-        return iter(self._conns[0].fetch_weights(self._name))
+        if self._zero != 3:
+            return iter(self._conns[0].fetch_weights(self._name))
+        # ZeRO-3: the other ranks join each gather while the first sends the weights.
+        out, errors = [], []
+
+        def join(conn):
+            try:
+                conn.call(self._name, "join_weights")
+            except BaseException as e:
+                errors.append(e)
+
+        joins = [threading.Thread(target=join, args=(c,), daemon=True) for c in self._conns[1:]]
+        with self._order:
+            for t in joins:
+                t.start()
+            try:
+                out = self._conns[0].fetch_weights(self._name)
+            finally:
+                for t in joins:
+                    t.join()
+        if errors:
+            raise errors[0]
+        return iter(out)
 
 
 def _sum_metrics(parts: list[dict]) -> dict:

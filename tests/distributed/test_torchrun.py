@@ -1,6 +1,7 @@
 """The roles on their own torchrun ranks (gloo, CPU): same weights as one process, and a
 killed rank takes the whole run down quickly with a message naming it."""
 
+import ast
 import json
 import os
 import signal
@@ -60,6 +61,15 @@ def _single_process(tmp_path, engine, initial, steps, **over):
     ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
     ("actor on two data-parallel ranks", 5,
      ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2")),
+    # DeepSpeed: actor and critic each under ZeRO, the actor on 2 data-parallel ranks. With
+    # 4 mini-batches of one train chunk each, rank 1 gets no chunk: it joins ZeRO's
+    # collectives with zero-weight passes.
+    *[(f"ZeRO-{stage}, actor on two data-parallel ranks", 5,
+       ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2",
+        "train_config.num_mini_batches=4",
+        *(f"model_configs.{m}.trainer_config.deepspeed_config="
+          f"{{'zero_optimization': {{'stage': {stage}}}}}" for m in ("policy", "critic"))))
+      for stage in (2, 3)],
 ])
 def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_weights,
                                         layout, nproc, extra):
@@ -68,9 +78,13 @@ def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_we
         line for line in proc.stderr.splitlines() if "error" in line.lower())[-3000:]
     assert "trained to step 2" in proc.stdout
     dist_ckpt = tmp_path / "dist" / "checkpoints" / "step_000002"
-    same_pipe = {"PIPE_MICRO_BATCH_NUM": 2} if "PIPE_MICRO_BATCH_NUM=2" in extra else {}
+    # The one-process run has the same batch split and the same ZeRO stage (ZeRO against
+    # plain AdamW is measured in tests/pipeline/test_zero.py).
+    same = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in extra)
+            if k in ("PIPE_MICRO_BATCH_NUM", "train_config.num_mini_batches")
+            or k.endswith("deepspeed_config")}
     single = _single_process(tmp_path / "single", vllm_engine, initial_policy_weights, 2,
-                             **same_pipe)
+                             **same)
     for part in ("actor", "critic"):
         a, b = _weights(dist_ckpt / part), _weights(single / part)
         assert a.keys() == b.keys()
