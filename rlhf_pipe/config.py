@@ -541,7 +541,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         if model.trainer_config.deepspeed_config is not None:
             from rlhf_pipe.zero import deepspeed_problem, zero_stage  # lazily: imports torch
 
-            if not path:
+            if not (model.model_path or (role == "reward" and reward_has_model(model))):
                 _fail(src, f"model_configs.{role}.trainer_config.deepspeed_config",
                       "set, but there is no model_path (a reward_fn runs no model)")
             problem = deepspeed_problem(role, model.trainer_config)
