@@ -11,6 +11,7 @@ per step.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,16 +269,36 @@ class CriticRole(_Trainable):
 
 
 class ReferenceRole:
-    def __init__(self, model, pad_id: int, infer_micro_bs: int):
+    """`offload`: the weights wait in host memory between calls (placement_config.
+    ref_reward_offload), so a GPU shared with training holds them only while they run."""
+
+    def __init__(self, model, pad_id: int, infer_micro_bs: int, offload: bool = False):
         self.model, self.pad_id, self.infer_micro_bs = model.eval(), pad_id, infer_micro_bs
         self.model.requires_grad_(False)
         self.device = next(model.parameters()).device
+        self.offload = offload
+        if offload:
+            self.model.to("cpu")
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[Tensor]:
-        return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
-                           lambda b: core.logprobs_from_logits(
-                               response_logits(self.model, b), _labels(b)))
+        with on_device(self.model, self.device, self.offload):
+            return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
+                               lambda b: core.logprobs_from_logits(
+                                   response_logits(self.model, b), _labels(b)))
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device, offload: bool):
+    """Run `model` on `device`; with `offload`, it goes back to host memory afterwards."""
+    if not offload:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
 
 
 @dataclass
@@ -299,13 +320,19 @@ class RewardRole:
     normalisation later apply to the total only.
     """
 
-    def __init__(self, scorers: list[Scorer], pad_id: int, infer_micro_bs: int):
+    def __init__(self, scorers: list[Scorer], pad_id: int, infer_micro_bs: int,
+                 offload: bool = False):
         if not scorers:
             raise ValueError("a reward role needs at least one scorer")
         self.scorers, self.pad_id, self.infer_micro_bs = list(scorers), pad_id, infer_micro_bs
+        self.offload = offload  # learned scorers wait in host memory (see ReferenceRole)
+        self._devices = {}
         for sc in self.scorers:
             if sc.kind == "model":
                 sc.impl.eval().requires_grad_(False)
+                self._devices[sc.name] = next(sc.impl.parameters()).device
+                if offload:
+                    sc.impl.to("cpu")
 
     @property
     def names(self) -> list[str]:
@@ -328,11 +355,12 @@ class RewardRole:
     def _score(self, sc: Scorer, samples: list[Sample]) -> Tensor:
         """(b,) float32 scores of one scorer."""
         if sc.kind == "model":
-            device = next(sc.impl.parameters()).device
+            device = self._devices[sc.name]
             out = []
-            for chunk in chunks(samples, self.infer_micro_bs):
-                b = collate(chunk, self.pad_id).to(device)
-                out.append(sequence_scores(sc.impl, b).float().cpu())  # one copy per chunk
+            with on_device(sc.impl, device, self.offload):
+                for chunk in chunks(samples, self.infer_micro_bs):
+                    b = collate(chunk, self.pad_id).to(device)
+                    out.append(sequence_scores(sc.impl, b).float().cpu())  # one copy per chunk
             return torch.cat(out)
         values = sc.impl([s.prompt_text for s in samples], [s.response_text for s in samples])
         if len(values) != len(samples):

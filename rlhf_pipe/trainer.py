@@ -97,6 +97,7 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None,
     t, mc = cfg.train_config, cfg.model_configs
     sizes = dict(infer_micro_bs=t.infer_micro_bs, train_micro_bs=t.train_micro_bs)
     groups = dp_groups or {}
+    offload = cfg.placement_config.ref_reward_offload  # not for ZeRO-3: it is partitioned
     roles = {}
     for name in names:
         if name == "actor":
@@ -122,7 +123,7 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None,
                                    ref.trust_remote_code, "reference").to(device)
             ds = _deepspeed(ref.trainer_config, t, device, groups.get(name), trained=False)
             if ds is None:
-                roles[name] = ReferenceRole(model, pad_id, t.infer_micro_bs)
+                roles[name] = ReferenceRole(model, pad_id, t.infer_micro_bs, offload=offload)
             else:
                 from rlhf_pipe.zero import ZeroReferenceRole
                 roles[name] = ZeroReferenceRole(model, pad_id, t.infer_micro_bs, ds_config=ds,
@@ -131,7 +132,7 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None,
             scorers = build_scorers(cfg, device)
             ds = _deepspeed(mc.reward.trainer_config, t, device, groups.get(name), trained=False)
             if ds is None:
-                roles[name] = RewardRole(scorers, pad_id, t.infer_micro_bs)
+                roles[name] = RewardRole(scorers, pad_id, t.infer_micro_bs, offload=offload)
             else:
                 from rlhf_pipe.zero import ZeroRewardRole
                 roles[name] = ZeroRewardRole(scorers, pad_id, t.infer_micro_bs, ds_config=ds,

@@ -67,3 +67,18 @@ def test_tiny_training_on_one_gpu(tmp_path, gpu_engine, initial_policy_weights):
     print(f"gpu tiny: reward first5 {first:.3f} last5 {last:.3f}; "
           f"step_s {[round(h['step_s'], 3) for h in history]}")
     assert last > first
+
+
+def test_ref_reward_offload_moves_weights_to_host_between_calls(tiny_assets):
+    from tests.test_offload import _samples, offload_roles
+
+    samples = _samples()
+    ref, reward = offload_roles(tiny_assets, "cuda", False)
+    ref_off, reward_off = offload_roles(tiny_assets, "cuda", True)
+    assert next(ref_off.model.parameters()).device.type == "cpu"
+    for a, b in zip(ref.logprobs(samples), ref_off.logprobs(samples)):
+        assert torch.allclose(a, b)
+    for a, b in zip(reward.scores(samples), reward_off.scores(samples)):
+        assert torch.allclose(a, b)
+    assert next(ref_off.model.parameters()).device.type == "cpu"
+    assert next(reward_off.scorers[0].impl.parameters()).device.type == "cpu"
