@@ -58,6 +58,9 @@ def _single_process(tmp_path, engine, initial, steps, **over):
 @pytest.mark.parametrize("layout,nproc,extra", [
     ("one rank per role", 4, ()),
     ("actor and reference colocated", 3, ("placement_config.colocate_actor_ref=True",)),
+    # A learned reward model on the critic's rank (REWARD: the tiny reward model's folder).
+    ("critic and reward model colocated", 4,
+     ("placement_config.colocate_critic_reward=True", "model_configs.reward.model_path=REWARD")),
     ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
     ("actor on two data-parallel ranks", 5,
      ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2")),
@@ -72,7 +75,8 @@ def _single_process(tmp_path, engine, initial, steps, **over):
       for stage in (2, 3)],
 ])
 def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_weights,
-                                        layout, nproc, extra):
+                                        tiny_assets, layout, nproc, extra):
+    extra = tuple(e.replace("=REWARD", f"={tiny_assets.reward}") for e in extra)
     proc = _torchrun(nproc, tmp_path / "dist", 2, extra)
     assert proc.returncode == 0, "\n".join(
         line for line in proc.stderr.splitlines() if "error" in line.lower())[-3000:]
@@ -80,9 +84,10 @@ def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_we
     dist_ckpt = tmp_path / "dist" / "checkpoints" / "step_000002"
     # The one-process run has the same batch split and the same ZeRO stage (ZeRO against
     # plain AdamW is measured in tests/pipeline/test_zero.py).
-    same = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in extra)
-            if k in ("PIPE_MICRO_BATCH_NUM", "train_config.num_mini_batches")
-            or k.endswith("deepspeed_config")}
+    same = {k: (v if k.endswith("model_path") else ast.literal_eval(v))
+            for k, v in (item.split("=", 1) for item in extra)
+            if k in ("PIPE_MICRO_BATCH_NUM", "train_config.num_mini_batches",
+                     "model_configs.reward.model_path") or k.endswith("deepspeed_config")}
     single = _single_process(tmp_path / "single", vllm_engine, initial_policy_weights, 2,
                              **same)
     for part in ("actor", "critic"):
