@@ -93,3 +93,60 @@ def test_export_gives_a_loadable_hf_folder(tmp_path, tiny_assets):
     AutoTokenizer.from_pretrained(tmp_path / "out")
     assert main(["export", str(ckpt), str(tmp_path / "out")]) == 2  # not empty: refused
     assert main(["export", str(ckpt), str(tmp_path / "c"), "--part", "critic"]) == 2
+
+
+_KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+import torch
+from rlhf_pipe.checkpoint import write_checkpoint
+from rlhf_pipe.models import load_causal_lm, save_hf
+
+work, policy = sys.argv[1], sys.argv[2]
+model = load_causal_lm(policy)
+
+def whole(tmp):
+    save_hf(model, str(tmp / "actor"))
+    torch.save({"step": 1}, tmp / "trainer_state.pt")
+
+def dies_half_way(tmp):
+    save_hf(model, str(tmp / "actor"))
+    print("written", flush=True)
+    time.sleep(60)  # SIGKILLed here, before the state file and the marker
+
+write_checkpoint(work, 1, whole)
+write_checkpoint(work, 2, dies_half_way)
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_loadable(tmp_path,
+                                                                           tiny_assets):
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from rlhf_pipe.models import load_causal_lm
+    from rlhf_pipe.roles import PolicyRole
+    from tests.conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path),
+                             str(tiny_assets.policy)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "checkpoints" / "step_000002.tmp" / "actor").is_dir()  # the torn write
+    found = resolve_resume("auto", tmp_path)
+    assert found.name == "step_000001"
+    role = PolicyRole(load_causal_lm(str(tiny_assets.policy)), 0, lr=1e-6, betas=(0.9, 0.95),
+                      eps=1e-8, weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0,
+                      infer_micro_bs=1, train_micro_bs=1)
+    role.load_weights_from(str(found / "actor"))  # strict: every weight is there
+    assert torch.load(found / "trainer_state.pt")["step"] == 1
+    assert load_file(str(found / "actor" / "model.safetensors")).keys()
