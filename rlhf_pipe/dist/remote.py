@@ -208,35 +208,27 @@ class RemoteEngine:
                 raise conn._unreachable(e) from e
 
     def load_weights(self, named_tensors, version: int) -> None:
-        conn = self._conn
         packed = buckets(named_tensors, self._bucket_bytes)
-        with conn.lock:
-            try:
-                _send(("load_weights", ([meta for meta, _ in packed], version)), conn.peer,
-                      conn.group)
-                for _, flat in packed:
-                    dist.send(flat, dst=conn.peer, group=conn.group)
-                status, value = _recv(conn.peer, conn.group)
-            except RuntimeError as e:
-                raise conn._unreachable(e) from e
-        if status != "ok":
-            raise RemoteRoleError(f"rank {conn.peer} (rollout engine {self.engine_index}): "
-                                  f"{value}")
-        self.version, self.last_sync = version, value
-
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int):
-        self._call("init_weight_group", host, port, rank_offset, world_size)
-
-    def receive_weights(self, layout, version: int) -> None:
-        self.last_sync = self._call("receive_weights", layout, version)
+        self.last_sync = self._exchange(("load_weights", ([meta for meta, _ in packed], version)),
+                                        [flat for _, flat in packed])
         self.version = version
 
-    def _call(self, method: str, *args):
-        """A plain engine method on the engine's rank; returns the engine's last_sync."""
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int):
+        self._exchange(("call", ("init_weight_group", (host, port, rank_offset, world_size))))
+
+    def receive_weights(self, layout, version: int) -> None:
+        self.last_sync = self._exchange(("call", ("receive_weights", (layout, version))))
+        self.version = version
+
+    def _exchange(self, message, tensors=()):
+        """One command (and its tensors) to the engine's rank; returns the reply's value, the
+        engine's last_sync."""
         conn = self._conn
         with conn.lock:
             try:
-                _send(("call", (method, args)), conn.peer, conn.group)
+                _send(message, conn.peer, conn.group)
+                for flat in tensors:
+                    dist.send(flat, dst=conn.peer, group=conn.group)
                 status, value = _recv(conn.peer, conn.group)
             except RuntimeError as e:
                 raise conn._unreachable(e) from e

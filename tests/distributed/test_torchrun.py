@@ -107,9 +107,9 @@ def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_we
                for k in initial_policy_weights)
 
 
-def _rank_pids(root_pid: int) -> dict[int, int]:
-    """RANK -> pid of torchrun's workers below root_pid."""
-    out = {}
+def _processes():
+    """pid -> (parent pid, environment) of every process we may read."""
+    parent, env_of = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -118,16 +118,40 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if f"TORCHELASTIC_RUN_ID".encode() not in b"".join(env):
+        pid = int(entry.name)
+        parent[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        env_of[pid] = dict(v.split(b"=", 1) for v in env if b"=" in v)
+    return parent, env_of
+
+
+def _rank_pids(root_pid: int) -> dict[int, int]:
+    """RANK -> pid of the torchrun workers started below root_pid (other runs on the machine
+    are not counted)."""
+    parent, env_of = _processes()
+
+    def below_root(pid):
+        while pid in parent and pid > 1:
+            pid = parent[pid]
+            if pid == root_pid:
+                return True
+        return False
+
+    out = {}
+    for pid, vars_ in env_of.items():
+        if b"TORCHELASTIC_RUN_ID" not in vars_ or b"RANK" not in vars_ or not below_root(pid):
             continue
-        vars_ = dict(v.split(b"=", 1) for v in env if b"=" in v)
-        if b"RANK" in vars_ and int(stat.split()[3]) != 1 and entry.name != str(root_pid):
-            rank = int(vars_[b"RANK"])
-            pid = int(entry.name)
-            # keep the rank's top process (its parent is the torchrun agent)
-            if rank not in out or pid < out[rank]:
-                out[rank] = pid
+        rank = int(vars_[b"RANK"])
+        if rank not in out or pid < out[rank]:  # the rank's top process (not its children)
+            out[rank] = pid
     return out
+
+
+def _run_survivors(master_port: bytes) -> list[int]:
+    """Processes of one torchrun run still alive, wherever they were reparented to (a run is
+    told apart by its MASTER_PORT, which its workers and their children inherit)."""
+    _, env_of = _processes()
+    return [pid for pid, vars_ in env_of.items()
+            if b"TORCHELASTIC_RUN_ID" in vars_ and vars_.get(b"MASTER_PORT") == master_port]
 
 
 @pytest.mark.parametrize("victim", [2, 0])
@@ -142,6 +166,7 @@ def test_killed_rank_stops_every_rank_within_60s(tmp_path, victim):
             time.sleep(0.5)
         pids = _rank_pids(proc.pid)
         assert sorted(pids) == [0, 1, 2, 3], pids
+        port = _processes()[1][pids[0]][b"MASTER_PORT"]
         os.kill(pids[victim], signal.SIGKILL)
         killed_at = time.monotonic()
         _, stderr = proc.communicate(timeout=90)
@@ -152,7 +177,7 @@ def test_killed_rank_stops_every_rank_within_60s(tmp_path, victim):
     assert proc.returncode != 0
     assert elapsed < 60, elapsed
     time.sleep(1)
-    assert not _rank_pids(proc.pid), "a rank outlived the run"
+    assert not _run_survivors(port), "a process of the run outlived it"
     # torchrun names the dead rank and how it died; the placement line gives its role.
     assert f"exitcode: -9) local_rank: {victim}" in stderr, stderr[-3000:]
     assert "rlhf_pipe placement: rank 0 rollout, rank 1 actor, rank 2 critic, rank 3 reference" \
