@@ -58,10 +58,9 @@ def plain_state(model: nn.Module, optimizer, scheduler) -> dict:
     for group in optimizer.param_groups:
         for p in group["params"]:
             st = optimizer.state.get(p, {})
-            entry = {"fp32": p.detach().float().clone()}  # clone: the live tensor keeps training
+            entry = {"fp32": _host(p)}
             if "exp_avg" in st:
-                entry.update({k: st[k].detach().float().clone() for k in MOMENTS},
-                             step=float(st["step"]))
+                entry.update({k: _host(st[k]) for k in MOMENTS}, step=float(st["step"]))
             params[name_of[id(p)]] = entry
     return {"format": FORMAT, "layout": "plain", "params": params,
             "lr": [g["lr"] for g in optimizer.param_groups], "scheduler": scheduler.state_dict()}
@@ -85,6 +84,11 @@ def load_plain(model: nn.Module, optimizer, scheduler, state: dict) -> None:
         group["lr"] = lr
     optimizer.load_state_dict(target)
     scheduler.load_state_dict(state["scheduler"])
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    # A copy: the live tensor keeps training. On the host: any machine can load it.
+    return t.detach().to("cpu", torch.float32, copy=True)
 
 
 def set_lrs(optimizer, state: dict) -> None:

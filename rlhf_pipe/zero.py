@@ -453,14 +453,15 @@ class _ZeroTrainable:
         step = self._flat_step()
         if step is not None:
             self._link_moments()
-        params = {}
+        # copy: a ZeRO-3 gather is a view of a padded buffer (torch.save would keep it all)
+        host = functools.partial(torch.Tensor.to, device="cpu", dtype=torch.float32, copy=True)
+        named, params = dict(self.model.named_parameters()), {}
         for name in optim_state.trained_names(self.model):
-            p = self._params[name]
-            # clone: a ZeRO-3 gather is a view of a padded buffer (torch.save keeps it all)
-            entry = {"fp32": safe_get_full_fp32_param(p).detach().float().cpu().clone()}
+            p = named[name]
+            entry = {"fp32": host(safe_get_full_fp32_param(p).detach())}
             if step is not None:
-                entry.update({k: safe_get_full_optimizer_state(p, k).detach().float().cpu()
-                              .clone() for k in optim_state.MOMENTS}, step=step)
+                entry.update({k: host(safe_get_full_optimizer_state(p, k).detach())
+                              for k in optim_state.MOMENTS}, step=step)
             params[name] = entry
         if self.dp_rank != 0:
             return {"dp_rank": self.dp_rank}
@@ -499,16 +500,12 @@ class _ZeroTrainable:
         return list(self.zero.fp32_partitioned_groups_flat if self.stage == 3
                     else self.zero.single_partition_of_fp32_groups)
 
-    @property
-    def _params(self) -> dict:
-        return dict(self.model.named_parameters())
-
     def _flat_step(self) -> float | None:
-        """Adam's step count (one per flat partition, equal across them); None: never stepped."""
+        """Adam's step count; None: never stepped. ZeRO steps all its flat partitions at once,
+        so their counts are equal."""
         base = self.zero.optimizer
-        steps = {float(base.state[f]["step"]) for f in self._flats()
-                 if "step" in base.state.get(f, {})}
-        return steps.pop() if len(steps) == 1 else None
+        return max((float(base.state[f]["step"]) for f in self._flats()
+                    if "step" in base.state.get(f, {})), default=None)
 
     def _load_universal(self, state: dict) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -518,7 +515,7 @@ class _ZeroTrainable:
         step = optim_state.common_step(state)
         if step is not None:
             self._init_flat_state(step)
-        params = self._params
+        params = dict(self.model.named_parameters())
         for name in names:  # setting is local to each rank: every rank keeps its own slice
             p, entry = params[name], state["params"][name]
             safe_set_full_fp32_param(p, entry["fp32"].to(self.device, torch.float32))
