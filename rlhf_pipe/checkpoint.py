@@ -2,7 +2,8 @@
 
 Layout of `<work_dir>/checkpoints/step_NNNNNN/`:
     actor/, critic/        plain HF folders (weights, config, tokenizer)
-    trainer_state.pt       optimizer and scheduler states, data position, RNG states,
+    trainer_state.pt       optimizer state by parameter name (rlhf_pipe/optim_state.py: loads
+                           into any layout) and scheduler state, data position, RNG states,
                            running reward statistics, step, policy version
     COMPLETE               written last; a folder without it is never resumed from
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rlhf_pipe import lora
+from rlhf_pipe import lora, optim_state
 from rlhf_pipe.checkpoint import CheckpointError
 from rlhf_pipe.models import response_logits, save_hf, sequence_scores, token_values
 from rlhf_pipe.pipeline.batch import Sample, chunks, collate, pad_field
@@ -131,13 +131,18 @@ class _Trainable:
         save_hf(self.model, out_dir)
 
     def training_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        # By parameter name: loads into plain or ZeRO roles of any data-parallel size.
+        return optim_state.plain_state(self.model, self.optimizer, self.scheduler)
 
     def load_training_state(self, state: dict) -> None:
-        if "optimizer" not in state:  # written under DeepSpeed (rlhf_pipe.zero)
-            raise CheckpointError("the checkpoint's optimizer state is DeepSpeed ZeRO's, this "
-                                  "run has no deepspeed_config: resume with the same one")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if optim_state.is_universal(state):
+            optim_state.load_plain(self.model, self.optimizer, self.scheduler, state)
+            return
+        if "optimizer" not in state:  # the per-rank format ZeRO roles wrote before
+            raise CheckpointError("the checkpoint's optimizer state is DeepSpeed ZeRO's per-rank "
+                                  "format, this run has no deepspeed_config: resume with the "
+                                  "same one")
+        self.optimizer.load_state_dict(state["optimizer"])  # the format written before
         self.scheduler.load_state_dict(state["scheduler"])
 
     def load_weights_from(self, folder: str) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from rlhf_pipe import lora
-from rlhf_pipe.checkpoint import STATE_FILE, write_checkpoint
+from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, write_checkpoint
 from rlhf_pipe.config import ConfigError, RunConfig, reward_scorers
 from rlhf_pipe.data import (DataError, PromptSource, RatioSampler, RelayBuffer,
                             parse_dataset_spec, rank_by_length, read_records)
@@ -610,11 +610,14 @@ class RLHFTrainer:
         """Load a checkpoint written by `save`; the next step continues exactly."""
         path = Path(checkpoint)
         state = torch.load(path / STATE_FILE, weights_only=False)
-        self.actor.load_weights_from(str(path / "actor"))
-        self.actor.load_training_state(state["actor"])
-        if self.critic is not None:
-            self.critic.load_weights_from(str(path / "critic"))
-            self.critic.load_training_state(state["critic"])
+        for part, role in (("actor", self.actor), ("critic", self.critic)):
+            if role is None:
+                continue
+            role.load_weights_from(str(path / part))
+            try:  # by parameter name, into this run's layout (rlhf_pipe/optim_state.py)
+                role.load_training_state(state[part])
+            except CheckpointError as e:
+                raise CheckpointError(f"{path / STATE_FILE}: {part}: {e}") from None
         self.prompts.load_state_dict(state["data"])
         if self.ptx:
             if "ptx" in state:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_pipe import optim_state
 from rlhf_pipe.checkpoint import CheckpointError
 from rlhf_pipe.models import save_hf
 from rlhf_pipe.pipeline.batch import chunks
@@ -444,26 +445,113 @@ class _ZeroTrainable:
 
     @_serial
     def training_state(self) -> dict:
-        return {"zero": self.zero.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "zero_stage": self.stage, "dp_size": self.dp_size, "dp_rank": self.dp_rank}
+        """The universal state (rlhf_pipe.optim_state), gathered by parameter name. Every dp
+        rank must call it (the gathers are collectives, made in the model's parameter order);
+        the first returns the state, the others only their rank."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        step = self._flat_step()
+        if step is not None:
+            self._link_moments()
+        # copy: a ZeRO-3 gather is a view of a padded buffer (torch.save would keep it all)
+        host = functools.partial(torch.Tensor.to, device="cpu", dtype=torch.float32, copy=True)
+        named, params = dict(self.model.named_parameters()), {}
+        for name in optim_state.trained_names(self.model):
+            p = named[name]
+            entry = {"fp32": host(safe_get_full_fp32_param(p).detach())}
+            if step is not None:
+                entry.update({k: host(safe_get_full_optimizer_state(p, k).detach())
+                              for k in optim_state.MOMENTS}, step=step)
+            params[name] = entry
+        if self.dp_rank != 0:
+            return {"dp_rank": self.dp_rank}
+        return {"format": optim_state.FORMAT, "params": params,
+                "layout": f"ZeRO-{self.stage} over {self.dp_size} rank(s)",
+                "lr": [g["lr"] for g in self.optimizer.param_groups],
+                "scheduler": self.scheduler.state_dict()}
 
     @_serial
     def load_training_state(self, state: dict) -> None:
-        """`state`: one rank's training_state, or {"ranks": [...]} with every rank's."""
+        """The universal state (any layout) or the per-rank format of the same ZeRO stage and
+        dp size written before; every dp rank gets the whole `state`."""
+        if optim_state.is_universal(state):
+            self._load_universal(state)
+            return
         ranks = state.get("ranks", [state])
         first = ranks[0]
         if "zero" not in first:
-            raise CheckpointError("the checkpoint's optimizer state is plain AdamW, this run "
-                                  f"is ZeRO-{self.stage}: resume with the same deepspeed_config")
+            raise CheckpointError("the checkpoint's optimizer state is plain AdamW's per-rank "
+                                  f"format, this run is ZeRO-{self.stage}: resume with the same "
+                                  f"deepspeed_config")
         if (first["zero_stage"], len(ranks)) != (self.stage, self.dp_size):
             raise CheckpointError(
                 f"the checkpoint's optimizer state is ZeRO-{first['zero_stage']} over "
-                f"{len(ranks)} rank(s), this run is ZeRO-{self.stage} over {self.dp_size}: "
-                f"resume with the same ZeRO stage and data-parallel size")
+                f"{len(ranks)} rank(s) in the per-rank format, this run is ZeRO-{self.stage} "
+                f"over {self.dp_size}: resume with the same ZeRO stage and data-parallel size")
         ranks = sorted(ranks, key=lambda s: s["dp_rank"])
         self.zero.load_state_dict([s["zero"] for s in ranks], load_optimizer_states=True,
                                   load_from_fp32_weights=True)
         self.scheduler.load_state_dict(ranks[self.dp_rank]["scheduler"])
+        if self._flat_step() is not None:
+            self._link_moments()
+
+    # The fp32 partitions the base optimizer steps (its state is keyed by them).
+    def _flats(self) -> list:
+        return list(self.zero.fp32_partitioned_groups_flat if self.stage == 3
+                    else self.zero.single_partition_of_fp32_groups)
+
+    def _flat_step(self) -> float | None:
+        """Adam's step count; None: never stepped. ZeRO steps all its flat partitions at once,
+        so their counts are equal."""
+        base = self.zero.optimizer
+        return max((float(base.state[f]["step"]) for f in self._flats()
+                    if "step" in base.state.get(f, {})), default=None)
+
+    def _load_universal(self, state: dict) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        names = optim_state.trained_names(self.model)
+        optim_state.check_names(state, names)
+        step = optim_state.common_step(state)
+        if step is not None:
+            self._init_flat_state(step)
+        params = dict(self.model.named_parameters())
+        for name in names:  # setting is local to each rank: every rank keeps its own slice
+            p, entry = params[name], state["params"][name]
+            safe_set_full_fp32_param(p, entry["fp32"].to(self.device, torch.float32))
+            for k in optim_state.MOMENTS if step is not None else ():
+                value = entry.get(k)  # a parameter plain AdamW never stepped: zero moments
+                value = torch.zeros_like(entry["fp32"]) if value is None else value
+                safe_set_full_optimizer_state(p, value.to(self.device, torch.float32), k)
+        # The model's (bf16) weights follow the masters, as after a ZeRO step.
+        if self.stage == 3:
+            for i in range(len(self._flats())):
+                self.zero._reassign_or_swap_out_partitioned_parameters(i)
+        else:
+            self.zero.update_lp_params()
+        optim_state.set_lrs(self.optimizer, state)
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _init_flat_state(self, step: float) -> None:
+        """Adam's state for each flat partition at `step` (zero moments, filled by name next).
+        A fresh run has none until its first step: torch's AdamW and DeepSpeedCPUAdam create
+        it lazily, and ZeRO-2 links each parameter's slice of it after that first step."""
+        base = self.zero.optimizer
+        int_step = not isinstance(base, torch.optim.AdamW)  # DeepSpeedCPUAdam counts in ints
+        for flat in self._flats():
+            st = base.state[flat]
+            st["step"] = int(step) if int_step else torch.tensor(step, dtype=torch.float32)
+            for k in optim_state.MOMENTS:
+                if k not in st:
+                    st[k] = torch.zeros_like(flat)
+        self._link_moments()
+
+    def _link_moments(self) -> None:
+        """ZeRO-2 reads a parameter's moments through views into the flat state, made after
+        the first step; a new state tensor (or ZeRO's own load_state_dict) leaves them stale."""
+        if self.stage != 3:
+            self.zero._hp_optimizer_states_linked = False
+            self.zero._lazy_init_hp_params_optimizer_state()
 
 
 class ZeroPolicyRole(_ZeroTrainable, PolicyRole):

@@ -337,7 +337,7 @@ class RemoteRoleGroup:
     Under DeepSpeed (`zero_stage` set) every rank joins every train call, and under ZeRO-3
     every forward and weight gather too, with `pad_to` zero-weight passes for the ranks with
     fewer chunks: ZeRO's collectives run inside those calls (rlhf_pipe.zero). Its optimizer
-    state is partitioned, so training_state holds every rank's part."""
+    state is partitioned, so every rank joins training_state's gathers."""
 
     _ALL = ("drop_grads", "divide_grads", "apply_step", "load_training_state",
             "load_weights_from")
@@ -432,7 +432,8 @@ class RemoteRoleGroup:
     def training_state(self):
         if self._zero is None:
             return self._conns[0].call(self._name, "training_state")
-        return {"ranks": self._parallel([(c, "training_state", ()) for c in self._conns])}
+        # Every rank joins ZeRO's gathers; the first returns the whole (universal) state.
+        return self._parallel([(c, "training_state", ()) for c in self._conns])[0]
 
     def save(self, out_dir):
         # ZeRO-3: every rank gathers, the first writes.

@@ -228,3 +228,52 @@ def test_rlhf_pipe_train_launches_torchrun_for_one_node(tmp_path):
     assert "--nproc-per-node 4 -m rlhf_pipe.train" in proc.stdout
     assert "trained to step 1" in proc.stdout
     assert (tmp_path / "w" / "checkpoints" / "step_000001" / "COMPLETE").exists()
+
+
+def test_zero2_checkpoint_of_two_ranks_resumes_on_one(tmp_path, vllm_engine,
+                                                      initial_policy_weights):
+    """A ZeRO-2 actor on 2 data-parallel ranks saves; a run with the actor on 1 rank (and a
+    plain AdamW critic) resumes it for a third step, as one process resuming it does."""
+    ds = "{'zero_optimization': {'stage': 2}}"
+    two = ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2",
+           f"model_configs.policy.trainer_config.deepspeed_config={ds}",
+           f"model_configs.critic.trainer_config.deepspeed_config={ds}")
+    proc = _torchrun(5, tmp_path / "dp2", 2, two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "dp2" / "checkpoints" / "step_000002"
+    saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert saved["actor"]["layout"] == "ZeRO-2 over 2 rank(s)"  # gathered from both ranks
+
+    one = ("PIPE_MICRO_BATCH_NUM=2", f"model_configs.policy.trainer_config.deepspeed_config={ds}")
+    proc = _torchrun(4, tmp_path / "dp1", 3, one, args=("--resume", str(ckpt)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained to step 3" in proc.stdout
+    dist_ckpt = tmp_path / "dp1" / "checkpoints" / "step_000003"
+
+    # The same resume in one process: its restored moments are the saved ones, exactly.
+    from deepspeed.utils import safe_get_full_optimizer_state
+    vllm_engine.load_weights(initial_policy_weights.items(), version=0)
+    single = RLHFTrainer(tiny_config(tmp_path / "single", PIPE_MICRO_BATCH_NUM=2, **{
+        "model_configs.policy.trainer_config.deepspeed_config": ast.literal_eval(ds)}),
+        engine=vllm_engine, console=False)
+    single.resume(ckpt)
+    params = dict(single.actor.model.named_parameters())
+    for name, entry in saved["actor"]["params"].items():
+        assert torch.equal(safe_get_full_optimizer_state(params[name], "exp_avg"),
+                           entry["exp_avg"]), name
+    single.learn(3)
+    single.close()
+    # After step 3 the torchrun run holds the same weights and Adam moments, bit for bit (as
+    # for "one rank per role" above): its ranks restored the same state.
+    state = torch.load(dist_ckpt / "trainer_state.pt", weights_only=False)
+    for part, role in (("actor", single.actor), ("critic", single.critic)):
+        a = _weights(dist_ckpt / part)
+        b = _weights(tmp_path / "single" / "run" / "checkpoints" / "step_000003" / part)
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        moments = state[part]["params"]
+        mine = role.training_state()["params"]
+        mdiff = max((moments[n]["exp_avg"] - mine[n]["exp_avg"]).abs().max().item()
+                    for n in moments)
+        print(f"dp 2 -> dp 1 resume, torchrun vs one process: {part} weights {diff:.3g}, "
+              f"exp_avg {mdiff:.3g}")
+        assert diff == 0.0 and mdiff == 0.0, (part, diff, mdiff)

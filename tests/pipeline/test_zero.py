@@ -5,7 +5,6 @@ sync and resume, gradient checkpointing."""
 import pytest
 import torch
 
-from rlhf_pipe.checkpoint import CheckpointError
 from rlhf_pipe.trainer import RLHFTrainer
 from rlhf_pipe.zero import _named_full_weights
 from tests.conftest import tiny_config
@@ -90,16 +89,13 @@ def test_zero3_trains_syncs_vllm_and_resumes(tmp_path, vllm_engine, initial_poli
     for part in ("actor", "critic"):
         assert all(torch.equal(z3[part][k], resumed[part][k]) for k in z3[part]), \
             (part, _max_diff(z3[part], resumed[part]))
-    # Optimizer state is per ZeRO stage and data-parallel size: another stage is refused.
+    # The optimizer state is kept by parameter name, so a ZeRO-2 run resumes from it too
+    # (tests/pipeline/test_adaptive_checkpoint.py trains on after such resumes).
     other = RLHFTrainer(tiny_config(tmp_path / "other", **_both(_ds(2))), engine=vllm_engine,
                         console=False)
-    with pytest.raises(CheckpointError, match="ZeRO-3 over 1 rank.*this run is ZeRO-2 over 1"):
-        other.resume(ckpt)
+    other.resume(ckpt)
+    assert (other.step_index, other.version) == (1, 1)
     other.close()
-    plain_run = RLHFTrainer(tiny_config(tmp_path / "plain2"), engine=vllm_engine, console=False)
-    with pytest.raises(CheckpointError, match="ZeRO's, this run has no deepspeed_config"):
-        plain_run.resume(ckpt)
-    plain_run.close()
 
 
 def test_gradient_checkpointing_gives_the_same_weights(tmp_path, vllm_engine,
