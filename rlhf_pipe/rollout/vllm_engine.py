@@ -26,54 +26,32 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP
                   "MASTER_ADDR", "MASTER_PORT")
 
 
-def _generate_to_queue(self, prompts=None, sampling_params=None, prompt_token_ids=None,
-                       use_tqdm=True, lora_request=None, queue=None):
-    """Like `generate`, but `queue.put(output)` for each request as soon as it finishes."""
-    if prompts is None and prompt_token_ids is None:
-        raise ValueError("Either prompts or prompt_token_ids must be provided.")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if prompts is not None and prompt_token_ids is not None:
-        if len(prompts) != len(prompt_token_ids):
-            raise ValueError("The lengths of prompts and prompt_token_ids must be the same.")
-        inputs = [{"prompt": p, "prompt_token_ids": list(ids)}
-                  for p, ids in zip(prompts, prompt_token_ids)]
-    elif prompts is not None:
-        inputs = list(prompts)
-    else:
-        inputs = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
-    self.enqueue(inputs, sampling_params, lora_request=lora_request, use_tqdm=False)
-
-    pbar = None
-    if use_tqdm:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=self.llm_engine.get_num_unfinished_requests(),
-                    desc="Processed prompts", dynamic_ncols=True)
-    outputs = []
-    while self.llm_engine.has_unfinished_requests():
-        for output in self.llm_engine.step():
-            if output.finished:
-                outputs.append(output)
-                if queue is not None:
-                    queue.put(output)
-                if pbar is not None:
-                    pbar.update(1)
-    if pbar is not None:
-        pbar.close()
-    # Requests finish out of order; the return value keeps `generate`'s order.
-    return sorted(outputs, key=lambda o: int(o.request_id))
-
-
 def ensure_generate_to_queue(llm_cls) -> str:
     """Give `llm_cls` a `generate_to_queue`; returns 'patched' or 'runtime'."""
     if "generate_to_queue" in vars(llm_cls):
         if getattr(llm_cls.generate_to_queue, "__rlhf_pipe_runtime__", False):
             return "runtime"
         return "patched"
-    _generate_to_queue.__rlhf_pipe_runtime__ = True
-    llm_cls.generate_to_queue = _generate_to_queue
+    for name, method in _runtime_methods().items():
+        method.__rlhf_pipe_runtime__ = True
+        setattr(llm_cls, name, method)
     return "runtime"
+
+
+def _runtime_methods() -> dict:
+    """The patch tool's V1 block (rlhf_pipe.vllm_patch.methods), compiled against the names of
+    vLLM's own `llm` module: the method added at run time is the patched method, line for
+    line, so one text is tested for both."""
+    import textwrap
+
+    import vllm.entrypoints.llm as llm_module
+
+    from rlhf_pipe.vllm_patch.methods import V1_BLOCK
+
+    code = compile(textwrap.dedent(V1_BLOCK), "<rlhf_pipe generate_to_queue>", "exec")
+    namespace: dict = {}
+    exec(code, dict(vars(llm_module)), namespace)
+    return {name: namespace[name] for name in ("generate_to_queue", "_run_engine_to_queue")}
 
 
 def _vllm_version() -> str:
