@@ -7,13 +7,14 @@ import time
 import pytest
 import torch
 
-from rlhf_pipe.dist.weight_sync import _together
+from rlhf_pipe.dist.remote import run_all
 from rlhf_pipe.rollout.nccl_sync import bucket_layout
 
 
 def test_bucket_layout_packs_in_order_by_dtype_and_size():
-    named = [("a", torch.zeros(4, 4)), ("b", torch.zeros(8)), ("c", torch.zeros(2, dtype=torch.bfloat16)),
-             ("d", torch.zeros(100)), ("e", torch.zeros(3))]
+    named = [("a", torch.zeros(4, 4)), ("b", torch.zeros(8)),
+             ("c", torch.zeros(2, dtype=torch.bfloat16)), ("d", torch.zeros(100)),
+             ("e", torch.zeros(3))]
     layout = bucket_layout(named, bucket_bytes=100)
     # a (64 B) + b (32 B) fit in 100 B; c changes dtype; d (400 B) is alone; e starts anew.
     assert [[n for n, *_ in entries] for _, entries, _ in layout] == [["a", "b"], ["c"], ["d"],
@@ -37,7 +38,7 @@ def test_a_peer_that_never_joins_is_an_error_within_the_deadline():
     never = threading.Event()
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="no progress broadcasting for 1 s"):
-        _together([lambda: None, never.wait], 1.0, "broadcasting")
+        run_all([lambda: None, never.wait], 1.0, "broadcasting")
     assert time.monotonic() - start < 3
 
 
@@ -46,4 +47,4 @@ def test_the_first_error_of_a_side_is_raised():
         raise RuntimeError("actor rank gone")
 
     with pytest.raises(RuntimeError, match="actor rank gone"):
-        _together([fail, lambda: None], 5.0, "broadcasting")
+        run_all([fail, lambda: None], 5.0, "broadcasting")

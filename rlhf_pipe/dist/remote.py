@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import traceback
 
 import torch
@@ -278,6 +279,33 @@ def serve_engine(engine, controller: int, group) -> None:
         _send(reply, controller, group)
 
 
+def run_all(fns, timeout_s: float | None = None, what: str = "") -> list:
+    """Call every fn in its own thread; return their results in order, or raise the first
+    error once all have returned. With `timeout_s`, a call still running at the deadline is an
+    error (a peer blocked in NCCL, which has no timeout of its own)."""
+    results, errors = [None] * len(fns), []
+
+    def body(i, fn):
+        try:
+            results[i] = fn()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(i, fn), daemon=True)
+               for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for t in threads:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads) and not errors:
+        raise TimeoutError(f"no progress {what} for {timeout_s:.0f} s "
+                           f"(train_config.stage_timeout_s)")
+    if errors:
+        raise errors[0]
+    return results
+
+
 class EnginePool:
     """Several engines behind the one-engine interface. Prompts are dealt round-robin; every
     engine streams into the same sink, so micro-batches form in completion order across
@@ -308,22 +336,7 @@ class EnginePool:
                           "gbps": nbytes / max(seconds, 1e-9) / 1e9}
 
     def _each(self, fn, parts) -> None:
-        errors: list[BaseException] = []
-
-        def body(engine, part):
-            try:
-                fn(engine, part)
-            except BaseException as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=body, args=(e, p), daemon=True)
-                   for e, p in zip(self.engines, parts)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        run_all([lambda e=e, p=p: fn(e, p) for e, p in zip(self.engines, parts)])
 
 
 # ----------------------------------------------------------------------------- data parallel
@@ -359,23 +372,8 @@ class RemoteRoleGroup:
             return self._parallel_unordered(calls)
 
     def _parallel_unordered(self, calls: list[tuple]) -> list:
-        results, errors = [None] * len(calls), []
-
-        def body(i, conn, method, args, kwargs=None):
-            try:
-                results[i] = conn.call(self._name, method, args, kwargs)
-            except BaseException as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=body, args=(i, *c), daemon=True)
-                   for i, c in enumerate(calls)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
+        # A call is (conn, method, args) or (conn, method, args, kwargs).
+        return run_all([lambda c=c: c[0].call(self._name, *c[1:]) for c in calls])
 
     def _deal(self, items: list, size: int) -> list[list[int]]:
         """Indices of `items` per rank: chunk j of `size` goes to rank j % dp."""

@@ -9,8 +9,9 @@ onwards; the actor is rank 0.
 
 from __future__ import annotations
 
-import threading
 import time
+
+from rlhf_pipe.dist.remote import run_all
 
 
 class NcclWeightSync:
@@ -25,9 +26,10 @@ class NcclWeightSync:
         host, port = self.actor.weight_sync_address()
         world = 1 + sum(self.tp_sizes)
         offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.engines))]
-        _together([lambda: self.actor.init_weight_sender(host, port, world)] + [
+        run_all([lambda: self.actor.init_weight_sender(host, port, world)] + [
             (lambda e=e, off=off: e.init_weight_group(host, port, off, world))
-            for e, off in zip(self.engines, offsets)], self.timeout_s, "joining the group")
+            for e, off in zip(self.engines, offsets)], self.timeout_s,
+            "joining the NCCL weight-sync group")
         # The layout is fixed for the run: names, shapes and dtypes do not change.
         self.layout = self.actor.weight_layout(self.bucket_bytes)
 
@@ -35,39 +37,10 @@ class NcclWeightSync:
         if self.layout is None:
             self._init()
         start = time.perf_counter()
-        sent = [0]
-
-        def send():
-            sent[0] = self.actor.broadcast_weights(self.layout)
-
-        _together([send] + [(lambda e=e: e.receive_weights(self.layout, version))
-                            for e in self.engines], self.timeout_s, "broadcasting")
+        sent = run_all([lambda: self.actor.broadcast_weights(self.layout)] + [
+            (lambda e=e: e.receive_weights(self.layout, version)) for e in self.engines],
+            self.timeout_s, "broadcasting the NCCL weight sync")[0]
         seconds = time.perf_counter() - start
-        self.last_sync = {"seconds": seconds, "bytes": sent[0],
-                          "gbps": sent[0] / max(seconds, 1e-9) / 1e9}
+        self.last_sync = {"seconds": seconds, "bytes": sent,
+                          "gbps": sent / max(seconds, 1e-9) / 1e9}
         return self.last_sync
-
-
-def _together(calls, timeout_s: float, what: str) -> None:
-    """Run the calls in threads and raise the first error once all have returned. A side
-    that died leaves the others blocked in NCCL, which has no timeout: the deadline turns
-    that into an error (the run then stops and torchrun ends every rank)."""
-    errors: list[BaseException] = []
-
-    def body(fn):
-        try:
-            fn()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=body, args=(fn,), daemon=True) for fn in calls]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout_s
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() for t in threads) and not errors:
-        raise TimeoutError(f"NCCL weight sync: no progress {what} for {timeout_s:.0f} s "
-                           f"(train_config.stage_timeout_s)")
-    if errors:
-        raise errors[0]
