@@ -253,6 +253,10 @@ class TrainConfig:
     # torchrun: "nccl" broadcasts GPU to GPU; "gloo" goes through the controller's host memory;
     # "auto" takes nccl when the actor and every engine are on distinct GPUs.
     weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Model batches as the chunk's samples back to back in one row (no padding tokens) or
+    # padded rows. 'auto' packs every model that keeps packed samples apart
+    # (rlhf_pipe.models.packing_supported) and pads the others; True fails for those.
+    pack_sequences: Union[Literal["auto"], bool] = "auto"
     tensorboard: bool = True
     progress_bar: bool = True
     # ChatLearn's StreamDataset and relay buffer (README "Stream data and the relay buffer").
@@ -275,6 +279,7 @@ class PlacementConfig:
     """
     colocate_actor_ref: bool = False
     colocate_critic_reward: bool = False
+    colocate_actor_critic: bool = False  # critic on the actor's ranks, in its process
     ref_reward_offload: bool = False   # reference/reward weights to CPU between uses
     colocate_all: bool = False         # every role on the same GPUs (e.g. one GPU)
     gpus_per_node: int = field(default=8, metadata=_ge(1))

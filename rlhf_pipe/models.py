@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rlhf_pipe.pipeline.batch import PaddedBatch
+from rlhf_pipe.pipeline.batch import PackedBatch, PaddedBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,29 +115,65 @@ def _value_head(model: nn.Module) -> nn.Module:
     raise ModelLoadError(f"{type(model).__name__}: no scalar value head found")
 
 
-def response_logits(model: nn.Module, batch: PaddedBatch) -> Tensor:
-    """Logits that predict each response token: (b, R, V)."""
+def response_logits(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tensor:
+    """Logits that predict each response token: (b, R, V) padded, (N, V) packed. Either way
+    `batch.labels` has the matching shape and `batch.rows` turns per-token results to (b, R)."""
+    if isinstance(batch, PackedBatch):
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                    logits_to_keep=batch.predict_index, use_cache=False)
+        return out.logits[0]
     R = batch.response_width
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False)
     return out.logits[:, :-1]  # position t predicts token t + 1
 
 
-def token_values(model: nn.Module, batch: PaddedBatch) -> Tensor:
+def _hidden(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tensor:
+    return _trunk(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids, use_cache=False).last_hidden_state
+
+
+def token_values(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tensor:
     """Critic value of the state before each response token: (b, R)."""
+    hidden = _hidden(model, batch)
+    if isinstance(batch, PackedBatch):
+        return batch.rows(_value_head(model)(hidden[0, batch.predict_index]).squeeze(-1).float())
     R, P = batch.response_width, batch.prompt_width
-    hidden = _trunk(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False).last_hidden_state
     return _value_head(model)(hidden[:, P - 1:P - 1 + R]).squeeze(-1).float()
 
 
-def sequence_scores(model: nn.Module, batch: PaddedBatch) -> Tensor:
-    """Reward-model score read at each row's last real token: (b,)."""
-    hidden = _trunk(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    last = hidden[rows, batch.last_index]  # (b, H)
+def sequence_scores(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tensor:
+    """Reward-model score read at each sample's last real token: (b,)."""
+    hidden = _hidden(model, batch)
+    if isinstance(batch, PackedBatch):
+        last = hidden[0, batch.last_index]
+    else:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, batch.last_index]  # (b, H)
     return _value_head(model)(last).squeeze(-1).float()
+
+
+# Attention implementations that honour transformers' packed-sequence masks.
+_PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def packing_supported(model: nn.Module) -> tuple[bool, str]:
+    """Whether `model` keeps packed samples apart, and if not, why.
+
+    transformers' own decoder models build their causal mask with `masking_utils`, which turns
+    position ids that restart at 0 into a block-diagonal mask when no attention mask is given.
+    Code loaded with trust_remote_code builds its own mask and would let the samples of a row
+    attend to each other, silently: such models are padded instead."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine
+    if hasattr(inner, "get_base_model"):     # a peft model
+        inner = inner.get_base_model()
+    module = type(inner).__module__
+    if not module.startswith("transformers.models."):
+        return False, f"{type(inner).__name__} comes from {module}, not from transformers"
+    attention = getattr(inner.config, "_attn_implementation", None)
+    if attention not in _PACKING_ATTENTION:
+        return False, f"attention implementation {attention!r} does not take packed sequences"
+    return True, ""
 
 
 def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,

@@ -36,6 +36,9 @@ Layout rules:
    over the host's nodes:
        colocate_actor_ref      reference on the actor's ranks
        colocate_critic_reward  reward on the critic's ranks
+       colocate_actor_critic   critic on the actor's ranks (and with it a reward colocated
+                               with the critic). One process then runs both models' work in
+                               turn instead of two processes time-slicing the GPU.
        colocate_all            every role on the actor's ranks. The rollout GPUs (engines x tp)
                                must equal the actor's dp size, so that the engines tile the
                                actor's ranks. This is the 1-GPU layout.
@@ -244,13 +247,18 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
         for role in ROLES:
             if role != "actor" and role in specs and specs[role].on_gpu:
                 specs[role] = _with_host(specs[role], "actor")
-        if pc.colocate_actor_ref or pc.colocate_critic_reward:
-            notes.append("colocate_all: colocate_actor_ref / colocate_critic_reward are implied")
+        if pc.colocate_actor_ref or pc.colocate_critic_reward or pc.colocate_actor_critic:
+            notes.append("colocate_all: colocate_actor_ref / colocate_critic_reward / "
+                         "colocate_actor_critic are implied")
     else:
         if pc.colocate_actor_ref:
             colocate("reference", "actor", "colocate_actor_ref")
+        if pc.colocate_actor_critic:
+            colocate("critic", "actor", "colocate_actor_critic")
         if pc.colocate_critic_reward:
-            colocate("reward", "critic", "colocate_critic_reward")
+            # On a colocated critic's ranks means on the actor's.
+            host = (specs["critic"].host if "critic" in specs else None) or "critic"
+            colocate("reward", host, "colocate_critic_reward")
     if pc.ref_reward_offload and not any(specs.get(r) and specs[r].host
                                          for r in ("reference", "reward")):
         notes.append("ref_reward_offload: reference and reward have GPUs of their own, "

@@ -10,6 +10,7 @@ per step.
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ from torch import Tensor, nn
 
 from rlhf_pipe import lora, optim_state
 from rlhf_pipe.checkpoint import CheckpointError
-from rlhf_pipe.models import response_logits, save_hf, sequence_scores, token_values
+from rlhf_pipe.models import (packing_supported, response_logits, save_hf, sequence_scores,
+                              token_values)
 from rlhf_pipe.pipeline.batch import Sample, chunks, collate, pad_field
 from rlhf_pipe.ppo import core
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ def warmup_schedule(opt, warmup_steps: int):
 
 class _Trainable:
     model: nn.Module
+    packed = False  # chunks as PackedBatch (see choose_packing); set by the builder
 
     def __init__(self, model, pad_id: int, *, lr, betas, eps, weight_decay, warmup_steps,
                  max_grad_norm, infer_micro_bs: int, train_micro_bs: int):
@@ -169,17 +174,16 @@ class PolicyRole(_Trainable):
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[Tensor]:
         return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
-                           lambda b: core.logprobs_from_logits(
-                               response_logits(self.model, b), _labels(b)))
+                           lambda b: _logprobs(self.model, b), self.packed)
 
     def train(self, samples: list[Sample], loss: LossSettings, num_samples: int) -> dict:
         """Forward + backward over `samples` in train chunks; grads accumulate."""
         sums = _Sums()
         for chunk in chunks(samples, self.train_micro_bs):
-            b = collate(chunk, self.pad_id).to(self.device)
+            b = collate(chunk, self.pad_id, self.packed).to(self.device)
             with lora.dropout_active(self.model):
                 logits = response_logits(self.model, b)
-            logp = core.logprobs_from_logits(logits, _labels(b))
+            logp = b.rows(core.logprobs_from_logits(logits, b.labels))
             R, mask = b.response_width, b.response_mask
             old = pad_field(chunk, "old_logp", R).to(self.device)
             adv = pad_field(chunk, "advantages", R).to(self.device)
@@ -193,7 +197,7 @@ class PolicyRole(_Trainable):
             with torch.no_grad():
                 sums.add(policy_loss=core.masked_sum(per_token, mask),
                          clip_frac=core.masked_sum(clipped, mask),
-                         entropy=core.masked_sum(core.entropy_from_logits(logits), mask),
+                         entropy=core.masked_sum(b.rows(core.entropy_from_logits(logits)), mask),
                          approx_kl=core.masked_sum(0.5 * (logp - old) ** 2, mask),
                          tokens=mask.sum())
         return sums.values
@@ -253,12 +257,12 @@ class CriticRole(_Trainable):
     @torch.no_grad()
     def values(self, samples: list[Sample]) -> list[Tensor]:
         return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
-                           lambda b: token_values(self.model, b))
+                           lambda b: token_values(self.model, b), self.packed)
 
     def train(self, samples: list[Sample], loss: LossSettings, num_samples: int) -> dict:
         sums = _Sums()
         for chunk in chunks(samples, self.train_micro_bs):
-            b = collate(chunk, self.pad_id).to(self.device)
+            b = collate(chunk, self.pad_id, self.packed).to(self.device)
             with lora.dropout_active(self.model):
                 values = token_values(self.model, b)
             R, mask = b.response_width, b.response_mask
@@ -277,6 +281,8 @@ class ReferenceRole:
     """`offload`: the weights wait in host memory between calls (placement_config.
     ref_reward_offload), so a GPU shared with training holds them only while they run."""
 
+    packed = False
+
     def __init__(self, model, pad_id: int, infer_micro_bs: int, offload: bool = False):
         self.model, self.pad_id, self.infer_micro_bs = model.eval(), pad_id, infer_micro_bs
         self.model.requires_grad_(False)
@@ -289,8 +295,7 @@ class ReferenceRole:
     def logprobs(self, samples: list[Sample]) -> list[Tensor]:
         with on_device(self.model, self.device, self.offload):
             return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
-                               lambda b: core.logprobs_from_logits(
-                                   response_logits(self.model, b), _labels(b)))
+                               lambda b: _logprobs(self.model, b), self.packed)
 
 
 @contextmanager
@@ -331,6 +336,7 @@ class RewardRole:
             raise ValueError("a reward role needs at least one scorer")
         self.scorers, self.pad_id, self.infer_micro_bs = list(scorers), pad_id, infer_micro_bs
         self.offload = offload  # learned scorers wait in host memory (see ReferenceRole)
+        self.packed_scorers: set[str] = set()  # learned scorers run on PackedBatch chunks
         self._devices = {}
         for sc in self.scorers:
             if sc.kind == "model":
@@ -364,7 +370,7 @@ class RewardRole:
             out = []
             with on_device(sc.impl, device, self.offload):
                 for chunk in chunks(samples, self.infer_micro_bs):
-                    b = collate(chunk, self.pad_id).to(device)
+                    b = collate(chunk, self.pad_id, sc.name in self.packed_scorers).to(device)
                     out.append(sequence_scores(sc.impl, b).float().cpu())  # one copy per chunk
             return torch.cat(out)
         values = sc.impl([s.prompt_text for s in samples], [s.response_text for s in samples])
@@ -376,14 +382,28 @@ class RewardRole:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _labels(b) -> Tensor:
-    return b.input_ids[:, b.prompt_width:]
+def choose_packing(model: nn.Module, mode, role: str, source: str = "config") -> bool:
+    """train_config.pack_sequences for one model: True packs or fails in one line, 'auto'
+    packs where the model keeps packed samples apart, False pads."""
+    if mode is False:
+        return False
+    ok, why = packing_supported(model)
+    if not ok and mode is True:
+        raise ValueError(f"{source}: train_config.pack_sequences=True, but {role} cannot pack: "
+                         f"{why}")
+    if not ok:
+        log.info("%s: padded batches, not packed (%s)", role, why)
+    return ok
 
 
-def _per_sample(samples, size, pad_id, device, fn) -> list[Tensor]:
+def _logprobs(model, b) -> Tensor:
+    return b.rows(core.logprobs_from_logits(response_logits(model, b), b.labels))
+
+
+def _per_sample(samples, size, pad_id, device, fn, packed: bool) -> list[Tensor]:
     out = []
     for chunk in chunks(samples, size):
-        b = collate(chunk, pad_id).to(device)
+        b = collate(chunk, pad_id, packed).to(device)
         rows = fn(b).float().cpu()  # one device->host copy per chunk
         out.extend(rows[i, :s.num_actions].clone() for i, s in enumerate(chunk))
     return out

@@ -36,7 +36,7 @@ from rlhf_pipe.models import (check_tokenizer_matches, enable_gradient_checkpoin
 from rlhf_pipe.pipeline.stages import (STAGES, AdvantageSettings, StepOutput, StepPipeline,
                                        StepPlan)
 from rlhf_pipe.roles import (CriticRole, LossSettings, PolicyRole, ReferenceRole, RewardRole,
-                             Scorer)
+                             Scorer, choose_packing)
 from rlhf_pipe.rollout.types import Completion, SamplingSettings
 
 
@@ -139,6 +139,13 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None,
                                              dp_group=groups.get(name))
             if reward_fn is not None:
                 roles[name].set_function(reward_fn)
+            roles[name].packed_scorers = {
+                sc.name for sc in scorers
+                if sc.kind == "model" and choose_packing(sc.impl, t.pack_sequences,
+                                                         f"reward scorer {sc.name}", cfg.source)}
+            continue
+        if name in roles:
+            roles[name].packed = choose_packing(model, t.pack_sequences, name, cfg.source)
     return roles
 
 

@@ -258,6 +258,16 @@ def test_reward_fn_needs_no_gpu_and_colocation_of_it_is_a_note():
     assert not failed(p)
 
 
+def test_critic_with_the_actor_takes_a_colocated_reward_along(tiny_assets):
+    p = plan(TINY_CONFIG, {"placement_config.colocate_actor_critic": True,
+                           "placement_config.colocate_critic_reward": True,
+                           "model_configs.reward.model_path": str(tiny_assets.reward)})
+    assert p.world_size == 3  # rollout, actor (+ critic + reward), reference
+    assert p.roles_of(1) == ("actor", "critic", "reward")
+    assert p.roles["critic"].host == "actor" and p.roles["reward"].host == "actor"
+    assert not failed(p)
+
+
 def test_critic_free_config_has_no_critic_role():
     p = plan(TINY_CONFIG, {"model_configs.critic": None, "repeater_config.algorithm": "grpo",
                            "rollout_config.n": 4, "placement_config.colocate_critic_reward": True})

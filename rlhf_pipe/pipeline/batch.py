@@ -4,8 +4,13 @@ A `Sample` keeps its own unpadded tensors, so any stage can regroup samples (for
 train chunks, PPO mini-batches) and padding depends only on the chunk, never on how the
 pipeline happened to slice the step. That is what makes pipelined == serial.
 
+A chunk becomes either a `PaddedBatch` (rows padded to the chunk's widest prompt and answer)
+or a `PackedBatch` (the samples back to back in one row, no padding; see `collate`). Both give
+per-token results in the same (b, R) layout through `labels` and `rows`, so the losses never
+know which one ran.
+
 Notation: b = samples in a chunk, P = padded prompt width, R = padded response width,
-P_i / R_i = one sample's own lengths.
+P_i / R_i = one sample's own lengths, T = sum of P_i + R_i, N = sum of R_i.
 """
 
 from __future__ import annotations
@@ -67,13 +72,89 @@ class PaddedBatch:
     def response_width(self) -> int:
         return self.response_mask.shape[1]
 
+    @property
+    def labels(self) -> Tensor:
+        """(b, R) the response tokens, padding where a row's answer is shorter."""
+        return self.input_ids[:, self.prompt_width:]
+
+    def rows(self, per_token: Tensor) -> Tensor:
+        """Per-token results, computed in this batch's layout, as (b, R)."""
+        return per_token
+
     def to(self, device) -> "PaddedBatch":
         return PaddedBatch(self.input_ids.to(device), self.attention_mask.to(device),
                            self.position_ids.to(device), self.response_mask.to(device),
                            self.prompt_width, self.last_index.to(device))
 
 
-def collate(samples: list[Sample], pad_id: int) -> PaddedBatch:
+@dataclass
+class PackedBatch:
+    """A chunk's samples back to back in one row, without padding.
+
+    position_ids restart at 0 with each sample; with no attention mask, transformers reads
+    that as packed sequences and attends only within each sample (see
+    `rlhf_pipe.models.packing_supported`). Model outputs are taken only at the N positions
+    that predict response tokens, in sample order, and `rows` scatters them into (b, R).
+    """
+    input_ids: Tensor        # (1, T)
+    position_ids: Tensor     # (1, T)
+    response_mask: Tensor    # (b, R) float, 1 on real response tokens
+    predict_index: Tensor    # (N,) position in the row whose output predicts each response token
+    token_row: Tensor        # (N,) which sample each response token belongs to
+    token_col: Tensor        # (N,) its place within that sample's answer
+    last_index: Tensor       # (b,) position of each sample's last real token
+    attention_mask = None    # packed: the position ids carry the sample boundaries
+
+    @property
+    def response_width(self) -> int:
+        return self.response_mask.shape[1]
+
+    @property
+    def labels(self) -> Tensor:
+        """(N,) the response tokens, sample after sample."""
+        return self.input_ids[0, self.predict_index + 1]
+
+    def rows(self, per_token: Tensor) -> Tensor:
+        """(N,) per-token results -> (b, R), zero past each answer's end (differentiable)."""
+        out = per_token.new_zeros(self.response_mask.shape)
+        return out.index_put((self.token_row, self.token_col), per_token)
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device),
+                           self.response_mask.to(device), self.predict_index.to(device),
+                           self.token_row.to(device), self.token_col.to(device),
+                           self.last_index.to(device))
+
+
+def collate(samples: list[Sample], pad_id: int, packed: bool = False) -> PaddedBatch | PackedBatch:
+    """One model batch of `samples`: packed into one row, or padded (prompts on the left)."""
+    if packed:
+        return _pack(samples)
+    return _pad(samples, pad_id)
+
+
+def _pack(samples: list[Sample]) -> PackedBatch:
+    ids, positions, predict, token_row, token_col, last = [], [], [], [], [], []
+    start = 0
+    for i, s in enumerate(samples):
+        p, r = int(s.prompt_ids.numel()), s.num_actions
+        ids += [s.prompt_ids, s.response_ids]
+        positions.append(torch.arange(p + r))
+        predict.append(torch.arange(start + p - 1, start + p - 1 + r))
+        token_row.append(torch.full((r,), i, dtype=torch.long))
+        token_col.append(torch.arange(r))
+        last.append(start + p + r - 1)
+        start += p + r
+    R = max(max(s.num_actions for s in samples), 1)
+    response_mask = torch.zeros((len(samples), R), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        response_mask[i, :s.num_actions] = 1
+    return PackedBatch(torch.cat(ids).long().unsqueeze(0), torch.cat(positions).unsqueeze(0),
+                       response_mask, torch.cat(predict), torch.cat(token_row),
+                       torch.cat(token_col), torch.tensor(last, dtype=torch.long))
+
+
+def _pad(samples: list[Sample], pad_id: int) -> PaddedBatch:
     P = max(int(s.prompt_ids.numel()) for s in samples)
     R = max(max(s.num_actions for s in samples), 1)
     b = len(samples)

@@ -61,6 +61,9 @@ def _single_process(tmp_path, engine, initial, steps, **over):
     # A learned reward model on the critic's rank (REWARD: the tiny reward model's folder).
     ("critic and reward model colocated", 4,
      ("placement_config.colocate_critic_reward=True", "model_configs.reward.model_path=REWARD")),
+    # Actor, critic and reference in one process: their calls take turns on that rank.
+    ("actor, critic and reference in one process", 2,
+     ("placement_config.colocate_actor_ref=True", "placement_config.colocate_actor_critic=True")),
     ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
     ("actor on two data-parallel ranks", 5,
      ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2")),

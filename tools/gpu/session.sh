@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Phases of one GPU session on a lent machine (../shared/gpu/README.md), each one `run` call:
-#   tools/gpu/session.sh install|tests|bench2|bench1 [OUT]
+#   tools/gpu/session.sh install|tests|bench2|bench1
 # `install` expects /tmp/stage to hold the three parts. Logs and results go to $OUT.
+# Bench knobs (environment): PIPES (1,2,4,8), STEPS (3), TAG (suffix of the output names),
+# EXTRA (more arguments, e.g. "--set train_config.pack_sequences=False"), NPROC (bench2: 4).
 set -uo pipefail
 phase=$1
 out=${OUT:-/tmp/out}
@@ -30,14 +32,14 @@ tests)
     ;;
 bench2)
     cfg=benchmarks/configs/qwen2_0_5b_shape_2gpu.py
-    cmd="python3 -m torch.distributed.run --nproc-per-node 4 -m rlhf_pipe.train $cfg --bench ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_2gpu${TAG:-} ${EXTRA:-}"
+    cmd="python3 -m torch.distributed.run --nproc-per-node ${NPROC:-4} -m rlhf_pipe.train $cfg --bench ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_2gpu${TAG:-} ${EXTRA:-}"
     { header "$cmd"; timeout 560 $cmd; } > "$out/bench_2gpu${TAG:-}.log" 2>&1
     grep -E "^pipe |bench: pipe|weight sync|error|Error" "$out/bench_2gpu${TAG:-}.log" | tail -30
     ;;
 bench1)
     cfg=benchmarks/configs/qwen2_0_5b_shape_1gpu.py
-    cmd="python3 -m rlhf_pipe bench $cfg --pipe ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_1gpu ${EXTRA:-}"
-    { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout 560 $cmd; } > "$out/bench_1gpu.log" 2>&1
-    grep -E "^pipe |bench: pipe|streaming|error|Error" "$out/bench_1gpu.log" | tail -30
+    cmd="python3 -m rlhf_pipe bench $cfg --pipe ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_1gpu${TAG:-} ${EXTRA:-}"
+    { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout 560 $cmd; } > "$out/bench_1gpu${TAG:-}.log" 2>&1
+    grep -E "^pipe |bench: pipe|streaming|error|Error" "$out/bench_1gpu${TAG:-}.log" | tail -30
     ;;
 esac
