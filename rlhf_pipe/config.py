@@ -254,8 +254,9 @@ class TrainConfig:
     # "auto" takes nccl when the actor and every engine are on distinct GPUs.
     weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
     # Model batches as the chunk's samples back to back in one row (no padding tokens) or
-    # padded rows. 'auto' packs every model that keeps packed samples apart
-    # (rlhf_pipe.models.packing_supported) and pads the others; True fails for those.
+    # padded rows. 'auto' packs models whose attention has a variable-length kernel (flash
+    # attention) and pads the others; True packs every model that keeps packed samples apart
+    # (rlhf_pipe.models.packing_supported) and fails for the others (rlhf_pipe.roles.choose_packing).
     pack_sequences: Union[Literal["auto"], bool] = "auto"
     tensorboard: bool = True
     progress_bar: bool = True

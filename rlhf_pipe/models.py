@@ -153,8 +153,19 @@ def sequence_scores(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tenso
     return _value_head(model)(last).squeeze(-1).float()
 
 
-# Attention implementations that honour transformers' packed-sequence masks.
-_PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# Attention implementations that honour transformers' packed-sequence masks; the first two
+# run packed rows with variable-length kernels, the others with a dense block mask.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+_PACKING_ATTENTION = VARLEN_ATTENTION + ("sdpa", "eager", "flex_attention")
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", model)  # a DeepSpeed engine
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    return getattr(_unwrapped(model).config, "_attn_implementation", None)
 
 
 def packing_supported(model: nn.Module) -> tuple[bool, str]:
@@ -164,13 +175,11 @@ def packing_supported(model: nn.Module) -> tuple[bool, str]:
     position ids that restart at 0 into a block-diagonal mask when no attention mask is given.
     Code loaded with trust_remote_code builds its own mask and would let the samples of a row
     attend to each other, silently: such models are padded instead."""
-    inner = getattr(model, "module", model)  # a DeepSpeed engine
-    if hasattr(inner, "get_base_model"):     # a peft model
-        inner = inner.get_base_model()
+    inner = _unwrapped(model)
     module = type(inner).__module__
     if not module.startswith("transformers.models."):
         return False, f"{type(inner).__name__} comes from {module}, not from transformers"
-    attention = getattr(inner.config, "_attn_implementation", None)
+    attention = attention_implementation(model)
     if attention not in _PACKING_ATTENTION:
         return False, f"attention implementation {attention!r} does not take packed sequences"
     return True, ""

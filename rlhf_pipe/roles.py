@@ -10,7 +10,6 @@ per step.
 
 from __future__ import annotations
 
-import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,12 +20,10 @@ from torch import Tensor, nn
 
 from rlhf_pipe import lora, optim_state
 from rlhf_pipe.checkpoint import CheckpointError
-from rlhf_pipe.models import (packing_supported, response_logits, save_hf, sequence_scores,
-                              token_values)
+from rlhf_pipe.models import (VARLEN_ATTENTION, attention_implementation, packing_supported,
+                              response_logits, save_hf, sequence_scores, token_values)
 from rlhf_pipe.pipeline.batch import Sample, chunks, collate, pad_field
 from rlhf_pipe.ppo import core
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -383,17 +380,22 @@ class RewardRole:
 # ----------------------------------------------------------------------------- helpers
 
 def choose_packing(model: nn.Module, mode, role: str, source: str = "config") -> bool:
-    """train_config.pack_sequences for one model: True packs or fails in one line, 'auto'
-    packs where the model keeps packed samples apart, False pads."""
+    """train_config.pack_sequences for one model.
+
+    'auto' packs only where attention has a variable-length kernel (flash attention). With
+    sdpa or eager attention a packed row of T tokens gets a dense T x T block mask: measured
+    slower than padding when samples reach a chunk in completion order, whose lengths are
+    close already (BENCHMARKS.md, "Packed or padded"). True packs with any attention that keeps
+    the samples apart, or fails in one line; False pads."""
     if mode is False:
         return False
     ok, why = packing_supported(model)
-    if not ok and mode is True:
-        raise ValueError(f"{source}: train_config.pack_sequences=True, but {role} cannot pack: "
-                         f"{why}")
-    if not ok:
-        log.info("%s: padded batches, not packed (%s)", role, why)
-    return ok
+    if mode is True:
+        if not ok:
+            raise ValueError(f"{source}: train_config.pack_sequences=True, but {role} cannot "
+                             f"pack: {why}")
+        return True
+    return ok and attention_implementation(model) in VARLEN_ATTENTION
 
 
 def _logprobs(model, b) -> Tensor:

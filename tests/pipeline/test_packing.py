@@ -111,12 +111,34 @@ def test_models_that_cannot_pack_are_padded_or_refused(qwen2_models):
     ok, why = packing_supported(remote)
     assert not ok and "_RemoteCodeLM" in why
     assert choose_packing(remote, "auto", "actor") is False
-    assert choose_packing(lm, "auto", "actor") is True
+    assert choose_packing(lm, True, "actor") is True
     assert choose_packing(lm, False, "actor") is False
     with pytest.raises(ValueError, match=r"cfg\.py: train_config\.pack_sequences=True, but actor"):
         choose_packing(remote, True, "actor", "cfg.py")
-    lm.config._attn_implementation = "some_kernel"
+    # 'auto' packs only with a variable-length attention kernel: sdpa would need a dense mask.
+    assert choose_packing(lm, "auto", "actor") is False
     try:
+        lm.config._attn_implementation = "flash_attention_2"
+        assert choose_packing(lm, "auto", "actor") is True
+        lm.config._attn_implementation = "some_kernel"
         assert packing_supported(lm)[0] is False
+        assert choose_packing(lm, "auto", "actor") is False
     finally:
         lm.config._attn_implementation = "sdpa"
+
+
+def test_trainer_packs_every_model_when_asked(tmp_path, fresh_engine, tiny_assets):
+    from rlhf_pipe.trainer import RLHFTrainer
+    from tests.conftest import tiny_config
+
+    over = {"model_configs.reward.model_path": str(tiny_assets.reward)}
+    for mode, want in ((True, True), ("auto", False)):  # the tiny models run sdpa
+        trainer = RLHFTrainer(tiny_config(tmp_path / str(mode), **over,
+                                          **{"train_config.pack_sequences": mode}),
+                              engine=fresh_engine, console=False)
+        try:
+            assert (trainer.actor.packed, trainer.critic.packed, trainer.reference.packed) == \
+                (want, want, want)
+            assert bool(trainer.reward.packed_scorers) is want
+        finally:
+            trainer.close()

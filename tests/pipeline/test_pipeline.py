@@ -26,13 +26,15 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("norm", ["batch", False])
-def test_pipelined_equals_serial_exactly(tmp_path, vllm_engine, initial_policy_weights, norm):
+@pytest.mark.parametrize("norm,pack", [("batch", False), (False, False), ("batch", True)])
+def test_pipelined_equals_serial_exactly(tmp_path, vllm_engine, initial_policy_weights, norm,
+                                         pack):
     results = {}
     for m in (1, 2, 4):
         vllm_engine.load_weights(initial_policy_weights.items(), version=0)
         results[m] = _train(tmp_path / f"m{m}", vllm_engine, PIPE_MICRO_BATCH_NUM=m,
-                            **{"repeater_config.norm_rewards": norm})
+                            **{"repeater_config.norm_rewards": norm,
+                               "train_config.pack_sequences": pack})
     actor1, critic1, hist1 = results[1]
     assert _max_diff(actor1, {k: v for k, v in initial_policy_weights.items()}) > 0  # it trained
     for m in (2, 4):
