@@ -40,7 +40,7 @@ RUN_KEYS = ("pipe", "steps_measured", "stages", "pipeline_s", "step_s", "samples
             "sync_s", "sync_gbps", "sync_bytes", "bound_s", "efficiency", "speedup",
             "bound_stage", "busiest_stage")
 STREAM_KEYS = ("backend", "ratio", "stream_tokens_per_s", "plain_tokens_per_s", "calls",
-               "same_tokens", "note")
+               "call_s", "same_tokens", "note")
 
 
 # ---------------------------------------------------------------------- pure helpers
@@ -173,11 +173,13 @@ def measure_streaming(llm, prompt_ids: list[list[int]], params: list, rounds: in
 
     fns = {"stream": stream, "plain": plain}
     seconds, tokens, answers = {"stream": 0.0, "plain": 0.0}, {"stream": 0, "plain": 0}, {}
+    call_s = []  # every call's seconds, in `order`: the spread says how much a ratio can move
     order = ["stream", "plain", "plain", "stream"] * rounds
     for kind in order:
         start = time.perf_counter()
         outputs = fns[kind]()
-        seconds[kind] += time.perf_counter() - start
+        call_s.append(time.perf_counter() - start)
+        seconds[kind] += call_s[-1]
         got = [list(c.token_ids) for o in outputs for c in o.outputs]
         tokens[kind] += sum(len(t) for t in got)
         answers.setdefault(kind, got)
@@ -185,16 +187,21 @@ def measure_streaming(llm, prompt_ids: list[list[int]], params: list, rounds: in
     return {"backend": "vllm", "ratio": tps["stream"] / tps["plain"],
             "stream_tokens_per_s": tps["stream"], "plain_tokens_per_s": tps["plain"],
             "calls": " ".join("A" if k == "stream" else "B" for k in order),
-            "same_tokens": answers["stream"] == answers["plain"],
+            "call_s": [round(t, 4) for t in call_s], "same_tokens": answers["stream"] == answers["plain"],
             "note": "ratio = generate_to_queue tokens/s / generate tokens/s (1.0 = no overhead)"}
+
+
+def skipped_streaming(backend: str, note: str) -> dict:
+    return {"backend": backend, "ratio": None, "stream_tokens_per_s": None,
+            "plain_tokens_per_s": None, "calls": "", "call_s": [], "same_tokens": None,
+            "note": note}
 
 
 def _streaming_for(trainer) -> dict:
     engine = getattr(trainer.engine, "engines", [trainer.engine])[0]  # a pool: its first
     if not hasattr(engine, "llm"):
-        return {"backend": type(engine).__name__, "ratio": None, "stream_tokens_per_s": None,
-                "plain_tokens_per_s": None, "calls": "", "same_tokens": None,
-                "note": "skipped: streaming overhead is measured for the vLLM backend only"}
+        return skipped_streaming(type(engine).__name__,
+                                 "skipped: streaming overhead is measured for the vLLM backend only")
     plan = trainer._plan(trainer.step_index)
     params = [engine._sampling_params(plan.sampling, seed, len(ids))
               for seed, ids in zip(plan.seeds, plan.prompt_ids)]
@@ -384,4 +391,7 @@ def format_report(r: dict) -> str:
                      f"generate {_f(st['plain_tokens_per_s'], 1)} tokens/s: ratio "
                      f"**{_f(st['ratio'], 3)}** (calls {st['calls']}; A = generate_to_queue, "
                      f"B = generate; same tokens: {st['same_tokens']}).")
+        if st.get("call_s"):
+            lines.append(f"Seconds per call, in that order: "
+                         f"{', '.join(_f(t, 3) for t in st['call_s'])}.")
     return "\n".join(lines) + "\n"

@@ -183,7 +183,8 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
 def _bench(args, trainer, placement) -> None:
     import shlex
 
-    from rlhf_pipe.bench import _streaming_for, _with_serial, measure_pipes, write_bench
+    from rlhf_pipe.bench import (_streaming_for, _with_serial, measure_pipes,
+                                 skipped_streaming, write_bench)
     from rlhf_pipe.bench_cli import _pipes
     from rlhf_pipe.config import parse_override
 
@@ -200,9 +201,7 @@ def _bench(args, trainer, placement) -> None:
             else world)
     runs, timelines, cfg, _ = measure_pipes(args.config, pipes, args.steps, args.warmup,
                                             overrides, trainer_for, devices=gpus)
-    streaming = ({"backend": "vllm", "ratio": None, "stream_tokens_per_s": None,
-                  "plain_tokens_per_s": None, "calls": "", "same_tokens": None,
-                  "note": "skipped (--no-streaming)"} if args.no_streaming
+    streaming = (skipped_streaming("vllm", "skipped (--no-streaming)") if args.no_streaming
                  else _streaming_for(trainer))
     result = write_bench(args.config, cfg, runs, timelines, streaming, args.out,
                          devices=gpus, processes=f"torchrun, {world} ranks",
