@@ -197,7 +197,7 @@ def skipped_streaming(backend: str, note: str) -> dict:
             "note": note}
 
 
-def _streaming_for(trainer) -> dict:
+def _streaming_for(trainer, rounds: int = 3) -> dict:
     engine = getattr(trainer.engine, "engines", [trainer.engine])[0]  # a pool: its first
     if not hasattr(engine, "llm"):
         return skipped_streaming(type(engine).__name__,
@@ -205,7 +205,7 @@ def _streaming_for(trainer) -> dict:
     plan = trainer._plan(trainer.step_index)
     params = [engine._sampling_params(plan.sampling, seed, len(ids))
               for seed, ids in zip(plan.seeds, plan.prompt_ids)]
-    return measure_streaming(engine.llm, plan.prompt_ids, params)
+    return measure_streaming(engine.llm, plan.prompt_ids, params, rounds)
 
 
 # ---------------------------------------------------------------------- running
@@ -224,7 +224,7 @@ def _initial_weights(model_path: str) -> dict:
 
 def run_bench(cfg_path, pipes, steps: int, warmup: int = 1, out_dir=None,
               overrides: dict | None = None, *, engine=None, command: str | None = None,
-              log=print) -> dict:
+              log=print, streaming_rounds: int = 3) -> dict:
     """Run `warmup + steps` PPO steps per M in `pipes`, write the outputs, return bench.json."""
     from rlhf_pipe.trainer import RLHFTrainer
 
@@ -246,7 +246,7 @@ def run_bench(cfg_path, pipes, steps: int, warmup: int = 1, out_dir=None,
 
     runs, timelines, cfg, trainer = measure_pipes(cfg_path, pipes, steps, warmup, overrides,
                                                   trainer_for, devices=1, log=log)
-    streaming = _streaming_for(trainer)
+    streaming = _streaming_for(trainer, streaming_rounds)
     trainer.close()
     return write_bench(cfg_path, cfg, runs, timelines, streaming, out_dir, devices=1,
                        command=command or _command(cfg_path, pipes, steps, warmup, out_dir,

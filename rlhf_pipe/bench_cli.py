@@ -44,6 +44,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_count(0), default=1,
                    help="steps run first and not measured, per M (default 1)")
     p.add_argument("--out", help="output folder (default <work_dir>/bench)")
+    p.add_argument("--streaming-rounds", type=_count(1), default=3,
+                   help="A B B A rounds of the streaming-overhead measurement (default 3)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. train_config.work_dir=/tmp/b")
     p.set_defaults(fn=cmd_bench)
@@ -53,6 +55,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def _command(args) -> str:
     parts = ["rlhf-pipe", "bench", args.config, "--pipe", ",".join(map(str, args.pipe)),
              "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.streaming_rounds != 3:
+        parts += ["--streaming-rounds", str(args.streaming_rounds)]
     if args.out:
         parts += ["--out", args.out]
     for s in args.set or []:
@@ -67,7 +71,8 @@ def cmd_bench(args, *, engine=None) -> int:
 
     overrides = dict(parse_override(s) for s in args.set or [])
     result = run_bench(args.config, args.pipe, args.steps, args.warmup, args.out, overrides,
-                       engine=engine, command=_command(args))
+                       engine=engine, command=_command(args),
+                       streaming_rounds=args.streaming_rounds)
     for m, run in result["runs"].items():
         print(f"pipe {m}: pipeline {run['pipeline_s']:.3f} s, step {run['step_s']:.3f} s, "
               f"bound {run['bound_s']:.3f} s, efficiency {run['efficiency']:.2f}, "

@@ -32,6 +32,8 @@ def _parse(argv):
     p.add_argument("--steps", type=int, default=3, help="bench: measured steps per M")
     p.add_argument("--warmup", type=int, default=1, help="bench: warm-up steps per M")
     p.add_argument("--out", help="bench: output folder")
+    p.add_argument("--streaming-rounds", type=int, default=3,
+                   help="bench: A B B A rounds of the streaming-overhead measurement")
     p.add_argument("--no-streaming", action="store_true",
                    help="bench: skip the generate_to_queue vs generate measurement")
     return p.parse_args(argv)
@@ -202,7 +204,7 @@ def _bench(args, trainer, placement) -> None:
     runs, timelines, cfg, _ = measure_pipes(args.config, pipes, args.steps, args.warmup,
                                             overrides, trainer_for, devices=gpus)
     streaming = (skipped_streaming("vllm", "skipped (--no-streaming)") if args.no_streaming
-                 else _streaming_for(trainer))
+                 else _streaming_for(trainer, args.streaming_rounds))
     result = write_bench(args.config, cfg, runs, timelines, streaming, args.out,
                          devices=gpus, processes=f"torchrun, {world} ranks",
                          command=shlex.join(["torchrun", f"--nproc-per-node={world}", "-m",
