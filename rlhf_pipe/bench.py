@@ -35,7 +35,7 @@ TIMELINE_STAGES = ("generate", "forward", "advantage", "train", "optimizer")
 BOUND_STAGES = {"generate": ("generate",), "forward": ("forward", "advantage"),
                 "train": ("train", "optimizer")}
 # Keys of every run in bench.json (tests check them).
-RUN_KEYS = ("pipe", "steps_measured", "stages", "pipeline_s", "step_s", "samples_per_s",
+RUN_KEYS = ("pipe", "steps_measured", "stages", "roles", "pipeline_s", "step_s", "samples_per_s",
             "tokens_per_s", "tokens_per_s_per_device", "gen_tokens_per_s", "response_len",
             "sync_s", "sync_gbps", "sync_bytes", "bound_s", "efficiency", "speedup",
             "bound_stage", "busiest_stage")
@@ -52,6 +52,27 @@ def busy_by_stage(timeline) -> dict[str, float]:
     for stage, _, t0, t1 in timeline:
         if stage in busy:
             busy[stage] += t1 - t0
+    return busy
+
+
+def busy_by_role(timeline) -> dict[str, float]:
+    """Busy seconds per role: the union of its calls' intervals (forward and train calls of
+    one role may overlap in one process; they are counted once)."""
+    from rlhf_pipe.timeline import role_of
+
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for name, _, t0, t1 in timeline:
+        role = role_of(name)
+        if role:
+            spans.setdefault(role, []).append((t0, t1))
+    busy = {}
+    for role, intervals in spans.items():
+        total, end = 0.0, float("-inf")
+        for t0, t1 in sorted(intervals):
+            if t1 > end:
+                total += t1 - max(t0, end)
+                end = t1
+        busy[role] = total
     return busy
 
 
@@ -95,10 +116,16 @@ def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int
         idle = [s["pipeline_s"] - b for s, b in zip(steps, busy)]
         stages[stage] = {"busy_s": _mean(busy), "idle_s": _mean(idle),
                          "idle_frac": _mean(i / s["pipeline_s"] for i, s in zip(idle, steps))}
+    roles = {}
+    for role in sorted({r for s in steps for r in busy_by_role(s["timeline"])}):
+        busy = [busy_by_role(s["timeline"]).get(role, 0.0) for s in steps]
+        roles[role] = {"busy_s": _mean(busy),
+                       "idle_s": _mean(s["pipeline_s"] - b for s, b in zip(steps, busy)),
+                       "idle_frac": _mean(1 - b / s["pipeline_s"] for s, b in zip(steps, busy))}
     tokens_per_s = _mean(s["response_len"] * samples_per_step / s["step_s"] for s in steps)
     busiest = bound_stage_times({k: v["busy_s"] for k, v in stages.items()})
     return {
-        "pipe": m, "steps_measured": len(steps), "stages": stages,
+        "pipe": m, "steps_measured": len(steps), "stages": stages, "roles": roles,
         "pipeline_s": _mean(s["pipeline_s"] for s in steps),
         "step_s": _mean(s["step_s"] for s in steps),
         "samples_per_s": _mean(s["samples_per_s"] for s in steps),
@@ -382,6 +409,11 @@ def format_report(r: dict) -> str:
         for stage, s in run["stages"].items():
             lines.append(f"| {stage} | {_f(s['busy_s'])} | {_f(s['idle_s'])} "
                          f"| {_f(s['idle_frac'], 2)} |")
+        if run.get("roles"):
+            lines += ["", "| role | busy s (forward + train calls) | idle s | idle share |",
+                      "|---|---|---|---|"]
+            lines += [f"| {role} | {_f(s['busy_s'])} | {_f(s['idle_s'])} | {_f(s['idle_frac'], 2)} |"
+                      for role, s in run["roles"].items()]
     st = r["streaming"]
     lines += ["", "## Streaming overhead", ""]
     if st["ratio"] is None:

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from rlhf_pipe.bench import (RUN_KEYS, STREAM_KEYS, add_bounds, bound_stage_times,
-                             bounding_stage, busy_by_stage, efficiency, ideal_bound, speedup,
-                             summarize_run)
-from rlhf_pipe.timeline import chrome_trace
+                             bounding_stage, busy_by_role, busy_by_stage, efficiency, ideal_bound,
+                             speedup, summarize_run)
+from rlhf_pipe.timeline import ROWS, chrome_trace, rows_of
 from tests.conftest import TINY_CONFIG
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,6 +47,15 @@ def test_busy_and_bound_stages_from_a_timeline():
     assert bound_stage_times(busy) == {"generate": 3.0, "forward": 2.5, "train": 3.5}
 
 
+def test_role_busy_counts_overlapping_calls_once():
+    timeline = [("forward", 0, 0.0, 2.0), ("actor.forward", 0, 0.0, 1.0),
+                ("critic.forward", 0, 0.0, 2.0), ("actor.train", 0, 0.5, 1.5),
+                ("actor.forward", 1, 3.0, 4.0), ("critic.train", 0, 2.0, 2.5)]
+    # actor: [0, 1.5] (forward and train overlap in one process) + [3, 4]
+    assert busy_by_role(timeline) == {"actor": 2.5, "critic": 2.5}
+    assert busy_by_stage(timeline)["forward"] == 2.0  # role rows are not stage time
+
+
 def _fake_step(scale, pipeline_s, step_s):
     tl = [("generate", -1, 0.0, 2.0 * scale), ("forward", 0, 0.0, 1.0 * scale),
           ("train", 0, 0.0, 3.0 * scale)]
@@ -72,6 +81,18 @@ def test_summarize_and_bounds_on_made_up_runs():
     # 5 tokens x 16 samples / step_s, per device: (80/6 + 80/4) / 2 / 2
     assert two["tokens_per_s_per_device"] == pytest.approx((80 / 6 + 80 / 4) / 2 / 2)
     assert set(RUN_KEYS) <= set(two)
+    assert two["roles"] == {}  # the made-up steps have no role calls
+
+
+def test_role_calls_get_rows_of_their_own():
+    timeline = [("forward", 0, 0.0, 1.0), ("critic.train", 0, 1.0, 2.0),
+                ("actor.forward", 0, 0.0, 0.5)]
+    assert rows_of(timeline) == list(ROWS) + ["actor", "critic"]
+    trace = chrome_trace(timeline)
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"]
+             if e["name"] == "thread_name"}
+    tid = {e["name"]: e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert names[tid["critic.train mb0"]] == "critic" and names[tid["actor.forward mb0"]] == "actor"
 
 
 def test_chrome_trace_has_one_thread_per_row_and_microseconds():
@@ -110,13 +131,18 @@ def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
         mbs = sorted(e["args"]["micro_batch"] for e in trace["traceEvents"]
                      if e.get("cat") == "train")
         assert mbs == list(range(m))
+        # each role's calls, per micro-batch, on the role rows
+        for name in ("actor.forward", "critic.forward", "reference.forward", "actor.train",
+                     "critic.train"):
+            assert sorted(e["args"]["micro_batch"] for e in trace["traceEvents"]
+                          if e.get("cat") == name) == list(range(m)), name
     assert (out / "timeline.png").read_bytes()[:8] == PNG_MAGIC
 
     result = json.loads((out / "bench.json").read_text())
     assert result["pipes"] == [1, 4] and result["steps"] == 3 and result["warmup"] == 1
     assert result["versions"]["torch"].startswith("2.") and result["device"]
     report = (out / "report.md").read_text()
-    assert result["command"] in report and "| 4 |" in report
+    assert result["command"] in report and "| 4 |" in report and "| critic |" in report
     for m in ("1", "4"):
         run = result["runs"][m]
         assert set(RUN_KEYS) <= set(run), set(RUN_KEYS) - set(run)
@@ -125,6 +151,8 @@ def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
             assert run["stages"][stage]["busy_s"] > 0
             assert run["stages"][stage]["idle_s"] >= 0
         assert run["sync_gbps"] > 0 and run["sync_bytes"] > 0
+        assert set(run["roles"]) == {"actor", "critic", "reference", "reward"}
+        assert all(0 < r["busy_s"] <= run["pipeline_s"] for r in run["roles"].values())
     serial, piped = result["runs"]["1"], result["runs"]["4"]
     # Pipeline regression guard: the tiny model gains little from overlap, but a pipeline that
     # serialises micro-batches or stalls on a channel is far slower than this.

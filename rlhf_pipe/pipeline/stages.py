@@ -194,7 +194,7 @@ class StepPipeline:
                 self.on_event("generate", index)
                 start = time.perf_counter()
                 mb = MicroBatch(index, [self._to_sample(c, plan) for c in pending])
-                self._forward_models(mb.samples)
+                self._forward_models(mb.samples, run, index)
                 run.record("forward", index, start)
                 self.on_event("forward", index)
                 out.put(mb)
@@ -216,13 +216,22 @@ class StepPipeline:
             finish_reason=c.finish_reason, relay_from=c.extra.get("relay_from"),
             prompt_logprobs=c.prompt_logprobs)
 
-    def _forward_models(self, samples: list[Sample]) -> None:
-        jobs = {"old_logp": self._pool.submit(self.actor.logprobs, samples),
-                "score": self._pool.submit(self.reward.scores, samples)}
+    def _forward_models(self, samples: list[Sample], run: _Run, index: int) -> None:
+        def call(role: str, fn):  # each model's share of the stage, for the role rows
+            def timed():
+                start = time.perf_counter()
+                try:
+                    return fn(samples)
+                finally:
+                    run.record(f"{role}.forward", index, start)
+            return self._pool.submit(timed)
+
+        jobs = {"old_logp": call("actor", self.actor.logprobs),
+                "score": call("reward", self.reward.scores)}
         if self.reference is not None:
-            jobs["ref_logp"] = self._pool.submit(self.reference.logprobs, samples)
+            jobs["ref_logp"] = call("reference", self.reference.logprobs)
         if self.critic is not None:
-            jobs["values"] = self._pool.submit(self.critic.values, samples)
+            jobs["values"] = call("critic", self.critic.values)
         for name, job in jobs.items():
             for s, value in zip(samples, job.result()):
                 if name == "score":  # (1 + K,): the weighted total, then each scorer's score
@@ -331,7 +340,8 @@ class StepPipeline:
             got.extend(mb.samples)
             if streaming:
                 start = time.perf_counter()
-                _merge(metrics, self._train_on(mb.samples, plan, plan.samples_per_step))
+                _merge(metrics, self._train_on(mb.samples, plan, plan.samples_per_step, run,
+                                               mb.index))
                 run.record("train", mb.index, start)
                 self.on_event("train", mb.index)
         if len(got) != plan.samples_per_step:
@@ -343,19 +353,23 @@ class StepPipeline:
         else:
             # Several updates per batch: mini-batches are contiguous in completion order.
             for _ in range(plan.ppo_epochs):
-                for mini in _split(got, plan.num_mini_batches):
-                    _merge(metrics, self._train_on(mini, plan, len(mini)))
+                for k, mini in enumerate(_split(got, plan.num_mini_batches)):
+                    _merge(metrics, self._train_on(mini, plan, len(mini), run, k))
                     _merge(metrics, self._finish(plan, mini))
         run.record("optimizer", -1, start)
         result["samples"] = got
         result["metrics"] = metrics
 
-    def _train_on(self, samples, plan: StepPlan, num_samples: int) -> dict:
+    def _train_on(self, samples, plan: StepPlan, num_samples: int, run: _Run, index: int) -> dict:
         metrics = {}
         if plan.update_actor:
+            start = time.perf_counter()
             _merge(metrics, self.actor.train(samples, plan.loss, num_samples))
+            run.record("actor.train", index, start)
         if self.critic is not None:
+            start = time.perf_counter()
             _merge(metrics, self.critic.train(samples, plan.loss, num_samples))
+            run.record("critic.train", index, start)
         return metrics
 
     def _finish(self, plan: StepPlan, samples: list[Sample]) -> dict:
