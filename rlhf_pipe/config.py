@@ -258,6 +258,11 @@ class TrainConfig:
     # attention) and pads the others; True packs every model that keeps packed samples apart
     # (rlhf_pipe.models.packing_supported) and fails for the others (rlhf_pipe.roles.choose_packing).
     pack_sequences: Union[Literal["auto"], bool] = "auto"
+    # With one update per batch (ppo_epochs x num_mini_batches == 1) and no KL in the reward,
+    # the Forward stage's actor log-probs equal those Train computes before it updates: skip
+    # that forward and let Train's own (detached) log-probs be the old ones. The "kl" metric
+    # is then not logged (kl_mode='loss' logs actor/kl_loss).
+    skip_redundant_actor_forward: bool = True
     tensorboard: bool = True
     progress_bar: bool = True
     # ChatLearn's StreamDataset and relay buffer (README "Stream data and the relay buffer").

@@ -182,7 +182,10 @@ class PolicyRole(_Trainable):
                 logits = response_logits(self.model, b)
             logp = b.rows(core.logprobs_from_logits(logits, b.labels))
             R, mask = b.response_width, b.response_mask
-            old = pad_field(chunk, "old_logp", R).to(self.device)
+            # Without a Forward-stage pass (StepPlan.actor_forward), the weights are those of
+            # that pass: these log-probs stand for it, and the ratio is exactly 1.
+            old = (logp.detach() if chunk[0].old_logp is None
+                   else pad_field(chunk, "old_logp", R).to(self.device))
             adv = pad_field(chunk, "advantages", R).to(self.device)
             per_token, clipped = core.policy_loss(logp, old, adv, loss.policy_clip)
             if loss.kl_loss_coeff:

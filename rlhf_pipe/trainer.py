@@ -454,7 +454,13 @@ class RLHFTrainer:
             on_policy_version=self.version if t.on_policy else None,
             timeout_s=t.stage_timeout_s, request_timeout_s=r.request_timeout_s,
             ptx_token_ids=self._next_ptx(), ptx_weight=t.pretrain_loss_weight,
-            on_nonfinite=t.on_nonfinite)
+            on_nonfinite=t.on_nonfinite, actor_forward=self._actor_forward_needed())
+
+    def _actor_forward_needed(self) -> bool:
+        """Whether the Forward stage must run the actor (see StepPlan.actor_forward)."""
+        t, rep = self.cfg.train_config, self.cfg.repeater_config
+        return not (t.skip_redundant_actor_forward and t.ppo_epochs * t.num_mini_batches == 1
+                    and (rep.kl_mode == "loss" or not rep.kl_coeff))
 
     def train_step(self) -> dict:
         step = self.step_index
@@ -496,8 +502,9 @@ class RLHFTrainer:
             for name, value in zip(self.reward_names(), parts.unbind(0)):
                 m[f"reward/{name}"] = value
         m["response_len"] = tokens / len(samples)
-        kl = torch.cat([s.kl for s in samples])
-        m["kl"] = kl.mean() if kl.numel() else 0.0
+        if samples[0].kl is not None:  # absent when the actor's forward was skipped
+            kl = torch.cat([s.kl for s in samples])
+            m["kl"] = kl.mean() if kl.numel() else 0.0
         m["advantages"] = torch.cat([s.advantages for s in samples]).mean()
         m["returns"] = torch.cat([s.returns for s in samples]).mean()
         tm = out.train_metrics

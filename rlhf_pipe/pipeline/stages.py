@@ -77,6 +77,10 @@ class StepPlan:
     ptx_token_ids: list[list[int]] | None = None
     ptx_weight: float = 0.0
     on_nonfinite: str = "stop"  # "stop" | "skip"
+    # False: the Forward stage skips the actor. Valid when one update per batch keeps the
+    # weights those log-probs would come from, and no KL in the reward needs them before Train:
+    # the Train stage's own log-probs (detached) stand for them (roles.PolicyRole.train).
+    actor_forward: bool = True
     # Replayed samples (the relay buffer): finished completions that enter the Forward stage
     # before any fresh one. Their sample ids follow the fresh ones; samples_per_step counts them.
     relay: list[Completion] = field(default_factory=list)
@@ -194,7 +198,7 @@ class StepPipeline:
                 self.on_event("generate", index)
                 start = time.perf_counter()
                 mb = MicroBatch(index, [self._to_sample(c, plan) for c in pending])
-                self._forward_models(mb.samples, run, index)
+                self._forward_models(mb.samples, run, index, plan.actor_forward)
                 run.record("forward", index, start)
                 self.on_event("forward", index)
                 out.put(mb)
@@ -216,7 +220,8 @@ class StepPipeline:
             finish_reason=c.finish_reason, relay_from=c.extra.get("relay_from"),
             prompt_logprobs=c.prompt_logprobs)
 
-    def _forward_models(self, samples: list[Sample], run: _Run, index: int) -> None:
+    def _forward_models(self, samples: list[Sample], run: _Run, index: int,
+                        actor_forward: bool = True) -> None:
         def call(role: str, fn):  # each model's share of the stage, for the role rows
             def timed():
                 start = time.perf_counter()
@@ -226,8 +231,9 @@ class StepPipeline:
                     run.record(f"{role}.forward", index, start)
             return self._pool.submit(timed)
 
-        jobs = {"old_logp": call("actor", self.actor.logprobs),
-                "score": call("reward", self.reward.scores)}
+        jobs = {"score": call("reward", self.reward.scores)}
+        if actor_forward:
+            jobs["old_logp"] = call("actor", self.actor.logprobs)
         if self.reference is not None:
             jobs["ref_logp"] = call("reference", self.reference.logprobs)
         if self.critic is not None:
@@ -291,11 +297,12 @@ class StepPipeline:
             scores = core.normalize(scores, self.running.mean, self.running.std)
         elif a.norm_rewards == "batch":
             scores = core.normalize(scores, scores.mean(), scores.std(unbiased=False))
-        old = pad_field(samples, "old_logp", R)
-        if samples[0].ref_logp is not None:
-            kl = core.kl_penalty(old, pad_field(samples, "ref_logp", R), a.kl_estimator) * mask
-        else:
-            kl = torch.zeros_like(old)
+        has_kl = samples[0].ref_logp is not None and samples[0].old_logp is not None
+        if has_kl:
+            kl = core.kl_penalty(pad_field(samples, "old_logp", R),
+                                 pad_field(samples, "ref_logp", R), a.kl_estimator) * mask
+        else:  # no reference, or no actor forward (then KL is not in the reward)
+            kl = torch.zeros_like(mask)
         kl_coeff = a.kl_coeff if a.kl_mode == "reward" else 0.0
         rewards = core.token_rewards(scores, kl, mask, kl_coeff, None, None)
         if a.algorithm == "ppo":
@@ -308,7 +315,8 @@ class StepPipeline:
             adv = group_algos.broadcast_to_tokens(self._group_advantages(samples, a, groups),
                                                   mask)
             ret = torch.zeros_like(adv)
-        unpad_into(samples, "kl", kl)
+        if has_kl:
+            unpad_into(samples, "kl", kl)
         unpad_into(samples, "token_rewards", rewards)
         unpad_into(samples, "advantages", adv)
         unpad_into(samples, "returns", ret)
