@@ -330,13 +330,41 @@ def make_placement(cfg: RunConfig, nnodes: int | None = None,
                          "(an engine must not straddle nodes)"))
 
     engine_of = {rank: i for i, group in enumerate(groups.get("rollout", [])) for rank in group}
-    ranks = [RankPlan(rank, rank // gpn, rank % gpn, None if device == "cpu" else rank % gpn,
+    gpu_of = _local_gpus(cfg, min(gpn, max(world_size, 1)), problems)
+    ranks = [RankPlan(rank, rank // gpn, rank % gpn,
+                      None if device == "cpu" else gpu_of[rank % gpn % len(gpu_of)],
                       tuple(role for role in specs if rank in ranks_of.get(role, ())),
                       engine_of.get(rank))
              for rank in range(world_size)]
+    if device != "cpu":
+        notes += _shared_gpu_notes(ranks)
     return Placement(cfg, device, gpn, "--gpus-per-node" if gpus_per_node else
                      "placement_config.gpus_per_node", nnodes, world_size, specs, ranks, groups,
                      problems, notes)
+
+
+def _local_gpus(cfg: RunConfig, local_ranks: int, problems: list) -> list[int]:
+    """GPU of each local rank: placement_config.local_rank_gpus, or one GPU per local rank."""
+    mapping = cfg.placement_config.local_rank_gpus
+    if mapping is None:
+        return list(range(local_ranks))
+    if len(mapping) != local_ranks or not all(type(g) is int and g >= 0 for g in mapping):
+        problems.append(("gpu map", f"placement_config.local_rank_gpus: expected {local_ranks} "
+                         f"GPU indices >= 0, one per local rank, got {mapping!r}"))
+        return list(range(local_ranks))
+    return list(mapping)
+
+
+def _shared_gpu_notes(ranks: list[RankPlan]) -> list[str]:
+    """A note per GPU that several ranks (processes) share."""
+    on: dict[tuple[int, int], list[RankPlan]] = {}
+    for rp in ranks:
+        on.setdefault((rp.node, rp.gpu), []).append(rp)
+    return [f"node {node} GPU {gpu} is shared by {_ranks_text([rp.rank for rp in rps])} "
+            f"({', '.join('+'.join(rp.roles) or '-' for rp in rps)}) as separate processes, "
+            "which CUDA time-slices: roles that can share one process (colocate_actor_ref, "
+            "colocate_actor_critic) run faster there (BENCHMARKS.md)"
+            for (node, gpu), rps in on.items() if len(rps) > 1]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -345,7 +373,8 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
     """Every placement check, as (name, ok, message); a failed message is one line.
 
     Names: 'world size', 'WORLD_SIZE', 'total GPUs', 'tensor parallel', 'dp sizes',
-    'zero stage', 'colocation', 'micro-batch split'.
+    'zero stage', 'colocation', 'micro-batch split', and 'gpu map' with
+    placement_config.local_rank_gpus.
 
     world_size: the launcher's WORLD_SIZE, if known. Checks that it equals the ranks needed.
     The `world size` check runs only when the placement was made with `nnodes`.
@@ -371,8 +400,12 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
              if whole else f"not a whole number of {p.gpus_per_node}-"
              f"{'process' if p.device == 'cpu' else 'GPU'} nodes "
              f"(set --gpus-per-node or placement_config.gpus_per_node)")
+    shared = ""
+    if p.device != "cpu" and cfg.placement_config.local_rank_gpus is not None:
+        gpus = len({r.gpu for r in p.ranks[:p.gpus_per_node]})
+        shared = f", as ranks on {_plural(gpus, 'GPUs')} per node (local_rank_gpus)"
     out.append(Check("total GPUs", whole,
-                     f"needs {_plural(need, unit)} = {' + '.join(owners)}: {shape}"))
+                     f"needs {_plural(need, unit)} = {' + '.join(owners)}: {shape}{shared}"))
 
     # A failed check reports its first problem. The other problems are in placement.problems.
     def from_problems(name: str, ok_message: str) -> None:
@@ -391,6 +424,9 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
     guests = [f"{r} on the {s.host}'s {_ranks_text(p.ranks_of(r))}"
               for r, s in p.roles.items() if s.host]
     from_problems("colocation", "; ".join(guests) if guests else "none")
+    if cfg.placement_config.local_rank_gpus is not None:
+        from_problems("gpu map", "local ranks on GPUs "
+                      + ", ".join(f"{r.local_rank}->{r.gpu}" for r in p.ranks[:p.gpus_per_node]))
 
     # Each dp rank gets an equal share of every pipeline micro-batch. The share splits into
     # whole train (actor, critic) and infer micro-batches.
@@ -614,6 +650,16 @@ def estimate_memory(placement: Placement, gpu_mem_gb: float = 80.0) -> MemoryEst
             totals["reward"] = max(totals.pop("reference"), totals["reward"])
         per_rank.append(sum(totals.values()))
     if not cpu:
+        shared: dict[tuple, list[int]] = {}
+        for rp in p.ranks:
+            shared.setdefault((rp.node, rp.gpu), []).append(rp.rank)
+        for (node, gpu), on in shared.items():
+            if len(on) > 1 and all(per_rank[r] is not None for r in on):
+                total = sum(per_rank[r] for r in on)
+                if total > gpu_mem_gb:
+                    warnings.append(f"node {node} GPU {gpu} ({_ranks_text(on)}, separate "
+                                    f"processes): ~{total:.2f} GB exceeds --gpu-mem-gb "
+                                    f"{gpu_mem_gb:g}")
         for role, m in roles.items():
             if m.total is not None and m.total > gpu_mem_gb:
                 warnings.append(f"{role}: ~{m.total:.2f} GB per GPU exceeds --gpu-mem-gb "
@@ -690,8 +736,13 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
             params = f"{_params(size.size.params)} from {size.size.source}"
         lines.append(f"  {role:<10} {own:>5}  {spec.parallel_text():<28} {where:<12} {params}")
 
-    lines += ["", f"rank map ({'process' if cpu else 'GPU'} r: node r // {p.gpus_per_node}, "
-              f"local {'rank' if cpu else 'GPU'} r % {p.gpus_per_node}):"]
+    if cpu or cfg.placement_config.local_rank_gpus is None:
+        where_text = (f"{'process' if cpu else 'GPU'} r: node r // {p.gpus_per_node}, "
+                      f"local {'rank' if cpu else 'GPU'} r % {p.gpus_per_node}")
+    else:
+        where_text = (f"rank r: node r // {p.gpus_per_node}, GPU "
+                      f"placement_config.local_rank_gpus[r % {p.gpus_per_node}]")
+    lines += ["", f"rank map ({where_text}):"]
     start = 0
     for i, rp in enumerate(p.ranks):
         nxt = p.ranks[i + 1] if i + 1 < len(p.ranks) else None
@@ -699,7 +750,10 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
             continue
         first = p.ranks[start]
         rk = f"rank  {first.rank}" if first is rp else f"ranks {first.rank}-{rp.rank}"
-        loc = f"{first.local_rank}" if first is rp else f"{first.local_rank}-{rp.local_rank}"
+        if cpu or cfg.placement_config.local_rank_gpus is None:
+            loc = f"{first.local_rank}" if first is rp else f"{first.local_rank}-{rp.local_rank}"
+        else:
+            loc = ",".join(str(g) for g in dict.fromkeys(r.gpu for r in p.ranks[start:i + 1]))
         what = " + ".join(f"rollout (engine {rp.engine})" if r == "rollout" and rp.engine is
                           not None else r for r in rp.roles)
         mem = memory.per_rank[rp.rank]

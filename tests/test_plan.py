@@ -396,3 +396,33 @@ def test_zero_offload_is_read_and_leaves_the_gpu_estimate():
     # ZeRO-3 over 8 keeps only the 2-byte gradient partition (and activations) on the GPU.
     assert (off.weights, off.optim, off.grads) == (0.0, 0.0, base.grads)
     assert off.total == pytest.approx(base.total - base.weights - base.optim)
+
+
+# ----------------------------------------------------------------------------- GPU maps
+
+def test_local_rank_gpus_put_ranks_on_shared_gpus_with_a_note():
+    p = plan(TINY_CONFIG, {"placement_config.local_rank_gpus": [0, 1, 1, 1]})
+    assert [rp.gpu for rp in p.ranks] == [0, 1, 1, 1]
+    checks = {c.name: c for c in check(p)}
+    assert checks["gpu map"].ok and "3->1" in checks["gpu map"].message
+    assert "2 GPUs per node" in checks["total GPUs"].message
+    shared = [n for n in p.notes if "GPU 1 is shared by ranks 1-3" in n]
+    assert shared and "actor, critic, reference" in shared[0]
+    text = format_plan(p, estimate_memory(p), check(p))
+    assert "rank  3     node 0  gpu  1" in text
+    # One process per GPU: no note.
+    assert not [n for n in plan(TINY_CONFIG).notes if "shared by" in n]
+
+
+def test_bad_local_rank_gpus_fail_the_gpu_map_check():
+    for bad in ([0, 1], [0, 1, 1, -1], [0, 1, 1, "1"]):
+        p = plan(TINY_CONFIG, {"placement_config.local_rank_gpus": bad})
+        msg = failed(p)["gpu map"]
+        assert msg.startswith("placement_config.local_rank_gpus: expected 4 GPU indices"), msg
+
+
+def test_ranks_sharing_a_gpu_add_up_in_the_memory_estimate():
+    p = plan(TINY_CONFIG, {"placement_config.local_rank_gpus": [0, 1, 1, 1]})
+    memory = estimate_memory(p, gpu_mem_gb=1e-3)  # tiny models, a tinier GPU
+    assert any(w.startswith("node 0 GPU 1 (ranks 1-3, separate processes)")
+               for w in memory.warnings), memory.warnings
