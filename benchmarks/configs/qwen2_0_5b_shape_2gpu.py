@@ -7,6 +7,12 @@
 # Two GPUs: vLLM alone on GPU 0 (rank 0), actor, critic and reference on GPU 1 (ranks 1-3,
 # placement_config.local_rank_gpus). Generation overlaps Forward and Train; Forward and Train
 # share GPU 1. The reward is a rule (no model).
+#
+# Kept as first measured (chunks of 4, a process per role). The fastest settings measured since
+# (BENCHMARKS.md, "making the 0.5B step faster") are overrides of this file:
+#   --set train_config.train_micro_bs=8 --set train_config.infer_micro_bs=8
+#   --set placement_config.colocate_actor_critic=True --set placement_config.colocate_actor_ref=True
+#   --set 'placement_config.local_rank_gpus=[0,1]'   (with --nproc-per-node 2)
 from rlhf_pipe.assets.shaped import build_shaped_assets
 
 _m = build_shaped_assets("qwen2-0.5b")
