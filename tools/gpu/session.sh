@@ -3,7 +3,10 @@
 #   tools/gpu/session.sh install|tests|bench2|bench1
 # `install` expects /tmp/stage to hold the three parts. Logs and results go to $OUT.
 # Bench knobs (environment): PIPES (1,2,4,8), STEPS (3), TAG (suffix of the output names),
-# EXTRA (more arguments, e.g. "--set train_config.pack_sequences=False"), NPROC (bench2: 4).
+# EXTRA (more arguments, e.g. "--set train_config.pack_sequences=False"), NPROC (bench2: 4),
+# LIMIT (seconds the bench may run: 560; keep it under the `run` call's own limit, or
+# nothing comes back). A bench writes into /tmp/bench_out and ends by packing that folder
+# into $OUT/bench<TAG>.tgz, one file, because `run` brings back only a few files per call.
 set -uo pipefail
 phase=$1
 out=${OUT:-/tmp/out}
@@ -31,15 +34,21 @@ tests)
     done
     ;;
 bench2)
+    name=bench_2gpu${TAG:-}; work=/tmp/bench_out
+    mkdir -p "$work"
     cfg=benchmarks/configs/qwen2_0_5b_shape_2gpu.py
-    cmd="python3 -m torch.distributed.run --nproc-per-node ${NPROC:-4} -m rlhf_pipe.train $cfg --bench ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_2gpu${TAG:-} ${EXTRA:-}"
-    { header "$cmd"; timeout 560 $cmd; } > "$out/bench_2gpu${TAG:-}.log" 2>&1
-    grep -E "^pipe |bench: pipe|weight sync|error|Error" "$out/bench_2gpu${TAG:-}.log" | tail -30
+    cmd="python3 -m torch.distributed.run --nproc-per-node ${NPROC:-4} -m rlhf_pipe.train $cfg --bench ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $work/$name ${EXTRA:-}"
+    { header "$cmd"; timeout "${LIMIT:-560}" $cmd; } > "$work/$name.log" 2>&1
+    grep -E "^pipe |bench: pipe|weight sync|error|Error" "$work/$name.log" | tail -30
+    tar czf "$out/$name.tgz" -C "$work" "$name.log" $(cd "$work" && ls -d "$name" 2>/dev/null)  # also after a timeout
     ;;
 bench1)
+    name=bench_1gpu${TAG:-}; work=/tmp/bench_out
+    mkdir -p "$work"
     cfg=benchmarks/configs/qwen2_0_5b_shape_1gpu.py
-    cmd="python3 -m rlhf_pipe bench $cfg --pipe ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $out/bench_1gpu${TAG:-} ${EXTRA:-}"
-    { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout 560 $cmd; } > "$out/bench_1gpu${TAG:-}.log" 2>&1
-    grep -E "^pipe |bench: pipe|streaming|error|Error" "$out/bench_1gpu${TAG:-}.log" | tail -30
+    cmd="python3 -m rlhf_pipe bench $cfg --pipe ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $work/$name ${EXTRA:-}"
+    { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout "${LIMIT:-560}" $cmd; } > "$work/$name.log" 2>&1
+    grep -E "^pipe |bench: pipe|streaming|error|Error" "$work/$name.log" | tail -30
+    tar czf "$out/$name.tgz" -C "$work" "$name.log" $(cd "$work" && ls -d "$name" 2>/dev/null)
     ;;
 esac
