@@ -100,23 +100,20 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None,
     offload = cfg.placement_config.ref_reward_offload  # not for ZeRO-3: it is partitioned
     roles = {}
     for name in names:
-        if name == "actor":
-            pol = mc.policy
-            model = load_causal_lm(pol.model_path, pol.trainer_config.torch_dtype,
-                                   pol.trust_remote_code, "policy")
-            if pol.trainer_config.enable_lora:
-                model = lora.apply_lora(model, pol.trainer_config, cfg.source, "policy")
-            roles[name] = _trained_role(PolicyRole, "ZeroPolicyRole", model.to(device), pad_id,
-                                        pol.trainer_config, sizes, device, groups.get(name))
-            roles[name].lora_sync = lora.sync_mode(cfg) or "merged"
-        elif name == "critic" and mc.critic is not None:
-            c = mc.critic
-            model = load_value_model(c.model_path, c.trainer_config.torch_dtype,
-                                     c.trust_remote_code, "critic")
-            if c.trainer_config.enable_lora:
-                model = lora.apply_lora(model, c.trainer_config, cfg.source, "critic")
-            roles[name] = _trained_role(CriticRole, "ZeroCriticRole", model.to(device), pad_id,
-                                        c.trainer_config, sizes, device, groups.get(name))
+        if name == "actor" or (name == "critic" and mc.critic is not None):
+            actor = name == "actor"
+            mcfg, label = (mc.policy, "policy") if actor else (mc.critic, "critic")
+            loader = load_causal_lm if actor else load_value_model
+            model = loader(mcfg.model_path, mcfg.trainer_config.torch_dtype,
+                           mcfg.trust_remote_code, label)
+            if mcfg.trainer_config.enable_lora:
+                model = lora.apply_lora(model, mcfg.trainer_config, cfg.source, label)
+            role_cls, zero_cls = ((PolicyRole, "ZeroPolicyRole") if actor
+                                  else (CriticRole, "ZeroCriticRole"))
+            roles[name] = _trained_role(role_cls, zero_cls, model.to(device), pad_id,
+                                        mcfg.trainer_config, sizes, device, groups.get(name))
+            if actor:
+                roles[name].lora_sync = lora.sync_mode(cfg) or "merged"
         elif name == "reference" and mc.reference is not None:
             ref = mc.reference
             model = load_causal_lm(ref.model_path, ref.trainer_config.torch_dtype,
