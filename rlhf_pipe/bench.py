@@ -117,8 +117,9 @@ def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int
         stages[stage] = {"busy_s": _mean(busy), "idle_s": _mean(idle),
                          "idle_frac": _mean(i / s["pipeline_s"] for i, s in zip(idle, steps))}
     roles = {}
-    for role in sorted({r for s in steps for r in busy_by_role(s["timeline"])}):
-        busy = [busy_by_role(s["timeline"]).get(role, 0.0) for s in steps]
+    role_busy = [busy_by_role(s["timeline"]) for s in steps]  # once per step
+    for role in sorted({r for b in role_busy for r in b}):
+        busy = [b.get(role, 0.0) for b in role_busy]
         roles[role] = {"busy_s": _mean(busy),
                        "idle_s": _mean(s["pipeline_s"] - b for s, b in zip(steps, busy)),
                        "idle_frac": _mean(1 - b / s["pipeline_s"] for s, b in zip(steps, busy))}
