@@ -16,6 +16,11 @@ of the serial run, max_S the largest and sum_S their sum, a perfect M-way pipeli
 
 (the bottleneck stage runs all the time; the others add their share of one micro-batch of fill
 and drain). efficiency(M) = bound(M) / pipeline_s(M), speedup(M) = step_s(1) / step_s(M).
+
+The stage bound assumes a device per stage. Where stages share devices (one GPU for all; or
+Forward and Train on one GPU), the serial busy seconds of the busiest device are a floor too:
+device_bound(M) = max(bound(M), busiest device's busy seconds at M=1), and the report names
+that device when it is the higher of the two.
 The math helpers below are pure; `run_bench` does the running.
 """
 
@@ -38,9 +43,12 @@ BOUND_STAGES = {"generate": ("generate",), "forward": ("forward", "advantage"),
 RUN_KEYS = ("pipe", "steps_measured", "stages", "roles", "pipeline_s", "step_s", "samples_per_s",
             "tokens_per_s", "tokens_per_s_per_device", "gen_tokens_per_s", "response_len",
             "sync_s", "sync_gbps", "sync_bytes", "bound_s", "efficiency", "speedup",
-            "bound_stage", "busiest_stage")
+            "bound_stage", "busiest_stage", "devices_busy", "device_bound_s", "device_efficiency")
+# The one-process bench: every role on one device.
+ONE_DEVICE = {"device 0": ("rollout", "actor", "critic", "reference", "reward")}
 STREAM_KEYS = ("backend", "ratio", "stream_tokens_per_s", "plain_tokens_per_s", "calls",
-               "call_s", "same_tokens", "note")
+               "call_s", "same_tokens", "round_ratios", "round_ratio_mean", "round_ratio_stderr",
+               "queue_puts", "queue_put_s", "queue_put_share", "note")
 
 
 # ---------------------------------------------------------------------- pure helpers
@@ -55,25 +63,43 @@ def busy_by_stage(timeline) -> dict[str, float]:
     return busy
 
 
-def busy_by_role(timeline) -> dict[str, float]:
-    """Busy seconds per role: the union of its calls' intervals (forward and train calls of
-    one role may overlap in one process; they are counted once)."""
+def _union_s(intervals) -> float:
+    """Seconds covered by at least one of the (t0, t1) intervals."""
+    total, end = 0.0, float("-inf")
+    for t0, t1 in sorted(intervals):
+        if t1 > end:
+            total += t1 - max(t0, end)
+            end = t1
+    return total
+
+
+def _role_spans(timeline) -> dict[str, list[tuple[float, float]]]:
+    """role -> its call intervals; generation counts as the role 'rollout'."""
     from rlhf_pipe.timeline import role_of
 
     spans: dict[str, list[tuple[float, float]]] = {}
     for name, _, t0, t1 in timeline:
-        role = role_of(name)
+        role = "rollout" if name == "generate" else role_of(name)
         if role:
             spans.setdefault(role, []).append((t0, t1))
-    busy = {}
-    for role, intervals in spans.items():
-        total, end = 0.0, float("-inf")
-        for t0, t1 in sorted(intervals):
-            if t1 > end:
-                total += t1 - max(t0, end)
-                end = t1
-        busy[role] = total
-    return busy
+    return spans
+
+
+def busy_by_role(timeline) -> dict[str, float]:
+    """Busy seconds per model role: the union of its calls' intervals (forward and train calls
+    of one role may overlap in one process; they are counted once)."""
+    spans = _role_spans(timeline)
+    spans.pop("rollout", None)  # the generate stage's row already says it
+    return {role: _union_s(intervals) for role, intervals in spans.items()}
+
+
+def busy_by_device(timeline, device_roles: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """Busy seconds per device: the union of the intervals of the roles placed on it. Work on
+    one device cannot overlap itself much (processes on one GPU time-slice it), so the busiest
+    device of the serial run bounds every M, whatever the stage bound says."""
+    spans = _role_spans(timeline)
+    return {device: _union_s([iv for role in roles for iv in spans.get(role, [])])
+            for device, roles in device_roles.items()}
 
 
 def bound_stage_times(busy: dict[str, float]) -> dict[str, float]:
@@ -108,8 +134,10 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int = 1) -> dict:
-    """Means over the measured steps' metrics (train_step() dicts) of one M."""
+def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int = 1,
+                  device_roles: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """Means over the measured steps' metrics (train_step() dicts) of one M. `device_roles`
+    (device label -> roles placed there) adds busy and idle seconds per device."""
     stages = {}
     for stage in TIMELINE_STAGES:
         busy = [busy_by_stage(s["timeline"])[stage] for s in steps]
@@ -123,10 +151,20 @@ def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int
         roles[role] = {"busy_s": _mean(busy),
                        "idle_s": _mean(s["pipeline_s"] - b for s, b in zip(steps, busy)),
                        "idle_frac": _mean(1 - b / s["pipeline_s"] for s, b in zip(steps, busy))}
+    device_busy = {}
+    if device_roles:
+        per_step = [busy_by_device(s["timeline"], device_roles) for s in steps]
+        for device, placed in device_roles.items():
+            busy = [b[device] for b in per_step]
+            device_busy[device] = {
+                "roles": list(placed), "busy_s": _mean(busy),
+                "idle_s": _mean(s["pipeline_s"] - b for s, b in zip(steps, busy)),
+                "idle_frac": _mean(1 - b / s["pipeline_s"] for s, b in zip(steps, busy))}
     tokens_per_s = _mean(s["response_len"] * samples_per_step / s["step_s"] for s in steps)
     busiest = bound_stage_times({k: v["busy_s"] for k, v in stages.items()})
     return {
         "pipe": m, "steps_measured": len(steps), "stages": stages, "roles": roles,
+        "devices_busy": device_busy,
         "pipeline_s": _mean(s["pipeline_s"] for s in steps),
         "step_s": _mean(s["step_s"] for s in steps),
         "samples_per_s": _mean(s["samples_per_s"] for s in steps),
@@ -145,11 +183,21 @@ def add_bounds(runs: dict[int, dict]) -> dict[str, float]:
     Returns the serial stage times the bound is built from."""
     serial = runs[1]
     times = bound_stage_times({k: v["busy_s"] for k, v in serial["stages"].items()})
+    devices = serial.get("devices_busy") or {}
+    busiest = max(devices, key=lambda d: devices[d]["busy_s"]) if devices else None
     for m, run in runs.items():
         run["bound_s"] = ideal_bound(times, m)
         run["efficiency"] = efficiency(run["bound_s"], run["pipeline_s"])
         run["speedup"] = speedup(serial["step_s"], run["step_s"])
         run["bound_stage"] = bounding_stage(times) if m > 1 else "serial (sum of stages)"
+        # Stages that share a device cannot overlap there: the busiest device's serial work
+        # is a floor the stage bound does not see.
+        run["device_bound_s"] = run["bound_s"]
+        if busiest is not None and devices[busiest]["busy_s"] > run["bound_s"]:
+            run["device_bound_s"] = devices[busiest]["busy_s"]
+            if m > 1:
+                run["bound_stage"] = (f"{busiest} ({' + '.join(devices[busiest]['roles'])})")
+        run["device_efficiency"] = efficiency(run["device_bound_s"], run["pipeline_s"])
     return times
 
 
@@ -187,14 +235,56 @@ def package_versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------------- streaming overhead
 
+class _TimedQueue:
+    """A queue that adds up the seconds its `put` calls take: the only work generate_to_queue
+    adds to vLLM's own run loop (`_run_engine` plus one put per finished request)."""
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        self.put_s = 0.0
+        self.puts = 0
+
+    def put(self, item) -> None:
+        start = time.perf_counter()
+        self._queue.put(item)
+        self.put_s += time.perf_counter() - start
+        self.puts += 1
+
+
+def round_ratios(order: list[str], call_s: list[float]) -> list[float]:
+    """Per A B B A round: plain seconds / stream seconds (the tokens are equal, so this is the
+    tokens/s ratio of the round). Rounds cancel linear drift; their spread is the noise."""
+    ratios = []
+    for i in range(0, len(order) - 3, 4):
+        kinds, secs = order[i:i + 4], call_s[i:i + 4]
+        stream = sum(t for k, t in zip(kinds, secs) if k == "stream")
+        plain = sum(t for k, t in zip(kinds, secs) if k == "plain")
+        ratios.append(plain / stream if stream > 0 else float("nan"))
+    return ratios
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
 def measure_streaming(llm, prompt_ids: list[list[int]], params: list, rounds: int = 3) -> dict:
     """Generation tokens/s of generate_to_queue (A) against generate (B) on the same prompts
-    and seeded SamplingParams, in the order A B B A, `rounds` times, to cancel drift."""
+    and seeded SamplingParams, in the order A B B A, `rounds` times, to cancel drift. Also the
+    seconds spent in the queue's puts: the direct cost of streaming, free of the call noise."""
     inputs = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+    queues = []
 
     def stream():
+        queues.append(_TimedQueue())
         return llm.generate_to_queue(prompt_token_ids=prompt_ids, sampling_params=params,
-                                     use_tqdm=False, queue=queue.SimpleQueue())
+                                     use_tqdm=False, queue=queues[-1])
 
     def plain():
         return llm.generate(inputs, params, use_tqdm=False)
@@ -212,17 +302,26 @@ def measure_streaming(llm, prompt_ids: list[list[int]], params: list, rounds: in
         tokens[kind] += sum(len(t) for t in got)
         answers.setdefault(kind, got)
     tps = {k: tokens[k] / seconds[k] for k in fns}
+    per_round = round_ratios(order, call_s)
+    round_mean, round_se = mean_and_stderr(per_round)
+    put_s = sum(q.put_s for q in queues)
     return {"backend": "vllm", "ratio": tps["stream"] / tps["plain"],
             "stream_tokens_per_s": tps["stream"], "plain_tokens_per_s": tps["plain"],
             "calls": " ".join("A" if k == "stream" else "B" for k in order),
             "call_s": [round(t, 4) for t in call_s], "same_tokens": answers["stream"] == answers["plain"],
-            "note": "ratio = generate_to_queue tokens/s / generate tokens/s (1.0 = no overhead)"}
+            "round_ratios": [round(r, 4) for r in per_round], "round_ratio_mean": round_mean,
+            "round_ratio_stderr": round_se,
+            "queue_puts": sum(q.puts for q in queues), "queue_put_s": put_s,
+            "queue_put_share": put_s / seconds["stream"] if seconds["stream"] > 0 else None,
+            "note": "ratio = generate_to_queue tokens/s / generate tokens/s (1.0 = no overhead); "
+                    "queue_put_share = seconds in queue.put / seconds of the streaming calls"}
 
 
 def skipped_streaming(backend: str, note: str) -> dict:
     return {"backend": backend, "ratio": None, "stream_tokens_per_s": None,
             "plain_tokens_per_s": None, "calls": "", "call_s": [], "same_tokens": None,
-            "note": note}
+            "round_ratios": [], "round_ratio_mean": None, "round_ratio_stderr": None,
+            "queue_puts": 0, "queue_put_s": None, "queue_put_share": None, "note": note}
 
 
 def _streaming_for(trainer, rounds: int = 3) -> dict:
@@ -273,7 +372,8 @@ def run_bench(cfg_path, pipes, steps: int, warmup: int = 1, out_dir=None,
         return state["trainer"]
 
     runs, timelines, cfg, trainer = measure_pipes(cfg_path, pipes, steps, warmup, overrides,
-                                                  trainer_for, devices=1, log=log)
+                                                  trainer_for, devices=1, log=log,
+                                                  device_roles=ONE_DEVICE)
     streaming = _streaming_for(trainer, streaming_rounds)
     trainer.close()
     return write_bench(cfg_path, cfg, runs, timelines, streaming, out_dir, devices=1,
@@ -291,7 +391,7 @@ def _with_serial(pipes, log) -> list[int]:
 
 
 def measure_pipes(cfg_path, pipes, steps, warmup, overrides, trainer_for, devices: int,
-                  log=print):
+                  log=print, device_roles: dict[str, tuple[str, ...]] | None = None):
     """For each M: `trainer_for(cfg with PIPE_MICRO_BATCH_NUM=M)` gives a ready trainer, which
     runs warm-up + measured steps. Returns (runs, timelines, last cfg, last trainer)."""
     from rlhf_pipe.config import load_config
@@ -311,7 +411,8 @@ def measure_pipes(cfg_path, pipes, steps, warmup, overrides, trainer_for, device
                 f", sync {history[-1]['sync/seconds']:.4f} s")
         trainer.logger.close()
         measured = history[warmup:]
-        runs[m] = summarize_run(m, measured, cfg.samples_per_step, devices=devices)
+        runs[m] = summarize_run(m, measured, cfg.samples_per_step, devices=devices,
+                                device_roles=device_roles)
         timelines[m] = measured[-1]["timeline"]
     return runs, timelines, cfg, trainer
 
@@ -385,16 +486,19 @@ def format_report(r: dict) -> str:
         "",
         "Ideal bound from the serial (M=1) busy seconds: "
         + ", ".join(f"{k} {_f(t)} s" for k, t in r["serial_stage_times"].items())
-        + "; bound(M) = max + (sum - max) / M.", "",
+        + "; bound(M) = max + (sum - max) / M. Device bound: the larger of bound(M) and the "
+        "busiest device's busy seconds at M=1 (stages on one device cannot overlap there).", "",
         "## Summary", "",
-        "| M | pipeline s | step s | bound s | efficiency | speedup | samples/s "
-        "| tokens/s/device | gen tokens/s | sync s | sync GB/s | bounded by |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| M | pipeline s | step s | bound s | efficiency | device bound s | efficiency "
+        "vs device bound | speedup | samples/s | tokens/s/device | gen tokens/s | sync s "
+        "| sync GB/s | bounded by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, run in r["runs"].items():
         lines.append(
             f"| {m} | {_f(run['pipeline_s'])} | {_f(run['step_s'])} | {_f(run['bound_s'])} "
-            f"| {_f(run['efficiency'], 2)} | {_f(run['speedup'], 2)} "
+            f"| {_f(run['efficiency'], 2)} | {_f(run.get('device_bound_s'))} "
+            f"| {_f(run.get('device_efficiency'), 2)} | {_f(run['speedup'], 2)} "
             f"| {_f(run['samples_per_s'], 1)} | {_f(run['tokens_per_s_per_device'], 1)} "
             f"| {_f(run['gen_tokens_per_s'], 1)} | {_f(run['sync_s'], 4)} "
             f"| {_f(run['sync_gbps'], 2)} | {run['bound_stage']} |")
@@ -415,6 +519,11 @@ def format_report(r: dict) -> str:
                       "|---|---|---|---|"]
             lines += [f"| {role} | {_f(s['busy_s'])} | {_f(s['idle_s'])} | {_f(s['idle_frac'], 2)} |"
                       for role, s in run["roles"].items()]
+        if run.get("devices_busy"):
+            lines += ["", "| device | roles | busy s | idle s | idle share |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {d} | {', '.join(s['roles'])} | {_f(s['busy_s'])} | {_f(s['idle_s'])} "
+                      f"| {_f(s['idle_frac'], 2)} |" for d, s in run["devices_busy"].items()]
     st = r["streaming"]
     lines += ["", "## Streaming overhead", ""]
     if st["ratio"] is None:
@@ -427,4 +536,12 @@ def format_report(r: dict) -> str:
         if st.get("call_s"):
             lines.append(f"Seconds per call, in that order: "
                          f"{', '.join(_f(t, 3) for t in st['call_s'])}.")
+        if st.get("round_ratios"):
+            lines.append(f"Per A B B A round: {', '.join(_f(x, 3) for x in st['round_ratios'])};"
+                         f" mean {_f(st['round_ratio_mean'], 3)}, standard error "
+                         f"{_f(st['round_ratio_stderr'], 3)}.")
+        if st.get("queue_put_s") is not None:
+            lines.append(f"Direct cost: {st['queue_puts']} queue puts took "
+                         f"{_f(st['queue_put_s'] * 1e3, 3)} ms in all, "
+                         f"{_f(st['queue_put_share'] * 100, 4)}% of the streaming calls' time.")
     return "\n".join(lines) + "\n"

@@ -199,10 +199,11 @@ def _bench(args, trainer, placement) -> None:
         return trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    gpus = (len({_gpu_of(trainer.cfg, r) for r in range(world)}) if placement.device != "cpu"
-            else world)
+    device_roles = _device_roles(trainer.cfg, placement)
+    gpus = world if "cpu" in device_roles else len({_gpu_of(trainer.cfg, r) for r in range(world)})
     runs, timelines, cfg, _ = measure_pipes(args.config, pipes, args.steps, args.warmup,
-                                            overrides, trainer_for, devices=gpus)
+                                            overrides, trainer_for, devices=gpus,
+                                            device_roles=device_roles)
     streaming = (skipped_streaming("vllm", "skipped (--no-streaming)") if args.no_streaming
                  else _streaming_for(trainer, args.streaming_rounds))
     result = write_bench(args.config, cfg, runs, timelines, streaming, args.out,
@@ -215,6 +216,23 @@ def _bench(args, trainer, placement) -> None:
               f"efficiency {run['efficiency']:.2f}, speedup {run['speedup']:.2f}, "
               f"sync {run['sync_s']:.4f} s", flush=True)
     print(f"report: {result['out_dir']}/report.md", flush=True)
+
+
+def _device_roles(cfg, placement) -> dict[str, tuple[str, ...]]:
+    """Device label -> the roles with a rank on it, for the bench's per-device busy time. CPU
+    ranks share the host's cores: one device."""
+    from rlhf_pipe.placement import ROLES
+
+    import torch
+
+    on_cpu = placement.device == "cpu" or not torch.cuda.is_available()
+    found: dict[str, list[str]] = {}
+    for role in ROLES:
+        for rank in placement.ranks_of(role):
+            label = "cpu" if on_cpu else "node {} gpu {}".format(*_gpu_of(cfg, rank))
+            if role not in found.setdefault(label, []):
+                found[label].append(role)
+    return {label: tuple(roles) for label, roles in sorted(found.items())}
 
 
 def _device(cfg, placement):

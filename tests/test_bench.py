@@ -8,7 +8,7 @@ import pytest
 
 from rlhf_pipe.bench import (RUN_KEYS, STREAM_KEYS, add_bounds, bound_stage_times,
                              bounding_stage, busy_by_role, busy_by_stage, efficiency, ideal_bound,
-                             speedup, summarize_run)
+                             mean_and_stderr, round_ratios, speedup, summarize_run)
 from rlhf_pipe.timeline import ROWS, chrome_trace, rows_of
 from tests.conftest import TINY_CONFIG
 
@@ -84,6 +84,38 @@ def test_summarize_and_bounds_on_made_up_runs():
     assert two["roles"] == {}  # the made-up steps have no role calls
 
 
+def test_device_bound_when_forward_and_train_share_a_gpu():
+    # Serial: generate 2 s on GPU 0; actor forward 1 s + actor train 3 s on GPU 1. The stage
+    # bound at M=2 is 3 + 3/2 = 4.5 s, but GPU 1 holds 4 s and GPU 0 only 2 s.
+    def step(pipeline_s):
+        tl = [("generate", -1, 0.0, 2.0), ("forward", 0, 2.0, 3.0), ("actor.forward", 0, 2.0, 3.0),
+              ("train", 0, 3.0, 6.0), ("actor.train", 0, 3.0, 6.0)]
+        return {**_fake_step(1, pipeline_s, pipeline_s), "timeline": tl}
+
+    gpus = {"node 0 gpu 0": ("rollout",), "node 0 gpu 1": ("actor", "critic")}
+    runs = {m: summarize_run(m, [step(6.0 if m == 1 else 5.0)], 16, device_roles=gpus)
+            for m in (1, 2, 8)}
+    add_bounds(runs)
+    assert runs[1]["devices_busy"]["node 0 gpu 1"]["busy_s"] == 4.0
+    assert runs[1]["devices_busy"]["node 0 gpu 0"]["idle_s"] == 4.0
+    assert runs[2]["device_bound_s"] == 4.5 and runs[2]["bound_stage"] == "train"  # stage bound
+    assert runs[8]["bound_s"] == 3.0 + 3.0 / 8
+    assert runs[8]["device_bound_s"] == 4.0                  # GPU 1 is the floor at deep M
+    assert runs[8]["bound_stage"] == "node 0 gpu 1 (actor + critic)"
+    assert runs[8]["device_efficiency"] == 4.0 / 5.0
+
+
+def test_streaming_rounds_cancel_linear_drift():
+    # Calls slow down by 0.1 s each; A and B cost the same: every A B B A round gives 1.0.
+    order = ["stream", "plain", "plain", "stream"] * 2
+    call_s = [1.0 + 0.1 * i for i in range(8)]
+    assert round_ratios(order, call_s) == pytest.approx([1.0, 1.0])
+    # B 10% slower than A in one round: plain / stream seconds = 1.1
+    assert round_ratios(order[:4], [1.0, 1.1, 1.1, 1.0]) == pytest.approx([1.1])
+    mean, se = mean_and_stderr([1.0, 1.2])
+    assert mean == pytest.approx(1.1) and se == pytest.approx(0.1)
+
+
 def test_role_calls_get_rows_of_their_own():
     timeline = [("forward", 0, 0.0, 1.0), ("critic.train", 0, 1.0, 2.0),
                 ("actor.forward", 0, 0.0, 0.5)]
@@ -153,6 +185,10 @@ def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
         assert run["sync_gbps"] > 0 and run["sync_bytes"] > 0
         assert set(run["roles"]) == {"actor", "critic", "reference", "reward"}
         assert all(0 < r["busy_s"] <= run["pipeline_s"] for r in run["roles"].values())
+        # One process, one device: it is busy at least as long as any role or stage on it.
+        device = run["devices_busy"]["device 0"]
+        assert max(r["busy_s"] for r in run["roles"].values()) <= device["busy_s"]
+        assert run["stages"]["generate"]["busy_s"] <= device["busy_s"] <= run["pipeline_s"]
     serial, piped = result["runs"]["1"], result["runs"]["4"]
     # Pipeline regression guard: the tiny model gains little from overlap, but a pipeline that
     # serialises micro-batches or stalls on a channel is far slower than this.
@@ -161,9 +197,16 @@ def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
     assert piped["bound_s"] < serial["bound_s"]          # more micro-batches, lower bound
     for key in ("speedup", "efficiency"):
         assert math.isfinite(piped[key]) and piped[key] > 0
-    assert piped["bound_stage"] in ("generate", "forward", "train")
+    assert piped["bound_stage"] in ("generate", "forward", "train", "device 0 (rollout + actor + "
+                                    "critic + reference + reward)")
+    assert piped["device_bound_s"] >= piped["bound_s"]
+    assert piped["device_bound_s"] == max(piped["bound_s"],
+                                          serial["devices_busy"]["device 0"]["busy_s"])
 
     st = result["streaming"]
     assert set(STREAM_KEYS) <= set(st)
     assert math.isfinite(st["ratio"]) and st["ratio"] > 0
     assert st["same_tokens"] is True  # same prompts and seeds: the two calls answer alike
+    assert st["queue_puts"] == 2 * 3 * 16  # two streaming calls a round, 16 prompts a call
+    assert 0 < st["queue_put_share"] < 0.05
+    assert len(st["round_ratios"]) == 3 and "Direct cost" in report

@@ -280,3 +280,23 @@ def test_zero2_checkpoint_of_two_ranks_resumes_on_one(tmp_path, vllm_engine,
         print(f"dp 2 -> dp 1 resume, torchrun vs one process: {part} weights {diff:.3g}, "
               f"exp_avg {mdiff:.3g}")
         assert diff == 0.0 and mdiff == 0.0, (part, diff, mdiff)
+
+
+def test_torchrun_bench_reports_each_device(tmp_path):
+    """`rlhf_pipe.train --bench` on 4 CPU ranks: the distributed bench writes its report, with
+    the roles' ranks mapped to devices (CPU ranks share the host: one device)."""
+    out = tmp_path / "bench"
+    proc = _torchrun(4, tmp_path / "run", 2, args=["--bench", "1,2", "--steps", "1",
+                                                   "--warmup", "0", "--out", str(out),
+                                                   "--streaming-rounds", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pipe 2: step" in proc.stdout
+    result = json.loads((out / "bench.json").read_text())
+    assert result["processes"] == "torchrun, 4 ranks" and result["pipes"] == [1, 2]
+    for run in result["runs"].values():
+        cpu = run["devices_busy"]["cpu"]
+        assert cpu["roles"] == ["rollout", "actor", "critic", "reference"]
+        assert 0 < cpu["busy_s"] <= run["pipeline_s"]
+        assert run["device_bound_s"] >= run["bound_s"]
+    assert result["streaming"]["queue_puts"] == 2 * 16
+    assert (out / "report.md").read_text().count("| cpu | rollout, actor, critic, reference |") == 2
