@@ -2,6 +2,7 @@
 # Phases of one GPU session on a lent machine (../shared/gpu/README.md), each one `run` call:
 #   tools/gpu/session.sh install|tests|bench2|bench1
 # `install` expects /tmp/stage to hold the three parts. Logs and results go to $OUT.
+# Tests knob: TORCHRUN_K (pytest -k for the 2-GPU file).
 # Bench knobs (environment): PIPES (1,2,4,8), STEPS (3), TAG (suffix of the output names),
 # EXTRA (more arguments, e.g. "--set train_config.pack_sequences=False"), NPROC (bench2: 4),
 # LIMIT (seconds the bench may run: 560; keep it under the `run` call's own limit, or
@@ -26,9 +27,12 @@ install)
     python3 -c "import vllm, deepspeed; print('vllm', vllm.__version__)"
     ;;
 tests)
+    # TORCHRUN_K: a pytest -k expression for the 2-GPU file (e.g. one_process), to save time.
     for f in tests/gpu/test_gpu_torchrun.py tests/gpu/test_gpu_single.py; do
-        name=$(basename "$f" .py)
-        { header "python3 -m pytest -s -q $f"; timeout 400 python3 -m pytest -s -q -p no:cacheprovider "$f"; } \
+        name=$(basename "$f" .py); k=()
+        [[ $name == test_gpu_torchrun && -n ${TORCHRUN_K:-} ]] && k=(-k "$TORCHRUN_K")
+        { header "python3 -m pytest -s -q $f ${k[*]}"
+          timeout 400 python3 -m pytest -s -q -p no:cacheprovider "$f" "${k[@]}"; } \
             > "$out/$name.log" 2>&1
         tail -5 "$out/$name.log"
     done
