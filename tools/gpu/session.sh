@@ -4,7 +4,7 @@
 # `install` expects /tmp/stage to hold the three parts. Logs and results go to $OUT.
 # Tests knob: TORCHRUN_K (pytest -k for the 2-GPU file).
 # Bench knobs (environment): PIPES (1,2,4,8), STEPS (3), TAG (suffix of the output names),
-# EXTRA (more arguments, e.g. "--set train_config.pack_sequences=False"), NPROC (bench2: 4),
+# CFG (the config: bench2 qwen2_0_5b_shape_2gpu.py, bench1 qwen2_0_5b_shape_1gpu.py), EXTRA (more arguments, e.g. "--set train_config.pack_sequences=False"), NPROC (bench2: 4),
 # LIMIT (seconds the bench may run: 560; keep it under the `run` call's own limit, or
 # nothing comes back). A bench writes into /tmp/bench_out and ends by packing that folder
 # into $OUT/bench<TAG>.tgz, one file, because `run` brings back only a few files per call.
@@ -40,7 +40,7 @@ tests)
 bench2)
     name=bench_2gpu${TAG:-}; work=/tmp/bench_out
     mkdir -p "$work"
-    cfg=benchmarks/configs/qwen2_0_5b_shape_2gpu.py
+    cfg=${CFG:-benchmarks/configs/qwen2_0_5b_shape_2gpu.py}
     cmd="python3 -m torch.distributed.run --nproc-per-node ${NPROC:-4} -m rlhf_pipe.train $cfg --bench ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $work/$name ${EXTRA:-}"
     { header "$cmd"; timeout "${LIMIT:-560}" $cmd; } > "$work/$name.log" 2>&1
     grep -E "^pipe |bench: pipe|weight sync|error|Error" "$work/$name.log" | tail -30
@@ -49,7 +49,7 @@ bench2)
 bench1)
     name=bench_1gpu${TAG:-}; work=/tmp/bench_out
     mkdir -p "$work"
-    cfg=benchmarks/configs/qwen2_0_5b_shape_1gpu.py
+    cfg=${CFG:-benchmarks/configs/qwen2_0_5b_shape_1gpu.py}
     cmd="python3 -m rlhf_pipe bench $cfg --pipe ${PIPES:-1,2,4,8} --steps ${STEPS:-3} --warmup 1 --out $work/$name ${EXTRA:-}"
     { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout "${LIMIT:-560}" $cmd; } > "$work/$name.log" 2>&1
     grep -E "^pipe |bench: pipe|streaming|error|Error" "$work/$name.log" | tail -30
