@@ -778,10 +778,19 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
                      f"{_gb(m.activ):>7} {_gb(m.kv_cache):>9} {_gb(m.total):>8}{extra}")
     known = [v for v in memory.per_rank if v is not None]
     if known:
-        peak = max(known)
-        at = [rp.rank for rp, v in zip(p.ranks, memory.per_rank) if v == peak]
         limit = "" if cpu else f" (--gpu-mem-gb {memory.gpu_mem_gb:g})"
-        lines.append(f"  peak {where}: ~{peak:.2f} GB on {_ranks_text(at)}{limit}")
+        if cpu or cfg.placement_config.local_rank_gpus is None:
+            peak = max(known)
+            at = _ranks_text([rp.rank for rp, v in zip(p.ranks, memory.per_rank) if v == peak])
+        else:  # ranks that share a GPU add up on it
+            on_gpu: dict[tuple, list] = {}
+            for rp, v in zip(p.ranks, memory.per_rank):
+                if v is not None:
+                    on_gpu.setdefault((rp.node, rp.gpu), []).append((rp.rank, v))
+            (node, gpu), held = max(on_gpu.items(), key=lambda kv: sum(v for _, v in kv[1]))
+            peak = sum(v for _, v in held)
+            at = f"node {node} GPU {gpu} ({_ranks_text([r for r, _ in held])})"
+        lines.append(f"  peak {where}: ~{peak:.2f} GB on {at}{limit}")
     for w in memory.warnings:
         lines.append(f"  WARNING {w}")
 

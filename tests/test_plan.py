@@ -426,3 +426,6 @@ def test_ranks_sharing_a_gpu_add_up_in_the_memory_estimate():
     memory = estimate_memory(p, gpu_mem_gb=1e-3)  # tiny models, a tinier GPU
     assert any(w.startswith("node 0 GPU 1 (ranks 1-3, separate processes)")
                for w in memory.warnings), memory.warnings
+    # The peak line sums them too (vLLM's budget on GPU 0 shrinks with the tinier GPU).
+    text = format_plan(p, memory, check(p))
+    assert f"peak per GPU: ~{sum(memory.per_rank[1:]):.2f} GB on node 0 GPU 1 (ranks 1-3)" in text
