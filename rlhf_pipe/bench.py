@@ -21,6 +21,7 @@ The stage bound assumes a device per stage. Where stages share devices (one GPU 
 Forward and Train on one GPU), the serial busy seconds of the busiest device are a floor too:
 device_bound(M) = max(bound(M), busiest device's busy seconds at M=1), and the report names
 that device when it is the higher of the two.
+
 The math helpers below are pure; `run_bench` does the running.
 """
 
@@ -94,9 +95,9 @@ def busy_by_role(timeline) -> dict[str, float]:
 
 
 def busy_by_device(timeline, device_roles: dict[str, tuple[str, ...]]) -> dict[str, float]:
-    """Busy seconds per device: the union of the intervals of the roles placed on it. Work on
-    one device cannot overlap itself much (processes on one GPU time-slice it), so the busiest
-    device of the serial run bounds every M, whatever the stage bound says."""
+    """Busy seconds per device: the union of the intervals of the roles placed on it. Calls on
+    one device take turns (processes on one GPU time-slice it), so the busiest device's serial
+    work is a floor for every M, as long as that work does not itself change with M."""
     spans = _role_spans(timeline)
     return {device: _union_s([iv for role in roles for iv in spans.get(role, [])])
             for device, roles in device_roles.items()}
@@ -138,28 +139,22 @@ def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int
                   device_roles: dict[str, tuple[str, ...]] | None = None) -> dict:
     """Means over the measured steps' metrics (train_step() dicts) of one M. `device_roles`
     (device label -> roles placed there) adds busy and idle seconds per device."""
-    stages = {}
-    for stage in TIMELINE_STAGES:
-        busy = [busy_by_stage(s["timeline"])[stage] for s in steps]
-        idle = [s["pipeline_s"] - b for s, b in zip(steps, busy)]
-        stages[stage] = {"busy_s": _mean(busy), "idle_s": _mean(idle),
-                         "idle_frac": _mean(i / s["pipeline_s"] for i, s in zip(idle, steps))}
-    roles = {}
-    role_busy = [busy_by_role(s["timeline"]) for s in steps]  # once per step
-    for role in sorted({r for b in role_busy for r in b}):
-        busy = [b.get(role, 0.0) for b in role_busy]
-        roles[role] = {"busy_s": _mean(busy),
-                       "idle_s": _mean(s["pipeline_s"] - b for s, b in zip(steps, busy)),
-                       "idle_frac": _mean(1 - b / s["pipeline_s"] for s, b in zip(steps, busy))}
+    def busy_idle(busy: list[float]) -> dict:
+        """Means of one row's busy seconds per step, and of the rest of each step."""
+        return {"busy_s": _mean(busy),
+                "idle_s": _mean(s["pipeline_s"] - b for s, b in zip(steps, busy)),
+                "idle_frac": _mean(1 - b / s["pipeline_s"] for s, b in zip(steps, busy))}
+
+    stage_busy = [busy_by_stage(s["timeline"]) for s in steps]  # each once per step
+    role_busy = [busy_by_role(s["timeline"]) for s in steps]
+    stages = {stage: busy_idle([b[stage] for b in stage_busy]) for stage in TIMELINE_STAGES}
+    roles = {role: busy_idle([b.get(role, 0.0) for b in role_busy])
+             for role in sorted({r for b in role_busy for r in b})}
     device_busy = {}
     if device_roles:
         per_step = [busy_by_device(s["timeline"], device_roles) for s in steps]
-        for device, placed in device_roles.items():
-            busy = [b[device] for b in per_step]
-            device_busy[device] = {
-                "roles": list(placed), "busy_s": _mean(busy),
-                "idle_s": _mean(s["pipeline_s"] - b for s, b in zip(steps, busy)),
-                "idle_frac": _mean(1 - b / s["pipeline_s"] for s, b in zip(steps, busy))}
+        device_busy = {device: {"roles": list(placed), **busy_idle([b[device] for b in per_step])}
+                       for device, placed in device_roles.items()}
     tokens_per_s = _mean(s["response_len"] * samples_per_step / s["step_s"] for s in steps)
     busiest = bound_stage_times({k: v["busy_s"] for k, v in stages.items()})
     return {
