@@ -312,6 +312,10 @@ def measure_streaming(llm, prompt_ids: list[list[int]], params: list, rounds: in
                     "queue_put_share = seconds in queue.put / seconds of the streaming calls"}
 
 
+# What bench.json says until the streaming check has run.
+STREAMING_PENDING = "not measured: the bench stopped before its streaming check"
+
+
 def skipped_streaming(backend: str, note: str) -> dict:
     return {"backend": backend, "ratio": None, "stream_tokens_per_s": None,
             "plain_tokens_per_s": None, "calls": "", "call_s": [], "same_tokens": None,
@@ -369,12 +373,16 @@ def run_bench(cfg_path, pipes, steps: int, warmup: int = 1, out_dir=None,
     runs, timelines, cfg, trainer = measure_pipes(cfg_path, pipes, steps, warmup, overrides,
                                                   trainer_for, devices=1, log=log,
                                                   device_roles=ONE_DEVICE)
-    streaming = _streaming_for(trainer, streaming_rounds)
-    trainer.close()
-    return write_bench(cfg_path, cfg, runs, timelines, streaming, out_dir, devices=1,
-                       command=command or _command(cfg_path, pipes, steps, warmup, out_dir,
-                                                   overrides),
-                       steps=steps, warmup=warmup)
+    try:
+        backend = cfg.model_configs.policy.generator_config.generator_type
+        result = write_bench(cfg_path, cfg, runs, timelines,
+                             skipped_streaming(backend, STREAMING_PENDING), out_dir, devices=1,
+                             command=command or _command(cfg_path, pipes, steps, warmup, out_dir,
+                                                         overrides),
+                             steps=steps, warmup=warmup)
+        return add_streaming(result, _streaming_for(trainer, streaming_rounds))
+    finally:
+        trainer.close()
 
 
 def _with_serial(pipes, log) -> list[int]:
@@ -439,10 +447,24 @@ def write_bench(cfg_path, cfg, runs, timelines, streaming, out_dir, *, devices: 
         "runs": {str(m): r for m, r in runs.items()},
         "streaming": streaming,
     }
-    (out / "bench.json").write_text(json.dumps(result, indent=2, default=_jsonable))
-    (out / "report.md").write_text(format_report(result))
     result["out_dir"] = str(out)
+    _write_summary(result)
     return result
+
+
+def add_streaming(result: dict, streaming: dict) -> dict:
+    """Put the streaming measurement into a written bench. The runs are written first, so a
+    bench stopped during this last and optional check keeps them."""
+    result["streaming"] = streaming
+    _write_summary(result)
+    return result
+
+
+def _write_summary(result: dict) -> None:
+    out = Path(result["out_dir"])
+    body = {k: v for k, v in result.items() if k != "out_dir"}
+    (out / "bench.json").write_text(json.dumps(body, indent=2, default=_jsonable))
+    (out / "report.md").write_text(format_report(body))
 
 
 def _jsonable(value):

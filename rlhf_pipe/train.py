@@ -185,8 +185,8 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
 def _bench(args, trainer, placement) -> None:
     import shlex
 
-    from rlhf_pipe.bench import (_streaming_for, _with_serial, measure_pipes,
-                                 skipped_streaming, write_bench)
+    from rlhf_pipe.bench import (STREAMING_PENDING, _streaming_for, _with_serial, add_streaming,
+                                 measure_pipes, skipped_streaming, write_bench)
     from rlhf_pipe.bench_cli import _pipes
     from rlhf_pipe.config import parse_override
 
@@ -204,13 +204,17 @@ def _bench(args, trainer, placement) -> None:
     runs, timelines, cfg, _ = measure_pipes(args.config, pipes, args.steps, args.warmup,
                                             overrides, trainer_for, devices=gpus,
                                             device_roles=device_roles)
-    streaming = (skipped_streaming("vllm", "skipped (--no-streaming)") if args.no_streaming
-                 else _streaming_for(trainer, args.streaming_rounds))
-    result = write_bench(args.config, cfg, runs, timelines, streaming, args.out,
+    result = write_bench(args.config, cfg, runs, timelines,
+                         skipped_streaming(cfg.model_configs.policy.generator_config.generator_type,
+                                           "skipped (--no-streaming)" if args.no_streaming
+                                           else STREAMING_PENDING), args.out,
                          devices=gpus, processes=f"torchrun, {world} ranks",
                          command=shlex.join(["torchrun", f"--nproc-per-node={world}", "-m",
                                              "rlhf_pipe.train"] + sys.argv[1:]),
                          steps=args.steps, warmup=args.warmup)
+    if not args.no_streaming:
+        print(f"bench: runs written to {result['out_dir']}; measuring streaming", flush=True)
+        result = add_streaming(result, _streaming_for(trainer, args.streaming_rounds))
     for m, run in result["runs"].items():
         print(f"pipe {m}: step {run['step_s']:.3f} s, bound {run['bound_s']:.3f} s, "
               f"efficiency {run['efficiency']:.2f}, speedup {run['speedup']:.2f}, "

@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from rlhf_pipe.bench import (RUN_KEYS, STREAM_KEYS, add_bounds, bound_stage_times,
-                             bounding_stage, busy_by_role, busy_by_stage, efficiency, ideal_bound,
-                             mean_and_stderr, round_ratios, speedup, summarize_run)
+from rlhf_pipe.bench import (RUN_KEYS, STREAM_KEYS, STREAMING_PENDING, add_bounds,
+                             add_streaming, bound_stage_times, bounding_stage, busy_by_role,
+                             busy_by_stage, efficiency, ideal_bound, mean_and_stderr,
+                             round_ratios, skipped_streaming, speedup, summarize_run, write_bench)
 from rlhf_pipe.timeline import ROWS, chrome_trace, rows_of
 from tests.conftest import TINY_CONFIG
 
@@ -114,6 +115,26 @@ def test_streaming_rounds_cancel_linear_drift():
     assert round_ratios(order[:4], [1.0, 1.1, 1.1, 1.0]) == pytest.approx([1.1])
     mean, se = mean_and_stderr([1.0, 1.2])
     assert mean == pytest.approx(1.1) and se == pytest.approx(0.1)
+
+
+def test_runs_are_written_before_the_streaming_check(tmp_path):
+    """A bench stopped during its last, optional streaming check keeps its runs' report."""
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    runs = {m: summarize_run(m, [_fake_step(1, 6.5, 8.0)], 16) for m in (1, 2)}
+    timelines = {m: _fake_step(1, 6.5, 8.0)["timeline"] for m in (1, 2)}
+    result = write_bench(TINY_CONFIG, cfg, runs, timelines,
+                         skipped_streaming("vllm", STREAMING_PENDING), tmp_path / "b", devices=1,
+                         command="rlhf-pipe bench x", steps=1, warmup=0)
+    written = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert written["runs"]["2"]["bound_s"] == 4.5 and "out_dir" not in written
+    assert STREAMING_PENDING in (tmp_path / "b" / "report.md").read_text()
+    add_streaming(result, {**skipped_streaming("vllm", "measured"), "ratio": 0.99,
+                           "stream_tokens_per_s": 99.0, "plain_tokens_per_s": 100.0})
+    written = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert written["streaming"]["ratio"] == 0.99 and written["runs"]["2"]["bound_s"] == 4.5
+    assert "ratio **0.990**" in (tmp_path / "b" / "report.md").read_text()
 
 
 def test_role_calls_get_rows_of_their_own():
