@@ -150,6 +150,11 @@ def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int
     stages = {stage: busy_idle([b[stage] for b in stage_busy]) for stage in TIMELINE_STAGES}
     roles = {role: busy_idle([b.get(role, 0.0) for b in role_busy])
              for role in sorted({r for b in role_busy for r in b})}
+    for role, row in roles.items():  # a role on another rank: its calls' transport share
+        call_s = [s.get(f"remote/{role}/call_s") for s in steps]
+        if None not in call_s:
+            row["call_s"] = _mean(call_s)
+            row["on_rank_s"] = _mean(s[f"remote/{role}/on_rank_s"] for s in steps)
     device_busy = {}
     if device_roles:
         per_step = [busy_by_device(s["timeline"], device_roles) for s in steps]
@@ -536,6 +541,12 @@ def format_report(r: dict) -> str:
                       "|---|---|---|---|"]
             lines += [f"| {role} | {_f(s['busy_s'])} | {_f(s['idle_s'])} | {_f(s['idle_frac'], 2)} |"
                       for role, s in run["roles"].items()]
+        remote = {role: s for role, s in run.get("roles", {}).items() if "call_s" in s}
+        if remote:
+            lines += ["", "| role on another rank | its calls, s | in the method on its rank, s "
+                      "| transport and waiting, s |", "|---|---|---|---|"]
+            lines += [f"| {role} | {_f(s['call_s'])} | {_f(s['on_rank_s'])} "
+                      f"| {_f(s['call_s'] - s['on_rank_s'])} |" for role, s in remote.items()]
         if run.get("devices_busy"):
             lines += ["", "| device | roles | busy s | idle s | idle share |",
                       "|---|---|---|---|---|"]

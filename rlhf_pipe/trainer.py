@@ -538,6 +538,13 @@ class RLHFTrainer:
         if getattr(self.engine, "last_sync", None):
             m["sync/gbps"] = self.engine.last_sync["gbps"]
             m["sync/bytes"] = self.engine.last_sync["bytes"]
+        for name, role in (("actor", self.actor), ("critic", self.critic),
+                           ("reference", self.reference), ("reward", self.reward)):
+            take = getattr(role, "take_call_seconds", None)  # roles on other ranks only
+            if take is not None:
+                # Their calls since the last step's metrics (the weight sync's among them):
+                # seconds seen from here, and of those, seconds inside the method on its rank.
+                m[f"remote/{name}/call_s"], m[f"remote/{name}/on_rank_s"] = take()
         m["skipped_prompts"] = sum(self.prompts.skipped.values())
         m["samples"] = len(samples)
         m["relay_samples"] = len(plan.relay)

@@ -51,6 +51,15 @@ class Connection:
     def __init__(self, peer: int, group, roles: tuple[str, ...]):
         self.peer, self.group, self.roles = peer, group, roles
         self.lock = threading.Lock()
+        # role -> [seconds of its calls here, seconds of them spent in the method on the
+        # peer]: the difference is transport (pickle, gloo, host copies) and waiting.
+        self._seconds: dict[str, list[float]] = {}
+
+    def take_seconds(self, role: str) -> tuple[float, float]:
+        """(call seconds, on-rank seconds) of `role`'s calls since the last take."""
+        with self.lock:
+            call_s, on_rank_s = self._seconds.pop(role, (0.0, 0.0))
+        return call_s, on_rank_s
 
     def _unreachable(self, e: Exception) -> RemoteRoleError:
         return RemoteRoleError(f"rank {self.peer} ({'+'.join(self.roles)}) unreachable: "
@@ -58,11 +67,15 @@ class Connection:
 
     def call(self, role: str, method: str, args=(), kwargs=None):
         with self.lock:
+            start = time.perf_counter()
             try:
                 _send((role, method, args, kwargs or {}), self.peer, self.group)
-                status, value = _recv(self.peer, self.group)
+                status, value, on_rank_s = _recv(self.peer, self.group)
             except RuntimeError as e:  # gloo: peer closed the connection, or timed out
                 raise self._unreachable(e) from e
+            seconds = self._seconds.setdefault(role, [0.0, 0.0])
+            seconds[0] += time.perf_counter() - start
+            seconds[1] += on_rank_s
         if status != "ok":
             raise RemoteRoleError(f"rank {self.peer} ({role}): {value}")
         return value
@@ -104,6 +117,9 @@ class RemoteRole:
 
     def named_weights(self):
         return iter(self._conn.fetch_weights(self._name))
+
+    def take_call_seconds(self) -> tuple[float, float]:
+        return self._conn.take_seconds(self._name)
 
     def __repr__(self) -> str:
         return f"RemoteRole({self._name} on rank {self._conn.peer})"
@@ -168,10 +184,13 @@ def serve(roles: dict, controller: int, group, bucket_bytes: int,
                 continue
             if method not in REMOTE_METHODS:
                 raise AttributeError(f"{role} has no remote method {method!r}")
-            reply = ("ok", _to_cpu(getattr(roles[role], method)(*args, **kwargs)))
+            start = time.perf_counter()
+            # _to_cpu waits for the device, so the seconds include the method's GPU work.
+            value = _to_cpu(getattr(roles[role], method)(*args, **kwargs))
+            reply = ("ok", value, time.perf_counter() - start)
         except Exception as e:  # reported on the controller, which stops the run
             traceback.print_exc()
-            reply = ("error", f"{type(e).__name__}: {e}")
+            reply = ("error", f"{type(e).__name__}: {e}", 0.0)
         _send(reply, controller, group)
 
 
@@ -366,6 +385,11 @@ class RemoteRoleGroup:
         # the same order: one call at a time for the whole group (the Forward and Train
         # stages would otherwise reach the two ranks' locks in different orders).
         self._order = threading.Lock() if zero_stage is not None else contextlib.nullcontext()
+
+    def take_call_seconds(self) -> tuple[float, float]:
+        """Summed over the ranks, whose calls overlap in time."""
+        parts = [c.take_seconds(self._name) for c in self._conns]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def _parallel(self, calls: list[tuple]) -> list:
         with self._order:

@@ -298,5 +298,11 @@ def test_torchrun_bench_reports_each_device(tmp_path):
         assert cpu["roles"] == ["rollout", "actor", "critic", "reference"]
         assert 0 < cpu["busy_s"] <= run["pipeline_s"]
         assert run["device_bound_s"] >= run["bound_s"]
+        # Roles on other ranks: the controller's seconds in their calls, and of those the
+        # seconds inside the method there; the rest is transport and waiting.
+        for role in ("actor", "critic", "reference"):
+            row = run["roles"][role]
+            assert 0 < row["on_rank_s"] < row["call_s"], (role, row)
+    assert "| role on another rank |" in (out / "report.md").read_text()
     assert result["streaming"]["queue_puts"] == 2 * 16
     assert (out / "report.md").read_text().count("| cpu | rollout, actor, critic, reference |") == 2
