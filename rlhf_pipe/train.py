@@ -227,9 +227,7 @@ def _device_roles(cfg, placement) -> dict[str, tuple[str, ...]]:
     ranks share the host's cores: one device."""
     from rlhf_pipe.placement import ROLES
 
-    import torch
-
-    on_cpu = placement.device == "cpu" or not torch.cuda.is_available()
+    on_cpu = _ranks_on_cpu(placement)
     found: dict[str, list[str]] = {}
     for role in ROLES:
         for rank in placement.ranks_of(role):
@@ -239,11 +237,18 @@ def _device_roles(cfg, placement) -> dict[str, tuple[str, ...]]:
     return {label: tuple(roles) for label, roles in sorted(found.items())}
 
 
+def _ranks_on_cpu(placement) -> bool:
+    """A CPU plan, or a GPU plan ('auto', 'cuda') started where there is no GPU."""
+    import torch
+
+    return placement.device == "cpu" or not torch.cuda.is_available()
+
+
 def _device(cfg, placement):
     """This rank's device: its LOCAL_RANK's GPU (see `_gpu_of`)."""
     import torch
 
-    if placement.device == "cpu" or not torch.cuda.is_available():
+    if _ranks_on_cpu(placement):
         return torch.device("cpu")
     return torch.device("cuda", _gpu_of(cfg, int(os.environ["RANK"]))[1])
 
@@ -271,9 +276,7 @@ def _gpu_of(cfg, rank: int):
 def _engine_gpus(cfg, placement, leader: int) -> str | None:
     """CUDA_VISIBLE_DEVICES for the engine led by `leader`: its ranks' GPUs. Without it every
     engine's vLLM would take GPU 0 of its node."""
-    import torch
-
-    if placement.device == "cpu" or not torch.cuda.is_available():
+    if _ranks_on_cpu(placement):
         return None
     group = next(g for g in placement.engines if g[0] == leader)
     return ",".join(str(_gpu_of(cfg, r)[1]) for r in group)
