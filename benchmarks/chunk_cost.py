@@ -27,8 +27,13 @@ from rlhf_pipe.models import load_causal_lm, load_value_model
 from rlhf_pipe.pipeline.batch import Sample
 from rlhf_pipe.roles import CriticRole, LossSettings, PolicyRole
 
-LOSS = LossSettings(policy_clip=0.2, value_clip=0.5, ppo_loss_weight=1.0, value_loss_weight=1.0,
-                    loss_agg="token_mean")
+LOSS = LossSettings(
+    policy_clip=0.2,
+    value_clip=0.5,
+    ppo_loss_weight=1.0,
+    value_loss_weight=1.0,
+    loss_agg="token_mean",
+)
 
 
 def make_samples(n: int, vocab: int, seed: int, answer=(64, 1024), prompt=(16, 64)) -> list:
@@ -36,8 +41,13 @@ def make_samples(n: int, vocab: int, seed: int, answer=(64, 1024), prompt=(16, 6
     out = []
     for i in range(n):
         p, r = rng.randint(*prompt), rng.randint(*answer)
-        s = Sample(i, i, 0, torch.tensor([rng.randrange(3, vocab) for _ in range(p)]),
-                   torch.tensor([rng.randrange(3, vocab) for _ in range(r)]))
+        s = Sample(
+            i,
+            i,
+            0,
+            torch.tensor([rng.randrange(3, vocab) for _ in range(p)]),
+            torch.tensor([rng.randrange(3, vocab) for _ in range(r)]),
+        )
         s.old_logp = -torch.rand(r) * 5
         s.values, s.returns, s.advantages = torch.randn(r), torch.randn(r), torch.randn(r)
         out.append(s)
@@ -73,8 +83,16 @@ def main(argv=None) -> dict:
     assets = build_shaped_assets(args.model, dtype=args.dtype)
     actor_model = load_causal_lm(str(assets.policy), args.dtype).to(device)
     critic_model = load_value_model(str(assets.critic), args.dtype).to(device)
-    sizes = dict(lr=1e-7, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, warmup_steps=0,
-                 max_grad_norm=1.0, infer_micro_bs=args.infer_mbs, train_micro_bs=4)
+    sizes = dict(
+        lr=1e-7,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        infer_micro_bs=args.infer_mbs,
+        train_micro_bs=4,
+    )
     train_sizes = [int(x) for x in args.train_mbs.split(",")]
     actor, critic = PolicyRole(actor_model, 0, **sizes), CriticRole(critic_model, 0, **sizes)
     samples = make_samples(args.samples, actor_model.config.vocab_size, seed=0)
@@ -92,7 +110,7 @@ def main(argv=None) -> dict:
     variants = [f"{lay} mbs {m}" for lay in layouts for m in train_sizes]
     seconds = {v: {name: [] for name in work} for v in variants}
     for r in range(args.repeat + 1):  # round 0 warms up (allocator, kernels)
-        for v in (variants if r % 2 == 0 else variants[::-1]):
+        for v in variants if r % 2 == 0 else variants[::-1]:
             lay, mbs = v.split(" mbs ")
             actor.packed = critic.packed = lay == "packed"
             actor.train_micro_bs = critic.train_micro_bs = int(mbs)
@@ -109,7 +127,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         activity.append(torch.profiler.ProfilerActivity.CUDA)
     actor.train_micro_bs = train_sizes[0]
-    chunk = samples[len(samples) // 2:len(samples) // 2 + train_sizes[0]]
+    chunk = samples[len(samples) // 2 : len(samples) // 2 + train_sizes[0]]
     for lay in layouts:
         actor.packed = lay == "packed"
         with torch.profiler.profile(activities=activity) as prof:
@@ -121,16 +139,25 @@ def main(argv=None) -> dict:
 
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
-        "samples": args.samples, "tokens": tokens, "order": args.order,
-        "train_micro_bs": train_sizes, "infer_micro_bs": args.infer_mbs, "repeat": args.repeat,
-        "median_s": {v: {n: sorted(t)[len(t) // 2] for n, t in seconds[v].items() if t}
-                     for v in variants},
+        "torch": torch.__version__,
+        "model": args.model,
+        "dtype": args.dtype,
+        "samples": args.samples,
+        "tokens": tokens,
+        "order": args.order,
+        "train_micro_bs": train_sizes,
+        "infer_micro_bs": args.infer_mbs,
+        "repeat": args.repeat,
+        "median_s": {
+            v: {n: sorted(t)[len(t) // 2] for n, t in seconds[v].items() if t} for v in variants
+        },
         "seconds": seconds,
     }
     base = variants[0]
-    print(f"{args.samples} samples, {tokens} tokens, order {args.order}; medians of "
-          f"{args.repeat}, ratio to {base}")
+    print(
+        f"{args.samples} samples, {tokens} tokens, order {args.order}; medians of "
+        f"{args.repeat}, ratio to {base}"
+    )
     for v in variants:
         for name, t in result["median_s"][v].items():
             ref = result["median_s"][base][name]

@@ -34,20 +34,41 @@ def run(args) -> dict:
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
     assets = _assets(args.model)
-    tc = TrainerConfig(enable_lora=True, lora_dim=args.rank, lora_alpha=float(args.rank),
-                       lora_dropout=0.0, lora_layer="ColumnParallelLinear,LinearLayer,"
-                       "RowParallelLinear")
+    tc = TrainerConfig(
+        enable_lora=True,
+        lora_dim=args.rank,
+        lora_alpha=float(args.rank),
+        lora_dropout=0.0,
+        lora_layer="ColumnParallelLinear,LinearLayer,RowParallelLinear",
+    )
     torch.manual_seed(0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = lora.apply_lora(load_causal_lm(str(assets.policy), args.dtype), tc, "bench", "policy")
     model.to(device)
-    actor = PolicyRole(model, 0, lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0,
-                       warmup_steps=0, max_grad_norm=1.0, infer_micro_bs=1, train_micro_bs=1)
-    engines = {mode: VLLMEngine(str(assets.policy), dtype=args.dtype, seed=0, max_model_len=256,
-                                gpu_memory_utilization=0.3,
-                                lora=lora.peft_config(tc).to_dict() if mode == "adapter" else None,
-                                engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20})
-               for mode in ("merged", "adapter")}
+    actor = PolicyRole(
+        model,
+        0,
+        lr=1e-3,
+        betas=[0.9, 0.95],
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        infer_micro_bs=1,
+        train_micro_bs=1,
+    )
+    engines = {
+        mode: VLLMEngine(
+            str(assets.policy),
+            dtype=args.dtype,
+            seed=0,
+            max_model_len=256,
+            gpu_memory_utilization=0.3,
+            lora=lora.peft_config(tc).to_dict() if mode == "adapter" else None,
+            engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20},
+        )
+        for mode in ("merged", "adapter")
+    }
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, 500, (16,), generator=g).tolist() for _ in range(args.prompts)]
     settings = SamplingSettings(args.tokens, 1.0, 1.0, -1, 1, True, ())
@@ -64,22 +85,42 @@ def run(args) -> dict:
             sync_s = time.perf_counter() - start
             done = []
             start = time.perf_counter()
-            engine.generate(prompts, list(range(len(prompts))), settings,
-                            [step * 1000 + i for i in range(len(prompts))],
-                            SimpleNamespace(put=done.append))
+            engine.generate(
+                prompts,
+                list(range(len(prompts))),
+                settings,
+                [step * 1000 + i for i in range(len(prompts))],
+                SimpleNamespace(put=done.append),
+            )
             gen_s = time.perf_counter() - start
             tokens = sum(len(c.response_ids) for c in done)
-            rows[mode].append({"step": step, "sync_s": sync_s, "gen_s": gen_s,
-                               "sync_bytes": engine.last_sync["bytes"], "tokens": tokens,
-                               "gen_tok_s": tokens / gen_s})
+            rows[mode].append(
+                {
+                    "step": step,
+                    "sync_s": sync_s,
+                    "gen_s": gen_s,
+                    "sync_bytes": engine.last_sync["bytes"],
+                    "tokens": tokens,
+                    "gen_tok_s": tokens / gen_s,
+                }
+            )
     out = []
     for mode, steps in rows.items():
         timed = steps[1:]  # step 0 is warm-up
-        out.append({"mode": mode, "model": args.model, "dtype": args.dtype, "rank": args.rank,
-                    "prompts": args.prompts, "new_tokens": args.tokens, "steps": steps,
-                    "sync_s_median": statistics.median(r["sync_s"] for r in timed),
-                    "gen_tok_s_median": statistics.median(r["gen_tok_s"] for r in timed),
-                    "sync_mb": steps[-1]["sync_bytes"] / 2**20})
+        out.append(
+            {
+                "mode": mode,
+                "model": args.model,
+                "dtype": args.dtype,
+                "rank": args.rank,
+                "prompts": args.prompts,
+                "new_tokens": args.tokens,
+                "steps": steps,
+                "sync_s_median": statistics.median(r["sync_s"] for r in timed),
+                "gen_tok_s_median": statistics.median(r["gen_tok_s"] for r in timed),
+                "sync_mb": steps[-1]["sync_bytes"] / 2**20,
+            }
+        )
     return out
 
 
@@ -107,17 +148,26 @@ def main() -> None:
     args.dtype = args.dtype or ("float32" if args.model == "tiny" else "bfloat16")
     results = run(args)
     for r in results:
-        print(f"{args.model} {r['mode']}: sync {r['sync_s_median'] * 1e3:.1f} ms "
-              f"({r['sync_mb']:.2f} MB), generation {r['gen_tok_s_median']:.1f} tokens/s "
-              f"(medians of {args.steps} steps)")
+        print(
+            f"{args.model} {r['mode']}: sync {r['sync_s_median'] * 1e3:.1f} ms "
+            f"({r['sync_mb']:.2f} MB), generation {r['gen_tok_s_median']:.1f} tokens/s "
+            f"(medians of {args.steps} steps)"
+        )
     import torch
     import vllm
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "gpu": gpu,
-              "vllm": vllm.__version__, "torch": torch.__version__,
-              "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
-              "command": "python " + " ".join(sys.argv), "results": results}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.platform(),
+        "gpu": gpu,
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "load_avg_at_end": os.getloadavg(),
+        "command": "python " + " ".join(sys.argv),
+        "results": results,
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

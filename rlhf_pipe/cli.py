@@ -13,9 +13,9 @@ USAGE_ERROR = 2
 
 
 def _user_errors():
+    from rlhf_pipe.checkpoint import CheckpointError
     from rlhf_pipe.config import ConfigError
     from rlhf_pipe.data import DataError
-    from rlhf_pipe.checkpoint import CheckpointError
     from rlhf_pipe.models import ModelLoadError
 
     return (ConfigError, DataError, ModelLoadError, CheckpointError)
@@ -58,8 +58,10 @@ def cmd_train(args) -> int:
         return 0
     k = min(5, len(rewards) // 2) or 1
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
-    print(f"mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} "
-          f"({'+' if last >= first else ''}{last - first:.4f})")
+    print(
+        f"mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} "
+        f"({'+' if last >= first else ''}{last - first:.4f})"
+    )
     print(f"metrics: {trainer.logger.jsonl_path}")
     return 0
 
@@ -82,13 +84,23 @@ def _launch_torchrun(args) -> int:
         from rlhf_pipe.placement import make_placement
 
         nproc = str(make_placement(_load(args)).world_size)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc,
-           "-m", "rlhf_pipe.train", args.config]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        nproc,
+        "-m",
+        "rlhf_pipe.train",
+        args.config,
+    ]
     for item in args.set or []:
         cmd += ["--set", item]
-    for flag, value in (("train_config.work_dir", args.work_dir),
-                        ("train_config.max_train_step", args.max_steps),
-                        ("PIPE_MICRO_BATCH_NUM", args.pipe)):
+    for flag, value in (
+        ("train_config.work_dir", args.work_dir),
+        ("train_config.max_train_step", args.max_steps),
+        ("PIPE_MICRO_BATCH_NUM", args.pipe),
+    ):
         if value is not None:
             cmd += ["--set", f"{flag}={value}"]
     if args.resume:
@@ -107,19 +119,30 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a config (one process; torchrun for many)")
     p.add_argument("config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. train_config.max_train_step=3")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train_config.max_train_step=3",
+    )
     p.add_argument("--pipe", type=int, help="PIPE_MICRO_BATCH_NUM")
     p.add_argument("--work-dir")
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--nproc", metavar="N|auto",
-                   help="launch torchrun with N processes on this node (auto: as the placement "
-                        "needs), roles on their own ranks; default: every role in this process")
-    p.add_argument("--resume", metavar="auto|PATH",
-                   help="continue from the newest checkpoint in the work dir, or from PATH")
+    p.add_argument(
+        "--nproc",
+        metavar="N|auto",
+        help="launch torchrun with N processes on this node (auto: as the placement "
+        "needs), roles on their own ranks; default: every role in this process",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from the newest checkpoint in the work dir, or from PATH",
+    )
     p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("export", help="copy a checkpoint's actor (or critic) out as a plain "
-                       "HF folder")
+    p = sub.add_parser(
+        "export", help="copy a checkpoint's actor (or critic) out as a plain HF folder"
+    )
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--part", choices=("actor", "critic"), default="actor")
@@ -129,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_plan_parser(sub)
     add_bench_parser(sub)
-    sub.add_parser("apply-vllm-patch", help="add generate_to_queue to the installed vLLM "
-                   "(see rlhf-pipe apply-vllm-patch --help)")
+    sub.add_parser(
+        "apply-vllm-patch",
+        help="add generate_to_queue to the installed vLLM (see rlhf-pipe apply-vllm-patch --help)",
+    )
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

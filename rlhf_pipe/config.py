@@ -29,8 +29,13 @@ class ConfigError(ValueError):
     def __init__(self, message: str):
         from rlhf_pipe.rewards.http import redact_url
 
-        super().__init__(re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+",
-                                lambda m: redact_url(m.group(0)), str(message)))
+        super().__init__(
+            re.sub(
+                r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+",
+                lambda m: redact_url(m.group(0)),
+                str(message),
+            )
+        )
 
 
 def _ge(lo):
@@ -43,6 +48,7 @@ def _range(lo, hi, lo_open=False):
 
 # ----------------------------------------------------------------------------- sections
 
+
 @dataclass
 class ParallelConfig:
     data: dict = field(default_factory=lambda: {"size": 1})
@@ -52,6 +58,7 @@ class ParallelConfig:
 @dataclass
 class TrainerConfig:
     """How one model runs: precision, optimiser, parallel sizes, DeepSpeed dict."""
+
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lr: float = field(default=1e-6, metadata=_range(0.0, 1.0))
     weight_decay: float = field(default=0.0, metadata=_ge(0.0))
@@ -80,14 +87,22 @@ class TrainerConfig:
 # modules (fused qkv_proj/gate_up_proj cover Phi-3-style models). "LinearLayer", a plain
 # linear, matches every nn.Linear in the blocks (peft's "all-linear", head excluded).
 LORA_LAYER_ALIASES = {
-    "ColumnParallelLinear": ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj",
-                             "gate_up_proj"),
+    "ColumnParallelLinear": (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "qkv_proj",
+        "gate_proj",
+        "up_proj",
+        "gate_up_proj",
+    ),
     "RowParallelLinear": ("o_proj", "down_proj"),
     "LinearLayer": ("all-linear",),
     "all-linear": ("all-linear",),
 }
-LORA_DEFAULTS = dict(lora_dim=8, lora_dropout=0.0,
-                     lora_layer="ColumnParallelLinear,LinearLayer,RowParallelLinear")
+LORA_DEFAULTS = dict(
+    lora_dim=8, lora_dropout=0.0, lora_layer="ColumnParallelLinear,LinearLayer,RowParallelLinear"
+)
 VLLM_MAX_LORA_RANK = 512  # vLLM's largest max_lora_rank
 
 
@@ -102,6 +117,7 @@ def lora_target_modules(lora_layer: str) -> list | str:
 @dataclass
 class BatchGenerationConfig:
     """ChatLearn's batch-generation settings for the training prompts."""
+
     ranking: bool = False  # sort each step's prompts by length before generation
     min_prompt_length: int = field(default=0, metadata=_ge(0))  # shorter prompts are skipped
 
@@ -122,11 +138,12 @@ class GeneratorConfig:
 class RewardScorerConfig:
     """One entry of `model_configs.reward.scorers`: exactly one of model_path, url, reward_fn.
     The total reward is the sum of weight x score over the scorers."""
+
     weight: float = field(default=1.0, metadata=_range(-1e6, 1e6))  # finite; < 0 penalises
     model_path: Optional[str] = None  # a learned reward model (HF folder), on the reward ranks
     url: Optional[str] = field(default=None, repr=False)  # a remote reward model
     #                                  (rlhf_pipe.rewards.http); repr=False: may hold a token
-    reward_fn: Optional[str] = None   # a rule: "module:function", fn(prompts, responses)
+    reward_fn: Optional[str] = None  # a rule: "module:function", fn(prompts, responses)
     trust_remote_code: bool = False
     # url only: samples per request, seconds per request, retries with backoff_s * 2**try,
     # and an environment variable holding a bearer token.
@@ -256,7 +273,8 @@ class TrainConfig:
     # Model batches as the chunk's samples back to back in one row (no padding tokens) or
     # padded rows. 'auto' packs models whose attention has a variable-length kernel (flash
     # attention) and pads the others; True packs every model that keeps packed samples apart
-    # (rlhf_pipe.models.packing_supported) and fails for the others (rlhf_pipe.roles.choose_packing).
+    # (rlhf_pipe.models.packing_supported) and fails for the others
+    # (rlhf_pipe.roles.choose_packing).
     pack_sequences: Union[Literal["auto"], bool] = "auto"
     # With one update per batch (ppo_epochs x num_mini_batches == 1) and no KL in the reward,
     # the Forward stage's actor log-probs equal those Train computes before it updates: skip
@@ -283,11 +301,12 @@ class PlacementConfig:
     `generator_config.parallel.tensor.size`. The colocation switches merge roles onto the same
     ranks, as in the reference systems.
     """
+
     colocate_actor_ref: bool = False
     colocate_critic_reward: bool = False
     colocate_actor_critic: bool = False  # critic on the actor's ranks, in its process
-    ref_reward_offload: bool = False   # reference/reward weights to CPU between uses
-    colocate_all: bool = False         # every role on the same GPUs (e.g. one GPU)
+    ref_reward_offload: bool = False  # reference/reward weights to CPU between uses
+    colocate_all: bool = False  # every role on the same GPUs (e.g. one GPU)
     gpus_per_node: int = field(default=8, metadata=_ge(1))
     device: Literal["auto", "cpu", "cuda"] = "auto"  # single-process runs
     # torchrun: the GPU of each local rank, for layouts with more ranks than GPUs (by default
@@ -317,6 +336,7 @@ class PretrainDatasetConfig:
 @dataclass
 class RunConfig:
     """The validated config. Derived sizes are filled in by `validate`."""
+
     model_configs: ModelConfigs
     prompt_dataset_config: PromptDatasetConfig
     rollout_config: RolloutConfig = field(default_factory=RolloutConfig)
@@ -339,11 +359,15 @@ class RunConfig:
         return self.model_configs.critic is not None
 
 
-SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)
-            if f.name not in ("pipe_micro_batch_num", "constants", "source")}
+SECTIONS = {
+    f.name: f
+    for f in dataclasses.fields(RunConfig)
+    if f.name not in ("pipe_micro_batch_num", "constants", "source")
+}
 
 
 # ----------------------------------------------------------------------------- typed building
+
 
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
@@ -423,8 +447,9 @@ def build_section(cls, data: dict, prefix: str, src: str):
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         name = unknown[0] if str(unknown[0]).isidentifier() else repr(unknown[0])
-        raise ConfigError(f"{src}: {prefix}.{name}: unknown key "
-                          f"(known: {', '.join(sorted(fields))})")
+        raise ConfigError(
+            f"{src}: {prefix}.{name}: unknown key (known: {', '.join(sorted(fields))})"
+        )
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}"
@@ -439,6 +464,7 @@ def build_section(cls, data: dict, prefix: str, src: str):
 
 
 # ----------------------------------------------------------------------------- cross checks
+
 
 def _fail(src, key, msg):
     if not msg.isprintable():  # e.g. a path with a line break: keep the message one line
@@ -468,39 +494,64 @@ def validate(cfg: RunConfig) -> RunConfig:
                 _fail(src, key, str(e))
     total = cfg.samples_per_step
     if total % m:
-        _fail(src, "PIPE_MICRO_BATCH_NUM",
-              f"samples per step ({prompts} prompts x n={r.n} = {total}) must be divisible "
-              f"by PIPE_MICRO_BATCH_NUM={m}")
+        _fail(
+            src,
+            "PIPE_MICRO_BATCH_NUM",
+            f"samples per step ({prompts} prompts x n={r.n} = {total}) must be divisible "
+            f"by PIPE_MICRO_BATCH_NUM={m}",
+        )
     if t.pipe_micro_bs is None:
         t.pipe_micro_bs = total // m
     elif t.pipe_micro_bs * m != total:
-        _fail(src, "train_config.pipe_micro_bs",
-              f"expected samples per step / PIPE_MICRO_BATCH_NUM = {total}/{m} = {total // m}, "
-              f"got {t.pipe_micro_bs}")
+        _fail(
+            src,
+            "train_config.pipe_micro_bs",
+            f"expected samples per step / PIPE_MICRO_BATCH_NUM = {total}/{m} = {total // m}, "
+            f"got {t.pipe_micro_bs}",
+        )
     for name in ("train_micro_bs", "infer_micro_bs"):
         size = getattr(t, name)
         if t.pipe_micro_bs % size:
-            _fail(src, f"train_config.{name}",
-                  f"must divide pipe_micro_bs={t.pipe_micro_bs} (so micro-batch chunks are the "
-                  f"same in pipelined and serial runs), got {size}")
+            _fail(
+                src,
+                f"train_config.{name}",
+                f"must divide pipe_micro_bs={t.pipe_micro_bs} (so micro-batch chunks are the "
+                f"same in pipelined and serial runs), got {size}",
+            )
     if total % t.num_mini_batches:
-        _fail(src, "train_config.num_mini_batches",
-              f"must divide samples per step ({total}), got {t.num_mini_batches}")
+        _fail(
+            src,
+            "train_config.num_mini_batches",
+            f"must divide samples per step ({total}), got {t.num_mini_batches}",
+        )
     if (total // t.num_mini_batches) % t.train_micro_bs:
-        _fail(src, "train_config.train_micro_bs",
-              f"must divide the mini-batch size {total // t.num_mini_batches}, "
-              f"got {t.train_micro_bs}")
+        _fail(
+            src,
+            "train_config.train_micro_bs",
+            f"must divide the mini-batch size {total // t.num_mini_batches}, "
+            f"got {t.train_micro_bs}",
+        )
 
     lr = r.response_length_range
     if lr is not None:
-        if (len(lr) != 2 or not all(type(x) is int for x in lr) or not 1 <= lr[0] <= lr[1]
-                or lr[1] > r.max_new_tokens):
-            _fail(src, "rollout_config.response_length_range",
-                  f"expected [lo, hi] ints with 1 <= lo <= hi <= max_new_tokens "
-                  f"({r.max_new_tokens}), got {lr!r}")
+        if (
+            len(lr) != 2
+            or not all(type(x) is int for x in lr)
+            or not 1 <= lr[0] <= lr[1]
+            or lr[1] > r.max_new_tokens
+        ):
+            _fail(
+                src,
+                "rollout_config.response_length_range",
+                f"expected [lo, hi] ints with 1 <= lo <= hi <= max_new_tokens "
+                f"({r.max_new_tokens}), got {lr!r}",
+            )
         if not r.ignore_eos:
-            _fail(src, "rollout_config.response_length_range",
-                  "needs rollout_config.ignore_eos = True (lengths are forced)")
+            _fail(
+                src,
+                "rollout_config.response_length_range",
+                "needs rollout_config.ignore_eos = True (lengths are forced)",
+            )
 
     mc = cfg.model_configs
     if not mc.policy.model_path:
@@ -508,15 +559,22 @@ def validate(cfg: RunConfig) -> RunConfig:
     if mc.policy.generator_config is None:
         mc.policy.generator_config = GeneratorConfig()
     if r.response_length_range is not None and mc.policy.generator_config.generator_type != "vllm":
-        _fail(src, "rollout_config.response_length_range", "needs the vllm generator "
-              "(model_configs.policy.generator_config.generator_type)")
+        _fail(
+            src,
+            "rollout_config.response_length_range",
+            "needs the vllm generator (model_configs.policy.generator_config.generator_type)",
+        )
     reward = mc.reward
-    if reward is None or (not reward.model_path and not reward.reward_fn
-                          and reward.scorers is None):
+    if reward is None or (
+        not reward.model_path and not reward.reward_fn and reward.scorers is None
+    ):
         _fail(src, "model_configs.reward", "expected a model_path, a reward_fn or both")
     if reward.reward_fn and ":" not in reward.reward_fn:
-        _fail(src, "model_configs.reward.reward_fn",
-              f"expected 'module:function', got {reward.reward_fn!r}")
+        _fail(
+            src,
+            "model_configs.reward.reward_fn",
+            f"expected 'module:function', got {reward.reward_fn!r}",
+        )
     # `rlhf-pipe plan` validates cluster configs on a machine without their model folders.
     check_paths = os.environ.get("RLHF_PIPE_SKIP_PATH_CHECKS", "") not in ("1", "true", "yes")
     if reward.scorers is not None:
@@ -526,14 +584,24 @@ def validate(cfg: RunConfig) -> RunConfig:
             _fail(src, f"model_configs.{role}.scorers", "only the reward model has scorers")
     algo = cfg.repeater_config.algorithm
     if mc.critic is None and algo == "ppo":
-        _fail(src, "model_configs.critic", "algorithm 'ppo' needs a critic model (or set "
-              "repeater_config.algorithm to 'grpo', 'rloo' or 'reinforce_pp')")
+        _fail(
+            src,
+            "model_configs.critic",
+            "algorithm 'ppo' needs a critic model (or set "
+            "repeater_config.algorithm to 'grpo', 'rloo' or 'reinforce_pp')",
+        )
     if algo in ("grpo", "rloo") and cfg.rollout_config.n < 2:
-        _fail(src, "rollout_config.n", f"algorithm {algo!r} needs n >= 2 answers per prompt, "
-              f"got {cfg.rollout_config.n}")
+        _fail(
+            src,
+            "rollout_config.n",
+            f"algorithm {algo!r} needs n >= 2 answers per prompt, got {cfg.rollout_config.n}",
+        )
     if mc.reference is None and cfg.repeater_config.kl_coeff > 0:
-        _fail(src, "model_configs.reference",
-              f"required when repeater_config.kl_coeff > 0 (got {cfg.repeater_config.kl_coeff})")
+        _fail(
+            src,
+            "model_configs.reference",
+            f"required when repeater_config.kl_coeff > 0 (got {cfg.repeater_config.kl_coeff})",
+        )
     if mc.critic is not None and not mc.critic.model_path:
         _fail(src, "model_configs.critic.model_path", "required key is missing")
     if mc.reference is not None and not mc.reference.model_path:
@@ -547,23 +615,38 @@ def validate(cfg: RunConfig) -> RunConfig:
         _validate_lora(src, role, model, t.weight_sync_backend)
         betas = model.trainer_config.betas
         if len(betas) != 2 or not all(type(b) in (int, float) for b in betas):
-            _fail(src, f"model_configs.{role}.trainer_config.betas",
-                  f"expected two floats, got {betas!r}")
+            _fail(
+                src,
+                f"model_configs.{role}.trainer_config.betas",
+                f"expected two floats, got {betas!r}",
+            )
         if model.trainer_config.deepspeed_config is not None:
             from rlhf_pipe.zero import deepspeed_problem, zero_stage  # lazily: imports torch
 
             if not (model.model_path or (role == "reward" and reward_has_model(model))):
-                _fail(src, f"model_configs.{role}.trainer_config.deepspeed_config",
-                      "set, but there is no model_path (a reward_fn runs no model)")
+                _fail(
+                    src,
+                    f"model_configs.{role}.trainer_config.deepspeed_config",
+                    "set, but there is no model_path (a reward_fn runs no model)",
+                )
             problem = deepspeed_problem(role, model.trainer_config)
             if problem:
-                _fail(src, f"model_configs.{role}.trainer_config.deepspeed_config.{problem[0]}",
-                      problem[1])
-            if role == "policy" and zero_stage(model.trainer_config.deepspeed_config) == 3 and \
-                    mc.policy.generator_config.generator_type == "hf":
-                _fail(src, "model_configs.policy.generator_config.generator_type",
-                      "'hf' generates with a copy of the actor's module, which ZeRO-3 "
-                      "partitions: use 'vllm', or ZeRO-2")
+                _fail(
+                    src,
+                    f"model_configs.{role}.trainer_config.deepspeed_config.{problem[0]}",
+                    problem[1],
+                )
+            if (
+                role == "policy"
+                and zero_stage(model.trainer_config.deepspeed_config) == 3
+                and mc.policy.generator_config.generator_type == "hf"
+            ):
+                _fail(
+                    src,
+                    "model_configs.policy.generator_config.generator_type",
+                    "'hf' generates with a copy of the actor's module, which ZeRO-3 "
+                    "partitions: use 'vllm', or ZeRO-2",
+                )
         parallels = [("trainer_config", model.trainer_config.parallel)]
         if model.generator_config is not None:
             parallels.append(("generator_config", model.generator_config.parallel))
@@ -571,36 +654,55 @@ def validate(cfg: RunConfig) -> RunConfig:
             for axis in ("data", "tensor"):
                 size = getattr(par, axis).get("size", 1)
                 if type(size) is not int or size < 1:
-                    _fail(src, f"model_configs.{role}.{where}.parallel.{axis}.size",
-                          f"expected an int >= 1, got {size!r}")
+                    _fail(
+                        src,
+                        f"model_configs.{role}.{where}.parallel.{axis}.size",
+                        f"expected an int >= 1, got {size!r}",
+                    )
     tok = cfg.tokenizer_config.tokenizer_path
     if check_paths and tok and not os.path.isdir(tok):
         _fail(src, "tokenizer_config.tokenizer_path", f"no such folder: {tok}")
 
     _check_sampling(cfg)
     if r.max_model_len is not None and r.max_model_len <= r.max_new_tokens:
-        _fail(src, "rollout_config.max_model_len",
-              f"must exceed max_new_tokens={r.max_new_tokens}, got {r.max_model_len}")
+        _fail(
+            src,
+            "rollout_config.max_model_len",
+            f"must exceed max_new_tokens={r.max_new_tokens}, got {r.max_model_len}",
+        )
     lo, hi = cfg.repeater_config.clip_reward_min, cfg.repeater_config.clip_reward_max
     if lo is not None and hi is not None and lo >= hi:
-        _fail(src, "repeater_config.clip_reward_min",
-              f"must be below clip_reward_max={hi}, got {lo}")
+        _fail(
+            src, "repeater_config.clip_reward_min", f"must be below clip_reward_max={hi}, got {lo}"
+        )
     if t.eval_interval and cfg.eval_dataset_config is None:
-        _fail(src, "train_config.eval_interval",
-              f"is {t.eval_interval}, but there is no eval_dataset_config")
+        _fail(
+            src,
+            "train_config.eval_interval",
+            f"is {t.eval_interval}, but there is no eval_dataset_config",
+        )
     if mc.critic is None and t.critic_warmup_step:
         _fail(src, "train_config.critic_warmup_step", "set, but there is no critic model")
     if t.relay_sample_fn is not None and ":" not in t.relay_sample_fn:
-        _fail(src, "train_config.relay_sample_fn",
-              f"expected 'module:function', got {t.relay_sample_fn!r}")
+        _fail(
+            src,
+            "train_config.relay_sample_fn",
+            f"expected 'module:function', got {t.relay_sample_fn!r}",
+        )
     if t.relay_sample_fn is not None and t.max_relay_episode == 0:
-        _fail(src, "train_config.relay_sample_fn",
-              "set, but max_relay_episode is 0 (relay off); set it to -1 or a count >= 1")
+        _fail(
+            src,
+            "train_config.relay_sample_fn",
+            "set, but max_relay_episode is 0 (relay off); set it to -1 or a count >= 1",
+        )
     min_len = mc.policy.generator_config.batch_generation.min_prompt_length
     if min_len > cfg.prompt_dataset_config.max_len:
-        _fail(src, "model_configs.policy.generator_config.batch_generation.min_prompt_length",
-              f"exceeds prompt_dataset_config.max_len={cfg.prompt_dataset_config.max_len}, so "
-              f"no prompt could be used; got {min_len}")
+        _fail(
+            src,
+            "model_configs.policy.generator_config.batch_generation.min_prompt_length",
+            f"exceeds prompt_dataset_config.max_len={cfg.prompt_dataset_config.max_len}, so "
+            f"no prompt could be used; got {min_len}",
+        )
     return cfg
 
 
@@ -610,37 +712,61 @@ def _check_sampling(cfg: RunConfig) -> None:
     generator = cfg.model_configs.policy.generator_config.generator_type
     if r.use_beam_search:
         if r.beam_width is not None and r.beam_width < r.n:
-            _fail(src, "rollout_config.beam_width",
-                  f"must be >= n={r.n} (the n best beams are the answers), got {r.beam_width}")
+            _fail(
+                src,
+                "rollout_config.beam_width",
+                f"must be >= n={r.n} (the n best beams are the answers), got {r.beam_width}",
+            )
         if r.stop_token_list:
-            _fail(src, "rollout_config.use_beam_search", "vLLM's beam search takes no stop "
-                  "strings; remove stop_token_list or turn beam search off")
+            _fail(
+                src,
+                "rollout_config.use_beam_search",
+                "vLLM's beam search takes no stop "
+                "strings; remove stop_token_list or turn beam search off",
+            )
         if r.prompt_logprobs is not None:
-            _fail(src, "rollout_config.use_beam_search", "vLLM's beam search returns no "
-                  "prompt log-probs; remove prompt_logprobs or turn beam search off")
+            _fail(
+                src,
+                "rollout_config.use_beam_search",
+                "vLLM's beam search returns no "
+                "prompt log-probs; remove prompt_logprobs or turn beam search off",
+            )
     elif r.beam_width is not None:
         _fail(src, "rollout_config.beam_width", "set, but use_beam_search is False")
     if generator == "hf":
         for key in ("use_beam_search", "prompt_logprobs"):
             if getattr(r, key) not in (False, None):
-                _fail(src, f"rollout_config.{key}", "needs the vllm generator "
-                      "(model_configs.policy.generator_config.generator_type='vllm')")
+                _fail(
+                    src,
+                    f"rollout_config.{key}",
+                    "needs the vllm generator "
+                    "(model_configs.policy.generator_config.generator_type='vllm')",
+                )
     if not r.new_token_limit:
         if r.max_model_len is None:
-            _fail(src, "rollout_config.new_token_limit", "False lets answers fill the sequence "
-                  "up to max_model_len, so rollout_config.max_model_len is required")
+            _fail(
+                src,
+                "rollout_config.new_token_limit",
+                "False lets answers fill the sequence "
+                "up to max_model_len, so rollout_config.max_model_len is required",
+            )
         max_prompt = cfg.prompt_dataset_config.max_len
         if max_prompt >= r.max_model_len:
-            _fail(src, "prompt_dataset_config.max_len", f"must be below rollout_config."
-                  f"max_model_len={r.max_model_len} with new_token_limit=False (room for an "
-                  f"answer), got {max_prompt}")
+            _fail(
+                src,
+                "prompt_dataset_config.max_len",
+                f"must be below rollout_config."
+                f"max_model_len={r.max_model_len} with new_token_limit=False (room for an "
+                f"answer), got {max_prompt}",
+            )
 
 
 def _check_model_folder(src, key, path) -> None:
     if not os.path.isdir(path):
         _fail(src, key, f"no such folder: {path}")
-    if not any(n.endswith((".safetensors", ".bin", ".safetensors.index.json"))
-               for n in os.listdir(path)):
+    if not any(
+        n.endswith((".safetensors", ".bin", ".safetensors.index.json")) for n in os.listdir(path)
+    ):
         _fail(src, key, f"no weights (*.safetensors or *.bin) in {path}")
 
 
@@ -650,22 +776,34 @@ def _check_scorers(reward: ModelConfig, src: str, check_paths: bool) -> dict:
 
     base = "model_configs.reward.scorers"
     if reward.model_path or reward.reward_fn:
-        _fail(src, base, "give every scorer here, or model_path / reward_fn without scorers, "
-              "not both")
+        _fail(
+            src, base, "give every scorer here, or model_path / reward_fn without scorers, not both"
+        )
     if not reward.scorers:
         _fail(src, base, "expected at least one scorer")
     out = {}
     for name, raw in reward.scorers.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            _fail(src, f"{base}.{name!r}", "a scorer name is letters, digits, '_', '.' or '-' "
-                  "(it names the metric reward/<name>)")
+            _fail(
+                src,
+                f"{base}.{name!r}",
+                "a scorer name is letters, digits, '_', '.' or '-' "
+                "(it names the metric reward/<name>)",
+            )
         key = f"{base}.{name}"
-        sc = raw if isinstance(raw, RewardScorerConfig) else _coerce(raw, RewardScorerConfig,
-                                                                      key, src)
+        sc = (
+            raw
+            if isinstance(raw, RewardScorerConfig)
+            else _coerce(raw, RewardScorerConfig, key, src)
+        )
         kinds = [k for k in ("model_path", "url", "reward_fn") if getattr(sc, k)]
         if len(kinds) != 1:
-            _fail(src, key, f"expected exactly one of model_path, url, reward_fn, got "
-                  f"{', '.join(kinds) if kinds else 'none'}")
+            _fail(
+                src,
+                key,
+                f"expected exactly one of model_path, url, reward_fn, got "
+                f"{', '.join(kinds) if kinds else 'none'}",
+            )
         if sc.reward_fn and ":" not in sc.reward_fn:
             _fail(src, f"{key}.reward_fn", f"expected 'module:function', got {sc.reward_fn!r}")
         given = raw.keys() if isinstance(raw, dict) else ()
@@ -680,14 +818,13 @@ def _check_scorers(reward: ModelConfig, src: str, check_paths: bool) -> dict:
     return out
 
 
-def _check_url(src: str, key: str, sc: RewardScorerConfig, shown: str,
-               check_env: bool) -> None:
+def _check_url(src: str, key: str, sc: RewardScorerConfig, shown: str, check_env: bool) -> None:
     """Messages show the URL redacted: credentials never reach an error line."""
     from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(sc.url)
-        parts.port  # raises on a bad port
+        _ = parts.port  # raises on a bad port
     except ValueError:
         _fail(src, key, f"not a valid URL: {shown}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -696,11 +833,17 @@ def _check_url(src: str, key: str, sc: RewardScorerConfig, shown: str,
         if parts.username is not None:
             _fail(src, key, "credentials in the URL and token_env both given; use one")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sc.token_env):
-            _fail(src, key.replace(".url", ".token_env"),
-                  f"expected an environment variable name, got {sc.token_env!r}")
+            _fail(
+                src,
+                key.replace(".url", ".token_env"),
+                f"expected an environment variable name, got {sc.token_env!r}",
+            )
         if check_env and not os.environ.get(sc.token_env):
-            _fail(src, key.replace(".url", ".token_env"),
-                  f"environment variable {sc.token_env} is not set")
+            _fail(
+                src,
+                key.replace(".url", ".token_env"),
+                f"environment variable {sc.token_env} is not set",
+            )
 
 
 def reward_scorers(reward: ModelConfig) -> dict:
@@ -711,8 +854,9 @@ def reward_scorers(reward: ModelConfig) -> dict:
         return dict(reward.scorers)
     out = {}
     if reward.model_path:
-        out["model"] = RewardScorerConfig(model_path=reward.model_path,
-                                          trust_remote_code=reward.trust_remote_code)
+        out["model"] = RewardScorerConfig(
+            model_path=reward.model_path, trust_remote_code=reward.trust_remote_code
+        )
     if reward.reward_fn:
         out["reward_fn"] = RewardScorerConfig(reward_fn=reward.reward_fn)
     return out
@@ -731,15 +875,26 @@ def _validate_lora(src: str, role: str, model: ModelConfig, sync_backend: str) -
                 _fail(src, f"{key}.{name}", "set, but enable_lora is False")
         gen = model.generator_config
         if gen is not None and gen.lora_sync != "auto":
-            _fail(src, f"model_configs.{role}.generator_config.lora_sync",
-                  f"set to {gen.lora_sync!r}, but the policy has no LoRA (enable_lora is False)")
+            _fail(
+                src,
+                f"model_configs.{role}.generator_config.lora_sync",
+                f"set to {gen.lora_sync!r}, but the policy has no LoRA (enable_lora is False)",
+            )
         return
     if role not in ("policy", "critic"):
-        _fail(src, f"{key}.enable_lora", "LoRA trains an adapter; only the policy and the "
-              f"critic train, so it cannot be set for the {role}")
+        _fail(
+            src,
+            f"{key}.enable_lora",
+            "LoRA trains an adapter; only the policy and the "
+            f"critic train, so it cannot be set for the {role}",
+        )
     if tc.deepspeed_config:
-        _fail(src, f"{key}.enable_lora", "LoRA under DeepSpeed is not built yet; remove "
-              "deepspeed_config (an adapter's optimizer state is small) or enable_lora")
+        _fail(
+            src,
+            f"{key}.enable_lora",
+            "LoRA under DeepSpeed is not built yet; remove "
+            "deepspeed_config (an adapter's optimizer state is small) or enable_lora",
+        )
     for name, default in LORA_DEFAULTS.items():
         if getattr(tc, name) is None:
             setattr(tc, name, default)
@@ -748,31 +903,47 @@ def _validate_lora(src: str, role: str, model: ModelConfig, sync_backend: str) -
     items = [x.strip() for x in tc.lora_layer.split(",")]
     for item in items:
         if item not in LORA_LAYER_ALIASES and not item.isidentifier():
-            _fail(src, f"{key}.lora_layer",
-                  f"expected comma-separated module names (e.g. q_proj,v_proj) or "
-                  f"{', '.join(LORA_LAYER_ALIASES)}, got {tc.lora_layer!r}")
+            _fail(
+                src,
+                f"{key}.lora_layer",
+                f"expected comma-separated module names (e.g. q_proj,v_proj) or "
+                f"{', '.join(LORA_LAYER_ALIASES)}, got {tc.lora_layer!r}",
+            )
     gen = model.generator_config
     if gen is not None and gen.lora_sync == "adapter":
         if gen.generator_type != "vllm":
-            _fail(src, f"model_configs.{role}.generator_config.lora_sync",
-                  f"'adapter' needs generator_type 'vllm', got {gen.generator_type!r}")
+            _fail(
+                src,
+                f"model_configs.{role}.generator_config.lora_sync",
+                f"'adapter' needs generator_type 'vllm', got {gen.generator_type!r}",
+            )
         if sync_backend == "nccl":  # NCCL loads whole weights by name into the workers
-            _fail(src, f"model_configs.{role}.generator_config.lora_sync",
-                  "'adapter' cannot go over train_config.weight_sync_backend 'nccl'; use "
-                  "'merged' or weight_sync_backend 'gloo'")
+            _fail(
+                src,
+                f"model_configs.{role}.generator_config.lora_sync",
+                "'adapter' cannot go over train_config.weight_sync_backend 'nccl'; use "
+                "'merged' or weight_sync_backend 'gloo'",
+            )
         if tc.lora_dim > VLLM_MAX_LORA_RANK:
-            _fail(src, f"{key}.lora_dim", f"vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANK} "
-                  f"(lora_sync 'adapter'), got {tc.lora_dim}")
+            _fail(
+                src,
+                f"{key}.lora_dim",
+                f"vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANK} "
+                f"(lora_sync 'adapter'), got {tc.lora_dim}",
+            )
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
     """Build and validate a RunConfig from a plain dict (the config file's top-level names)."""
     sections, constants = {}, {}
     for key, value in raw.items():
         if not isinstance(key, str) or not key.isidentifier():
-            raise ConfigError(f"{source}: {key!r}: unknown key (known: {', '.join(sorted(SECTIONS))})")
+            raise ConfigError(
+                f"{source}: {key!r}: unknown key (known: {', '.join(sorted(SECTIONS))})"
+            )
         if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
             continue
         if key.isupper():
@@ -780,7 +951,9 @@ def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
         elif key in SECTIONS:
             sections[key] = value
         else:
-            raise ConfigError(f"{source}: {key}: unknown key (known: {', '.join(sorted(SECTIONS))})")
+            raise ConfigError(
+                f"{source}: {key}: unknown key (known: {', '.join(sorted(SECTIONS))})"
+            )
     hints = typing.get_type_hints(RunConfig)
     kwargs = {}
     for name, f in SECTIONS.items():
@@ -789,8 +962,12 @@ def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
             kwargs[name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: {name}: required section is missing")
-    cfg = RunConfig(**kwargs, pipe_micro_batch_num=constants.get("PIPE_MICRO_BATCH_NUM", 1),
-                    constants=constants, source=source)
+    cfg = RunConfig(
+        **kwargs,
+        pipe_micro_batch_num=constants.get("PIPE_MICRO_BATCH_NUM", 1),
+        constants=constants,
+        source=source,
+    )
     return validate(cfg)
 
 
@@ -816,7 +993,9 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> RunCo
     try:
         raw = Config.fromfile(path, lazy_import=False).to_dict()
     except (Exception, SystemExit) as e:  # the file is user code: its first error, one line
-        raise ConfigError(f"{path}: failed to load: {type(e).__name__}: {e}".splitlines()[0]) from None
+        raise ConfigError(
+            f"{path}: failed to load: {type(e).__name__}: {e}".splitlines()[0]
+        ) from None
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     return from_dict(raw, source=path)

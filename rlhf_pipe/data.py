@@ -30,7 +30,9 @@ class DatasetSpec:
     name: str = ""
 
 
-_SPEC = re.compile(r"^(?P<path>.+?)(?:::(?P<ratio>[^\[:]+))?(?:\[(?P<sys>[^\]]*)\])?(?::(?P<name>[^:/\\]+))?$")
+_SPEC = re.compile(
+    r"^(?P<path>.+?)(?:::(?P<ratio>[^\[:]+))?(?:\[(?P<sys>[^\]]*)\])?(?::(?P<name>[^:/\\]+))?$"
+)
 
 
 def parse_dataset_spec(text: str, system_prompts: dict | None = None) -> DatasetSpec:
@@ -44,14 +46,18 @@ def parse_dataset_spec(text: str, system_prompts: dict | None = None) -> Dataset
         try:
             ratio = float(m["ratio"])
         except ValueError:
-            raise DataError(f"dataset spec {text!r}: ratio {m['ratio']!r} is not a number") from None
+            raise DataError(
+                f"dataset spec {text!r}: ratio {m['ratio']!r} is not a number"
+            ) from None
         if not ratio > 0 or math.isinf(ratio):
             raise DataError(f"dataset spec {text!r}: ratio must be > 0, got {ratio}")
     system = m["sys"]
     if system is not None and system_prompts and system in system_prompts:
         system = system_prompts[system]
     path = m["path"]
-    return DatasetSpec(path, ratio, system, m["name"] or os.path.splitext(os.path.basename(path))[0])
+    return DatasetSpec(
+        path, ratio, system, m["name"] or os.path.splitext(os.path.basename(path))[0]
+    )
 
 
 def read_records(path: str) -> list[tuple[int, dict]]:
@@ -62,7 +68,9 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+            raise DataError(
+                f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
+            ) from None
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:
@@ -109,7 +117,7 @@ def read_records(path: str) -> list[tuple[int, dict]]:
 
 @dataclass
 class Prompt:
-    index: int            # position within the step's batch
+    index: int  # position within the step's batch
     text: str
     ids: list[int]
     dataset: str = ""
@@ -118,8 +126,9 @@ class Prompt:
 def _messages(value, system: str | None, where: str, key: str) -> list[dict]:
     if isinstance(value, str):
         msgs = [{"role": "user", "content": value}]
-    elif isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                         for m in value):
+    elif isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in value
+    ):
         msgs = list(value)
     else:
         raise DataError(f"{where}: field {key!r} must be a string or a list of chat messages")
@@ -127,7 +136,9 @@ def _messages(value, system: str | None, where: str, key: str) -> list[dict]:
         for m in msgs:
             m["content"].encode("utf-8")
     except UnicodeEncodeError:  # JSON allows "\ud800"; the tokenizer does not
-        raise DataError(f"{where}: field {key!r} holds a lone surrogate (a bad \\u escape)") from None
+        raise DataError(
+            f"{where}: field {key!r} holds a lone surrogate (a bad \\u escape)"
+        ) from None
     if system and not any(m.get("role") == "system" for m in msgs):
         msgs = [{"role": "system", "content": system}] + msgs
     return msgs
@@ -176,8 +187,10 @@ class RatioSampler:
             drawn = [self.drawn(i) for i in range(len(self.sizes))]
             after = sum(drawn) + 1
             # deficit_i = share_i * after - drawn_i, scaled by the ratio total to stay exact
-            i = max(range(len(self.sizes)),
-                    key=lambda j: (self._ratios[j] * after - drawn[j] * self._total_ratio, -j))
+            i = max(
+                range(len(self.sizes)),
+                key=lambda j: (self._ratios[j] * after - drawn[j] * self._total_ratio, -j),
+            )
             if self._pos[i] == self.sizes[i]:
                 self._pass[i] += 1
                 self._pos[i] = 0
@@ -206,6 +219,7 @@ class PromptSource:
     (generator_config.batch_generation.min_prompt_length) are skipped when the files are read,
     and counted in `skipped`; the position (`state_dict`) is all a resume needs.
     """
+
     specs: list[DatasetSpec]
     tokenizer: object
     batch_size: int
@@ -239,25 +253,32 @@ class PromptSource:
                 items.append((text, ids))
             short = self.skipped["too_short"] - before["too_short"]
             if short:
-                warnings.warn(f"{spec.path}: skipped {short} prompts shorter than "
-                              f"min_prompt_length={self.min_len} tokens", DataWarning,
-                              stacklevel=3)  # the caller of PromptSource(...)
+                warnings.warn(
+                    f"{spec.path}: skipped {short} prompts shorter than "
+                    f"min_prompt_length={self.min_len} tokens",
+                    DataWarning,
+                    stacklevel=3,
+                )  # the caller of PromptSource(...)
             if not items:
                 empty = self.skipped["empty"] - before["empty"]
                 too_long = self.skipped["too_long"] - before["too_long"]
-                raise DataError(f"{spec.path}: no usable prompt (empty: {empty}, "
-                                f"longer than {self.max_len} tokens: {too_long}"
-                                + (f", shorter than {self.min_len} tokens: {short})"
-                                   if self.min_len else ")"))
+                raise DataError(
+                    f"{spec.path}: no usable prompt (empty: {empty}, "
+                    f"longer than {self.max_len} tokens: {too_long}"
+                    + (f", shorter than {self.min_len} tokens: {short})" if self.min_len else ")")
+                )
             self._data.append(items)
-        self._sampler = RatioSampler([len(d) for d in self._data],
-                                     [s.ratio for s in self.specs], self.shuffle, self.seed)
+        self._sampler = RatioSampler(
+            [len(d) for d in self._data], [s.ratio for s in self.specs], self.shuffle, self.seed
+        )
 
     def next_batch(self, count: int | None = None) -> list[Prompt]:
         """The next `count` prompts (default `batch_size`), indexed 0..count-1."""
         picks = self._sampler.take(self.batch_size if count is None else count)
-        return [Prompt(k, *self._copy(self._data[i][j]), self.specs[i].name)
-                for k, (i, j) in enumerate(picks)]
+        return [
+            Prompt(k, *self._copy(self._data[i][j]), self.specs[i].name)
+            for k, (i, j) in enumerate(picks)
+        ]
 
     @staticmethod
     def _copy(item):
@@ -282,6 +303,7 @@ def rank_by_length(prompts: list[Prompt]) -> list[Prompt]:
 
 # ----------------------------------------------------------------------------- relay buffer
 
+
 @dataclass
 class EpisodeRelayBuffer:
     """One past episode (PPO step) as `relay_sample_fn` sees it (ChatLearn's attributes).
@@ -292,6 +314,7 @@ class EpisodeRelayBuffer:
     it) and score (its raw reward, before clipping and normalisation). Samples replayed into
     the episode are not in it, so replays never compound.
     """
+
     episode_id: int
     buffer: list[dict]
 
@@ -316,7 +339,7 @@ class RelayBuffer:
             return
         self.episodes.append(EpisodeRelayBuffer(episode_id, samples))
         if self.max_episodes > 0:
-            del self.episodes[:-self.max_episodes]  # evict the oldest
+            del self.episodes[: -self.max_episodes]  # evict the oldest
 
     def state_dict(self) -> dict:
         return {"episodes": [(e.episode_id, e.buffer) for e in self.episodes]}

@@ -29,9 +29,9 @@ from torch import nn
 
 from rlhf_pipe.config import ConfigError, TrainerConfig, lora_target_modules
 
-ADAPTER = "default"            # peft's adapter name
+ADAPTER = "default"  # peft's adapter name
 FILE_PREFIX = "base_model.model."  # peft's save_pretrained prefix; vLLM strips it
-ADAPTER_DIR = "adapter"       # checkpoint subfolder
+ADAPTER_DIR = "adapter"  # checkpoint subfolder
 HEAD_NAMES = ("score", "v_head", "value_head", "classifier")  # a critic's new value head
 
 
@@ -42,8 +42,13 @@ def has_lora(model: nn.Module) -> bool:
 def peft_config(tc: TrainerConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=tc.lora_dim, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
-                      target_modules=lora_target_modules(tc.lora_layer), bias="none")
+    return LoraConfig(
+        r=tc.lora_dim,
+        lora_alpha=tc.lora_alpha,
+        lora_dropout=tc.lora_dropout,
+        target_modules=lora_target_modules(tc.lora_layer),
+        bias="none",
+    )
 
 
 def apply_lora(model: nn.Module, tc: TrainerConfig, src: str, role: str) -> nn.Module:
@@ -53,13 +58,16 @@ def apply_lora(model: nn.Module, tc: TrainerConfig, src: str, role: str) -> nn.M
 
     config = peft_config(tc)
     # A critic's value head is new: it trains in full, not through an adapter.
-    config.exclude_modules = [h for h in HEAD_NAMES
-                              if isinstance(getattr(model, h, None), nn.Module)] or None
+    config.exclude_modules = [
+        h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)
+    ] or None
     try:
         model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-        raise ConfigError(f"{src}: model_configs.{role}.trainer_config.lora_layer: "
-                          f"{' '.join(str(e).split())[:300]}") from None
+        raise ConfigError(
+            f"{src}: model_configs.{role}.trainer_config.lora_layer: "
+            f"{' '.join(str(e).split())[:300]}"
+        ) from None
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name or name.split(".")[0] in HEAD_NAMES)
     model.rlhf_lora = config
@@ -123,12 +131,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_adapter_config(model.rlhf_lora.to_dict(), out)
-    save_file({k: v.contiguous().cpu() for k, v in adapter_tensors(model).items()},
-              str(out / "adapter_model.safetensors"))
+    save_file(
+        {k: v.contiguous().cpu() for k, v in adapter_tensors(model).items()},
+        str(out / "adapter_model.safetensors"),
+    )
     head = {n: t for n, t in trainable_weights(model).items() if ".lora_" not in n}
     if head:
-        save_file({k: v.contiguous().cpu() for k, v in head.items()},
-                  str(out / "head.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in head.items()}, str(out / "head.safetensors"))
 
 
 def write_adapter_config(config: dict, out_dir: Path) -> None:
@@ -144,19 +153,25 @@ def load_adapter(model: nn.Module, folder: str | Path) -> None:
 
     folder = Path(folder)
     if not (folder / "adapter_model.safetensors").exists():
-        raise CheckpointError(f"{folder}: no LoRA adapter (adapter_model.safetensors); was "
-                              f"this checkpoint written with enable_lora?")
+        raise CheckpointError(
+            f"{folder}: no LoRA adapter (adapter_model.safetensors); was "
+            f"this checkpoint written with enable_lora?"
+        )
     # File names -> injected names: drop peft's prefix, put the adapter name back.
-    weights = {k[len(FILE_PREFIX):-len(".weight")] + f".{ADAPTER}.weight": v
-               for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    weights = {
+        k[len(FILE_PREFIX) : -len(".weight")] + f".{ADAPTER}.weight": v
+        for k, v in load_file(str(folder / "adapter_model.safetensors")).items()
+    }
     if (folder / "head.safetensors").exists():
         weights.update(load_file(str(folder / "head.safetensors")))
     params = dict(model.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != wanted:
-        raise CheckpointError(f"{folder}: adapter does not match the model (missing "
-                              f"{sorted(wanted - set(weights))[:3]}, unexpected "
-                              f"{sorted(set(weights) - wanted)[:3]})")
+        raise CheckpointError(
+            f"{folder}: adapter does not match the model (missing "
+            f"{sorted(wanted - set(weights))[:3]}, unexpected "
+            f"{sorted(set(weights) - wanted)[:3]})"
+        )
     with torch.no_grad():
         for name, t in weights.items():
             params[name].copy_(t)
@@ -166,8 +181,15 @@ def load_adapter(model: nn.Module, folder: str | Path) -> None:
 def dropout_active(model: nn.Module):
     """LoRA dropout on for a Train-stage pass: the models otherwise run in eval mode, so the
     Forward stage's log-probs stay deterministic."""
-    layers = [m for n, m in model.named_modules() if n.endswith(f"lora_dropout.{ADAPTER}")
-              and isinstance(m, nn.Dropout)] if has_lora(model) else []
+    layers = (
+        [
+            m
+            for n, m in model.named_modules()
+            if n.endswith(f"lora_dropout.{ADAPTER}") and isinstance(m, nn.Dropout)
+        ]
+        if has_lora(model)
+        else []
+    )
     for m in layers:
         m.train()
     try:

@@ -9,9 +9,19 @@ import sys
 import threading
 from pathlib import Path
 
-CONSOLE_KEYS = ("reward", "kl", "entropy", "actor/policy_loss", "critic/value_loss",
-                "actor/clip_frac", "response_len", "step_s", "samples_per_s",
-                "idle_frac/train", "sync/seconds")
+CONSOLE_KEYS = (
+    "reward",
+    "kl",
+    "entropy",
+    "actor/policy_loss",
+    "critic/value_loss",
+    "actor/clip_frac",
+    "response_len",
+    "step_s",
+    "samples_per_s",
+    "idle_frac/train",
+    "sync/seconds",
+)
 
 
 class MetricsLogger:
@@ -27,8 +37,10 @@ class MetricsLogger:
 
                 self._tb = SummaryWriter(str(self.dir / "tensorboard"))
             except ImportError:
-                print("warning: tensorboard is not installed; metrics go to JSONL only",
-                      file=sys.stderr)
+                print(
+                    "warning: tensorboard is not installed; metrics go to JSONL only",
+                    file=sys.stderr,
+                )
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -42,8 +54,7 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
         if self.console:
-            shown = " ".join(f"{k.split('/')[-1] if '/' in k and k.count('/') == 1 and k.startswith(('actor', 'critic')) else k}={_fmt(record[k])}"
-                             for k in CONSOLE_KEYS if k in record)
+            shown = " ".join(f"{_short(k)}={_fmt(record[k])}" for k in CONSOLE_KEYS if k in record)
             print(f"step {step}: {shown}", flush=True)
 
     def close(self) -> None:
@@ -55,6 +66,13 @@ def _plain(v):
     if hasattr(v, "item"):
         v = v.item()
     return v
+
+
+def _short(key: str) -> str:
+    """'actor/policy_loss' -> 'policy_loss' on the console; other keys stay whole."""
+    if key.count("/") == 1 and key.startswith(("actor", "critic")):
+        return key.split("/")[-1]
+    return key
 
 
 def _fmt(v) -> str:
@@ -74,16 +92,22 @@ class StageProgress:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=3 * num_micro_batches, desc=f"step {step}", leave=False,
-                             dynamic_ncols=True, file=sys.stderr)
+            self._bar = tqdm(
+                total=3 * num_micro_batches,
+                desc=f"step {step}",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
 
     def __call__(self, stage: str, micro_batch: int) -> None:
         if self._bar is None or stage not in self._done:
             return
         with self._lock:
             self._done[stage] += 1
-            self._bar.set_postfix_str(" ".join(f"{s[0].upper()}:{n}/{self._m}"
-                                               for s, n in self._done.items()))
+            self._bar.set_postfix_str(
+                " ".join(f"{s[0].upper()}:{n}/{self._m}" for s, n in self._done.items())
+            )
             self._bar.update(1)
 
     def close(self) -> None:

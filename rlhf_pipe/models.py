@@ -30,13 +30,19 @@ def _check_folder(path: str, role: str) -> None:
     if not os.path.isdir(path):
         raise ModelLoadError(f"{role}: model folder not found: {path}")
     names = os.listdir(path)
-    if not any(n.endswith((".safetensors", ".bin")) or n.endswith(".safetensors.index.json")
-               for n in names):
+    if not any(
+        n.endswith((".safetensors", ".bin")) or n.endswith(".safetensors.index.json") for n in names
+    ):
         raise ModelLoadError(f"{role}: no weights (*.safetensors or *.bin) in {path}")
 
 
-def check_tokenizer_matches(model_path: str, tokenizer_path: str, role: str = "policy",
-                            trust_remote_code: bool = False, tokenizer=None) -> None:
+def check_tokenizer_matches(
+    model_path: str,
+    tokenizer_path: str,
+    role: str = "policy",
+    trust_remote_code: bool = False,
+    tokenizer=None,
+) -> None:
     """Fail in one line if the tokenizer has ids the model's embedding has no row for.
 
     A model vocabulary larger than the tokenizer is fine (vocabularies are padded)."""
@@ -48,20 +54,29 @@ def check_tokenizer_matches(model_path: str, tokenizer_path: str, role: str = "p
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{role}: cannot read the model config in {model_path}: "
-                             f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+        raise ModelLoadError(
+            f"{role}: cannot read the model config in {model_path}: "
+            f"{type(e).__name__}: {' '.join(str(e).split())}"
+        ) from None
     try:
         # An already loaded tokenizer is measured as it is, not loaded twice.
-        tokens = len(tokenizer if tokenizer is not None
-                     else load_tokenizer(tokenizer_path, trust_remote_code))
+        tokens = len(
+            tokenizer
+            if tokenizer is not None
+            else load_tokenizer(tokenizer_path, trust_remote_code)
+        )
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{role}: cannot load the tokenizer in {tokenizer_path}: "
-                             f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+        raise ModelLoadError(
+            f"{role}: cannot load the tokenizer in {tokenizer_path}: "
+            f"{type(e).__name__}: {' '.join(str(e).split())}"
+        ) from None
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     if vocab is not None and tokens > vocab:
-        raise ModelLoadError(f"{role}: the tokenizer in {tokenizer_path} has {tokens} tokens but "
-                             f"the model in {model_path} has a vocabulary of {vocab} "
-                             f"(vocab_size in config.json)")
+        raise ModelLoadError(
+            f"{role}: the tokenizer in {tokenizer_path} has {tokens} tokens but "
+            f"the model in {model_path} has a vocabulary of {vocab} "
+            f"(vocab_size in config.json)"
+        )
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -74,18 +89,21 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                   role: str = "policy") -> nn.Module:
+def load_causal_lm(
+    path: str, dtype: str = "float32", trust_remote_code: bool = False, role: str = "policy"
+) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     _check_folder(path, role)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
     return model.eval()
 
 
-def load_value_model(path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                     role: str = "critic") -> nn.Module:
+def load_value_model(
+    path: str, dtype: str = "float32", trust_remote_code: bool = False, role: str = "critic"
+) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -94,7 +112,8 @@ def load_value_model(path: str, dtype: str = "float32", trust_remote_code: bool 
     hf_logging.set_verbosity_error()  # a fresh value head on a causal-LM folder is expected
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            path, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
@@ -119,18 +138,31 @@ def response_logits(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tenso
     """Logits that predict each response token: (b, R, V) padded, (N, V) packed. Either way
     `batch.labels` has the matching shape and `batch.rows` turns per-token results to (b, R)."""
     if isinstance(batch, PackedBatch):
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                    logits_to_keep=batch.predict_index, use_cache=False)
+        out = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            logits_to_keep=batch.predict_index,
+            use_cache=False,
+        )
         return out.logits[0]
     R = batch.response_width
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=R + 1,
+        use_cache=False,
+    )
     return out.logits[:, :-1]  # position t predicts token t + 1
 
 
 def _hidden(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tensor:
-    return _trunk(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    return _trunk(model)(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
 
 
 def token_values(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tensor:
@@ -139,7 +171,7 @@ def token_values(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tensor:
     if isinstance(batch, PackedBatch):
         return batch.rows(_value_head(model)(hidden[0, batch.predict_index]).squeeze(-1).float())
     R, P = batch.response_width, batch.prompt_width
-    return _value_head(model)(hidden[:, P - 1:P - 1 + R]).squeeze(-1).float()
+    return _value_head(model)(hidden[:, P - 1 : P - 1 + R]).squeeze(-1).float()
 
 
 def sequence_scores(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tensor:
@@ -185,8 +217,9 @@ def packing_supported(model: nn.Module) -> tuple[bool, str]:
     return True, ""
 
 
-def save_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
-            state_dict: dict | None = None) -> None:
+def save_hf(
+    model: nn.Module, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None
+) -> None:
     """Save an HF folder: config.json and model.safetensors.
 
     Written with safetensors directly: under an initialised torch.distributed world,

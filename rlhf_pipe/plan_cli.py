@@ -29,16 +29,26 @@ def _positive_int(text: str) -> int:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register `plan` on an argparse subparsers object."""
-    p = sub.add_parser("plan", help="rank/GPU map, memory per GPU and placement checks "
-                       "(no GPU needed)")
+    p = sub.add_parser(
+        "plan", help="rank/GPU map, memory per GPU and placement checks (no GPU needed)"
+    )
     p.add_argument("config")
     p.add_argument("--nnodes", type=_positive_int, help="nodes of the run: checks the world size")
-    p.add_argument("--gpus-per-node", type=_positive_int,
-                   help="default: placement_config.gpus_per_node")
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0,
-                   help="memory of one GPU in GB (10^9 bytes); larger estimates warn (default 80)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. placement_config.colocate_all=True")
+    p.add_argument(
+        "--gpus-per-node", type=_positive_int, help="default: placement_config.gpus_per_node"
+    )
+    p.add_argument(
+        "--gpu-mem-gb",
+        type=float,
+        default=80.0,
+        help="memory of one GPU in GB (10^9 bytes); larger estimates warn (default 80)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. placement_config.colocate_all=True",
+    )
     p.set_defaults(fn=cmd_plan)
     return p
 
@@ -75,8 +85,9 @@ def cmd_plan(args) -> int:
     if world is not None and not world.strip().isdigit():
         print(f"error: WORLD_SIZE: expected an int, got {world!r}", file=sys.stderr)
         return USAGE_ERROR
-    placement = make_placement(cfg, getattr(args, "nnodes", None),
-                               getattr(args, "gpus_per_node", None))
+    placement = make_placement(
+        cfg, getattr(args, "nnodes", None), getattr(args, "gpus_per_node", None)
+    )
     checks = check(placement, world_size=None if world is None else int(world))
     memory = estimate_memory(placement, gpu_mem_gb=getattr(args, "gpu_mem_gb", 80.0))
     print(format_plan(placement, memory, checks))

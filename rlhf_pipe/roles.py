@@ -20,8 +20,15 @@ from torch import Tensor, nn
 
 from rlhf_pipe import lora, optim_state
 from rlhf_pipe.checkpoint import CheckpointError
-from rlhf_pipe.models import (VARLEN_ATTENTION, attention_implementation, packing_supported,
-                              response_logits, save_hf, sequence_scores, token_values)
+from rlhf_pipe.models import (
+    VARLEN_ATTENTION,
+    attention_implementation,
+    packing_supported,
+    response_logits,
+    save_hf,
+    sequence_scores,
+    token_values,
+)
 from rlhf_pipe.pipeline.batch import Sample, chunks, collate, pad_field
 from rlhf_pipe.ppo import core
 
@@ -32,8 +39,8 @@ class LossSettings:
     value_clip: float | None
     ppo_loss_weight: float
     value_loss_weight: float
-    loss_agg: str            # "token_mean" | "seq_mean_token_mean"
-    kl_loss_coeff: float = 0.0   # > 0: KL to the reference as a loss term (k3 estimator)
+    loss_agg: str  # "token_mean" | "seq_mean_token_mean"
+    kl_loss_coeff: float = 0.0  # > 0: KL to the reference as a loss term (k3 estimator)
 
 
 def grad_divisor(loss_agg: str, num_tokens: int) -> float:
@@ -50,32 +57,52 @@ def _loss(per_token: Tensor, mask: Tensor, loss_agg: str, num_samples: int) -> T
     return core.seq_mean_token_mean(per_token, mask, num_samples)
 
 
-def _make_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
-                    warmup_steps: int):
+def _make_optimizer(
+    model: nn.Module, lr: float, betas, eps: float, weight_decay: float, warmup_steps: int
+):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps,
-                            weight_decay=weight_decay, foreach=True)
+    opt = torch.optim.AdamW(
+        params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=True
+    )
     return opt, warmup_schedule(opt, warmup_steps)
 
 
 def warmup_schedule(opt, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+        opt, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    )
 
 
 class _Trainable:
     model: nn.Module
     packed = False  # chunks as PackedBatch (see choose_packing); set by the builder
 
-    def __init__(self, model, pad_id: int, *, lr, betas, eps, weight_decay, warmup_steps,
-                 max_grad_norm, infer_micro_bs: int, train_micro_bs: int):
-        self.pad_id, self.infer_micro_bs, self.train_micro_bs = pad_id, infer_micro_bs, train_micro_bs
+    def __init__(
+        self,
+        model,
+        pad_id: int,
+        *,
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        warmup_steps,
+        max_grad_norm,
+        infer_micro_bs: int,
+        train_micro_bs: int,
+    ):
+        self.pad_id, self.infer_micro_bs, self.train_micro_bs = (
+            pad_id,
+            infer_micro_bs,
+            train_micro_bs,
+        )
         self.dp_group = None  # set by the distributed runner when the role has > 1 rank
         self.model = model
         if not lora.has_lora(model):  # a LoRA model keeps its base frozen
             self.model.requires_grad_(True)
-        self.optimizer, self.scheduler = _make_optimizer(model, lr, betas, eps, weight_decay,
-                                                         warmup_steps)
+        self.optimizer, self.scheduler = _make_optimizer(
+            model, lr, betas, eps, weight_decay, warmup_steps
+        )
         self.max_grad_norm = max_grad_norm
         self.device = next(model.parameters()).device
 
@@ -93,7 +120,8 @@ class _Trainable:
         if grad_divisor != 1.0:
             torch._foreach_div_([p.grad for p in params], grad_divisor)
         return torch.nn.utils.clip_grad_norm_(
-            params, self.max_grad_norm if self.max_grad_norm else math.inf)
+            params, self.max_grad_norm if self.max_grad_norm else math.inf
+        )
 
     def _all_reduce_grads(self) -> None:
         """Sum the data-parallel ranks' gradients in one flat buffer (a rank that trained no
@@ -141,9 +169,11 @@ class _Trainable:
             optim_state.load_plain(self.model, self.optimizer, self.scheduler, state)
             return
         if "optimizer" not in state:  # the per-rank format ZeRO roles wrote before
-            raise CheckpointError("the checkpoint's optimizer state is DeepSpeed ZeRO's per-rank "
-                                  "format, this run has no deepspeed_config: resume with the "
-                                  "same one")
+            raise CheckpointError(
+                "the checkpoint's optimizer state is DeepSpeed ZeRO's per-rank "
+                "format, this run has no deepspeed_config: resume with the "
+                "same one"
+            )
         self.optimizer.load_state_dict(state["optimizer"])  # the format written before
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -159,8 +189,10 @@ class _Trainable:
             weights.update(load_file(str(f)))
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if unexpected or [k for k in missing if "rotary" not in k]:
-            raise CheckpointError(f"{folder}: weights do not match the model "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise CheckpointError(
+                f"{folder}: weights do not match the model "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
 
 
 class PolicyRole(_Trainable):
@@ -170,8 +202,14 @@ class PolicyRole(_Trainable):
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[Tensor]:
-        return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
-                           lambda b: _logprobs(self.model, b), self.packed)
+        return _per_sample(
+            samples,
+            self.infer_micro_bs,
+            self.pad_id,
+            self.device,
+            lambda b: _logprobs(self.model, b),
+            self.packed,
+        )
 
     def train(self, samples: list[Sample], loss: LossSettings, num_samples: int) -> dict:
         """Forward + backward over `samples` in train chunks; grads accumulate."""
@@ -184,8 +222,11 @@ class PolicyRole(_Trainable):
             R, mask = b.response_width, b.response_mask
             # Without a Forward-stage pass (StepPlan.actor_forward), the weights are those of
             # that pass: these log-probs stand for it, and the ratio is exactly 1.
-            old = (logp.detach() if chunk[0].old_logp is None
-                   else pad_field(chunk, "old_logp", R).to(self.device))
+            old = (
+                logp.detach()
+                if chunk[0].old_logp is None
+                else pad_field(chunk, "old_logp", R).to(self.device)
+            )
             adv = pad_field(chunk, "advantages", R).to(self.device)
             per_token, clipped = core.policy_loss(logp, old, adv, loss.policy_clip)
             if loss.kl_loss_coeff:
@@ -193,13 +234,17 @@ class PolicyRole(_Trainable):
                 kl_term = core.kl_penalty(logp, ref, "k3")
                 per_token = per_token + loss.kl_loss_coeff * kl_term
                 sums.add(kl_loss=core.masked_sum(kl_term.detach(), mask))
-            self._backward(loss.ppo_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples))
+            self._backward(
+                loss.ppo_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples)
+            )
             with torch.no_grad():
-                sums.add(policy_loss=core.masked_sum(per_token, mask),
-                         clip_frac=core.masked_sum(clipped, mask),
-                         entropy=core.masked_sum(b.rows(core.entropy_from_logits(logits)), mask),
-                         approx_kl=core.masked_sum(0.5 * (logp - old) ** 2, mask),
-                         tokens=mask.sum())
+                sums.add(
+                    policy_loss=core.masked_sum(per_token, mask),
+                    clip_frac=core.masked_sum(clipped, mask),
+                    entropy=core.masked_sum(b.rows(core.entropy_from_logits(logits)), mask),
+                    approx_kl=core.masked_sum(0.5 * (logp - old) ** 2, mask),
+                    tokens=mask.sum(),
+                )
         return sums.values
 
     def ptx(self, token_ids: list[list[int]], weight: float, total: int | None = None) -> dict:
@@ -213,21 +258,27 @@ class PolicyRole(_Trainable):
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.float32)
             for i, t in enumerate(chunk):
-                ids[i, :len(t)] = torch.tensor(t)
-                mask[i, :len(t)] = 1
+                ids[i, : len(t)] = torch.tensor(t)
+                mask[i, : len(t)] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             with lora.dropout_active(self.model):
-                logits = self.model(input_ids=ids, attention_mask=mask.long(),
-                                    use_cache=False).logits
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask.long(), use_cache=False
+                ).logits
             nll = core.ptx_loss(logits[:, :-1], ids[:, 1:], mask[:, 1:])
             self._backward(weight * core.aggregate(nll, mask[:, 1:], total))
-            sums.add(ptx_loss=core.masked_sum(nll.detach(), mask[:, 1:]), ptx_tokens=mask[:, 1:].sum())
+            sums.add(
+                ptx_loss=core.masked_sum(nll.detach(), mask[:, 1:]), ptx_tokens=mask[:, 1:].sum()
+            )
         return sums.values
 
     def named_weights(self):
         if lora.has_lora(self.model):
-            tensors = (lora.adapter_tensors(self.model) if self.lora_sync == "adapter"
-                       else lora.merged_tensors(self.model))
+            tensors = (
+                lora.adapter_tensors(self.model)
+                if self.lora_sync == "adapter"
+                else lora.merged_tensors(self.model)
+            )
             return iter(tensors.items())
         return ((name, p.detach()) for name, p in self.model.state_dict().items())
 
@@ -256,8 +307,14 @@ class CriticRole(_Trainable):
 
     @torch.no_grad()
     def values(self, samples: list[Sample]) -> list[Tensor]:
-        return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
-                           lambda b: token_values(self.model, b), self.packed)
+        return _per_sample(
+            samples,
+            self.infer_micro_bs,
+            self.pad_id,
+            self.device,
+            lambda b: token_values(self.model, b),
+            self.packed,
+        )
 
     def train(self, samples: list[Sample], loss: LossSettings, num_samples: int) -> dict:
         sums = _Sums()
@@ -269,11 +326,16 @@ class CriticRole(_Trainable):
             old = pad_field(chunk, "values", R).to(self.device)
             returns = pad_field(chunk, "returns", R).to(self.device)
             per_token, clipped = core.value_loss(values, old, returns, loss.value_clip)
-            self._backward(loss.value_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples))
+            self._backward(
+                loss.value_loss_weight * _loss(per_token, mask, loss.loss_agg, num_samples)
+            )
             with torch.no_grad():
-                sums.add(value_loss=core.masked_sum(per_token, mask),
-                         value_clip_frac=core.masked_sum(clipped, mask),
-                         values=core.masked_sum(values, mask), critic_tokens=mask.sum())
+                sums.add(
+                    value_loss=core.masked_sum(per_token, mask),
+                    value_clip_frac=core.masked_sum(clipped, mask),
+                    values=core.masked_sum(values, mask),
+                    critic_tokens=mask.sum(),
+                )
         return sums.values
 
 
@@ -294,8 +356,14 @@ class ReferenceRole:
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[Tensor]:
         with on_device(self.model, self.device, self.offload):
-            return _per_sample(samples, self.infer_micro_bs, self.pad_id, self.device,
-                               lambda b: _logprobs(self.model, b), self.packed)
+            return _per_sample(
+                samples,
+                self.infer_micro_bs,
+                self.pad_id,
+                self.device,
+                lambda b: _logprobs(self.model, b),
+                self.packed,
+            )
 
 
 @contextmanager
@@ -316,9 +384,10 @@ class Scorer:
     """One term of the reward: `weight` x score. `impl` is a reward model (nn.Module, scored at
     each row's last token) or a callable fn(prompts, responses) -> list of numbers (a rule
     function, or rlhf_pipe.rewards.http.HTTPRewardModel)."""
+
     name: str
     weight: float
-    kind: str   # "model" | "remote" | "function"
+    kind: str  # "model" | "remote" | "function"
     impl: object
 
 
@@ -330,8 +399,9 @@ class RewardRole:
     normalisation later apply to the total only.
     """
 
-    def __init__(self, scorers: list[Scorer], pad_id: int, infer_micro_bs: int,
-                 offload: bool = False):
+    def __init__(
+        self, scorers: list[Scorer], pad_id: int, infer_micro_bs: int, offload: bool = False
+    ):
         if not scorers:
             raise ValueError("a reward role needs at least one scorer")
         self.scorers, self.pad_id, self.infer_micro_bs = list(scorers), pad_id, infer_micro_bs
@@ -375,12 +445,15 @@ class RewardRole:
             return torch.cat(out)
         values = sc.impl([s.prompt_text for s in samples], [s.response_text for s in samples])
         if len(values) != len(samples):
-            raise ValueError(f"reward scorer {sc.name!r} returned {len(values)} scores for "
-                             f"{len(samples)} samples")
+            raise ValueError(
+                f"reward scorer {sc.name!r} returned {len(values)} scores for "
+                f"{len(samples)} samples"
+            )
         return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def choose_packing(model: nn.Module, mode, role: str, source: str = "config") -> bool:
     """train_config.pack_sequences for one model.
@@ -395,8 +468,9 @@ def choose_packing(model: nn.Module, mode, role: str, source: str = "config") ->
     ok, why = packing_supported(model)
     if mode is True:
         if not ok:
-            raise ValueError(f"{source}: train_config.pack_sequences=True, but {role} cannot "
-                             f"pack: {why}")
+            raise ValueError(
+                f"{source}: train_config.pack_sequences=True, but {role} cannot pack: {why}"
+            )
         return True
     return ok and attention_implementation(model) in VARLEN_ATTENTION
 
@@ -410,7 +484,7 @@ def _per_sample(samples, size, pad_id, device, fn, packed: bool) -> list[Tensor]
     for chunk in chunks(samples, size):
         b = collate(chunk, pad_id, packed).to(device)
         rows = fn(b).float().cpu()  # one device->host copy per chunk
-        out.extend(rows[i, :s.num_actions].clone() for i, s in enumerate(chunk))
+        out.extend(rows[i, : s.num_actions].clone() for i, s in enumerate(chunk))
     return out
 
 

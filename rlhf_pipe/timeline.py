@@ -59,17 +59,42 @@ def _draw(ax, timeline, title: str) -> None:
         if mb == WHOLE_BATCH:
             # Whole-batch work: grey, thinner for the generate background bar.
             h = height * (1.0 if stage == "generate" else 0.8)
-            ax.barh(y, t1 - t0, left=t0, height=h, color="0.85" if stage == "generate" else "0.55",
-                    edgecolor="0.3", linewidth=0.5, zorder=1)
+            ax.barh(
+                y,
+                t1 - t0,
+                left=t0,
+                height=h,
+                color="0.85" if stage == "generate" else "0.55",
+                edgecolor="0.3",
+                linewidth=0.5,
+                zorder=1,
+            )
             label = {"generate": "", "optimizer": "opt", "advantage": "all"}.get(stage, "")
         else:
             h = height * (0.55 if stage == "gen_mb" else 0.8)
-            ax.barh(y, t1 - t0, left=t0, height=h, color=colours(mb % 10), edgecolor="black",
-                    linewidth=0.5, zorder=2, hatch="///" if stage.endswith(".train") else None)
+            ax.barh(
+                y,
+                t1 - t0,
+                left=t0,
+                height=h,
+                color=colours(mb % 10),
+                edgecolor="black",
+                linewidth=0.5,
+                zorder=2,
+                hatch="///" if stage.endswith(".train") else None,
+            )
             label = str(mb)
         if label:
-            ax.text((t0 + t1) / 2, y, label, ha="center", va="center", fontsize=8, zorder=3,
-                    clip_on=True)
+            ax.text(
+                (t0 + t1) / 2,
+                y,
+                label,
+                ha="center",
+                va="center",
+                fontsize=8,
+                zorder=3,
+                clip_on=True,
+            )
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(list(reversed(rows)))
     ax.set_ylim(-0.6, len(rows) - 0.4)
@@ -93,9 +118,14 @@ def plot_timelines(panels: dict, path, suptitle: str = "") -> Path:
 
     n = len(panels)
     height = sum(0.5 + 0.35 * len(rows_of(tl)) for tl in panels.values())
-    fig, axes = plt.subplots(n, 1, figsize=(10, 1.0 + height), sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": [len(rows_of(tl))
-                                                            for tl in panels.values()]})
+    fig, axes = plt.subplots(
+        n,
+        1,
+        figsize=(10, 1.0 + height),
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [len(rows_of(tl)) for tl in panels.values()]},
+    )
     for ax, (title, timeline) in zip(axes[:, 0], panels.items()):
         _draw(ax, timeline, title)
     end = max((t1 for tl in panels.values() for *_, t1 in tl), default=1.0)
@@ -113,18 +143,31 @@ def plot_timelines(panels: dict, path, suptitle: str = "") -> Path:
 def chrome_trace(timeline) -> dict:
     """Chrome trace-event JSON (complete 'X' events, microseconds), one thread per row."""
     rows = rows_of(timeline)
-    events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": i, "args": {"name": row}}
-              for i, row in enumerate(rows)]
-    events += [{"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": i,
-                "args": {"sort_index": i}} for i in range(len(rows))]
+    events = [
+        {"name": "thread_name", "ph": "M", "pid": 0, "tid": i, "args": {"name": row}}
+        for i, row in enumerate(rows)
+    ]
+    events += [
+        {"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": i, "args": {"sort_index": i}}
+        for i in range(len(rows))
+    ]
     for stage, mb, t0, t1 in timeline:
         row = _row(stage, rows)
         if row is None:
             continue
         name = f"{stage} all" if mb == WHOLE_BATCH else f"{stage} mb{mb}"
-        events.append({"name": name, "cat": stage, "ph": "X", "pid": 0, "tid": row,
-                       "ts": round(t0 * 1e6, 3), "dur": round(max(t1 - t0, 0.0) * 1e6, 3),
-                       "args": {"micro_batch": mb}})
+        events.append(
+            {
+                "name": name,
+                "cat": stage,
+                "ph": "X",
+                "pid": 0,
+                "tid": row,
+                "ts": round(t0 * 1e6, 3),
+                "dur": round(max(t1 - t0, 0.0) * 1e6, 3),
+                "args": {"micro_batch": mb},
+            }
+        )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 

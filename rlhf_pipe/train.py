@@ -3,8 +3,8 @@
 Every rank computes the same placement from the config (rlhf_pipe.placement) and checks it
 against WORLD_SIZE. The rank that leads vLLM engine 0 is the controller: it runs the trainer
 with its stage threads and the engine; every other rank that hosts roles builds them and
-answers the controller's calls (rlhf_pipe.dist.remote). Without torchrun (WORLD_SIZE 1) this is
-`rlhf-pipe train`.
+answers the controller's calls (rlhf_pipe.distributed.remote). Without torchrun (WORLD_SIZE 1)
+this is `rlhf-pipe train`.
 
 A failure on any rank prints one line naming the rank, its roles and the first error, and the
 rank exits non-zero; torchrun then stops the others. Every collective has a timeout
@@ -32,10 +32,17 @@ def _parse(argv):
     p.add_argument("--steps", type=int, default=3, help="bench: measured steps per M")
     p.add_argument("--warmup", type=int, default=1, help="bench: warm-up steps per M")
     p.add_argument("--out", help="bench: output folder")
-    p.add_argument("--streaming-rounds", type=int, default=3,
-                   help="bench: A B B A rounds of the streaming-overhead measurement")
-    p.add_argument("--no-streaming", action="store_true",
-                   help="bench: skip the generate_to_queue vs generate measurement")
+    p.add_argument(
+        "--streaming-rounds",
+        type=int,
+        default=3,
+        help="bench: A B B A rounds of the streaming-overhead measurement",
+    )
+    p.add_argument(
+        "--no-streaming",
+        action="store_true",
+        help="bench: skip the generate_to_queue vs generate measurement",
+    )
     return p.parse_args(argv)
 
 
@@ -62,8 +69,11 @@ def run(args) -> int:
     if world == 1:
         from rlhf_pipe.cli import main as cli_main
 
-        return cli_main(["train", args.config] + sum((["--set", s] for s in args.set), [])
-                        + (["--resume", args.resume] if args.resume else []))
+        return cli_main(
+            ["train", args.config]
+            + sum((["--set", s] for s in args.set), [])
+            + (["--resume", args.resume] if args.resume else [])
+        )
     rank = int(os.environ["RANK"])
     placement = make_placement(cfg)
     problems = errors(placement, check(placement, world))
@@ -73,94 +83,133 @@ def run(args) -> int:
     controller = placement.engines[0][0]
     for role, ranks in role_ranks.items():
         if len(ranks) > 1 and controller in ranks:
-            raise _UserError(f"{args.config}: placement: {role} has data-parallel size "
-                             f"{len(ranks)} and shares the controller's rank; not supported")
+            raise _UserError(
+                f"{args.config}: placement: {role} has data-parallel size "
+                f"{len(ranks)} and shares the controller's rank; not supported"
+            )
     engine_leaders = [group[0] for group in placement.engines[1:]]
     for leader in engine_leaders:
         if any(r in LOCAL_ROLES for r in placement.roles_of(leader)):
-            raise _UserError(f"{args.config}: placement: rank {leader} leads a vLLM engine and "
-                             f"hosts {placement.roles_of(leader)}; colocating roles with "
-                             f"engines other than engine 0 is not supported yet")
+            raise _UserError(
+                f"{args.config}: placement: rank {leader} leads a vLLM engine and "
+                f"hosts {placement.roles_of(leader)}; colocating roles with "
+                f"engines other than engine 0 is not supported yet"
+            )
     roles_here = placement.roles_of(rank)
     if rank == controller:
         # torchrun's failure summary names a dead rank by number; this line gives its role.
-        print("rlhf_pipe placement: " + ", ".join(
-            f"rank {r} {'+'.join(placement.roles_of(r))}" for r in range(world)),
-            file=sys.stderr, flush=True)
+        print(
+            "rlhf_pipe placement: "
+            + ", ".join(f"rank {r} {'+'.join(placement.roles_of(r))}" for r in range(world)),
+            file=sys.stderr,
+            flush=True,
+        )
     timeout = timedelta(seconds=cfg.train_config.stage_timeout_s)
     # vLLM's workers must be spawned, not forked, once CUDA is initialised (DESIGN.md).
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     dist.init_process_group("gloo", timeout=timeout)
     # Every rank creates every group, in the same order (a collective call).
-    peers = sorted(({r for ranks in role_ranks.values() for r in ranks}
-                    | set(engine_leaders)) - {controller})
+    peers = sorted(
+        ({r for ranks in role_ranks.values() for r in ranks} | set(engine_leaders)) - {controller}
+    )
     groups = {peer: dist.new_group([controller, peer], timeout=timeout) for peer in peers}
     # DeepSpeed roles get a group even on one rank: DeepSpeed must not take the world.
     zero = _zero_stages(cfg)
-    dp_groups = {role: dist.new_group(ranks, timeout=timeout)
-                 for role, ranks in role_ranks.items() if len(ranks) > 1 or role in zero}
+    dp_groups = {
+        role: dist.new_group(ranks, timeout=timeout)
+        for role, ranks in role_ranks.items()
+        if len(ranks) > 1 or role in zero
+    }
     _CURRENT["roles"] = roles_here
     if rank == controller:
-        from rlhf_pipe.dist import guard
+        from rlhf_pipe.distributed import guard
 
         guard.start()  # vLLM's engine core must not outlive a killed controller
     try:
         if rank == controller:
-            _run_controller(cfg, args, placement, role_ranks, controller, groups,
-                            engine_leaders, {r: g for r, g in dp_groups.items()
-                                             if controller in role_ranks[r]})
+            _run_controller(
+                cfg,
+                args,
+                placement,
+                role_ranks,
+                controller,
+                groups,
+                engine_leaders,
+                {r: g for r, g in dp_groups.items() if controller in role_ranks[r]},
+            )
         elif rank in engine_leaders:
             _run_engine(cfg, placement, rank, controller, groups[rank])
         elif rank in groups:
-            _run_roles(cfg, placement, rank, controller, groups[rank],
-                       {role: g for role, g in dp_groups.items() if rank in role_ranks[role]})
+            _run_roles(
+                cfg,
+                placement,
+                rank,
+                controller,
+                groups[rank],
+                {role: g for role, g in dp_groups.items() if rank in role_ranks[role]},
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
 
 
-def _run_controller(cfg, args, placement, role_ranks, controller, groups,
-                    engine_leaders, dp_groups) -> None:
-    from rlhf_pipe.dist.remote import Connection, RemoteRole, RemoteRoleGroup
+def _run_controller(
+    cfg, args, placement, role_ranks, controller, groups, engine_leaders, dp_groups
+) -> None:
+    from rlhf_pipe.distributed.remote import Connection, RemoteRole, RemoteRoleGroup
     from rlhf_pipe.models import load_tokenizer
     from rlhf_pipe.trainer import RLHFTrainer, build_roles, build_vllm_engine
 
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
-    conns = {peer: Connection(peer, group, placement.roles_of(peer))
-             for peer, group in groups.items()}
+    conns = {
+        peer: Connection(peer, group, placement.roles_of(peer)) for peer, group in groups.items()
+    }
     local = [r for r in LOCAL_ROLES if r not in role_ranks or role_ranks[r] == [controller]]
     roles = build_roles(cfg, local, pad_id, _device(cfg, placement), dp_groups=dp_groups)
     t = cfg.train_config
     for role, ranks in role_ranks.items():
         if len(ranks) > 1:
-            roles[role] = RemoteRoleGroup([conns[r] for r in ranks], role, t.infer_micro_bs,
-                                          t.train_micro_bs, _zero_stages(cfg).get(role))
+            roles[role] = RemoteRoleGroup(
+                [conns[r] for r in ranks],
+                role,
+                t.infer_micro_bs,
+                t.train_micro_bs,
+                _zero_stages(cfg).get(role),
+            )
         elif ranks != [controller]:
             roles[role] = RemoteRole(conns[ranks[0]], role)
     bucket = cfg.train_config.weight_bucket_mb * 2**20
     nccl = _nccl_weight_sync(cfg, placement, role_ranks)
-    engines = [build_vllm_engine(cfg, 0, in_process=False, nccl_weight_sync=nccl,
-                                 visible_devices=_engine_gpus(cfg, placement, controller))]
+    engines = [
+        build_vllm_engine(
+            cfg,
+            0,
+            in_process=False,
+            nccl_weight_sync=nccl,
+            visible_devices=_engine_gpus(cfg, placement, controller),
+        )
+    ]
     if engine_leaders:
-        from rlhf_pipe.dist.remote import RemoteEngine
+        from rlhf_pipe.distributed.remote import RemoteEngine
 
-        engines += [RemoteEngine(conns[leader], i + 1, bucket)
-                    for i, leader in enumerate(engine_leaders)]
+        engines += [
+            RemoteEngine(conns[leader], i + 1, bucket) for i, leader in enumerate(engine_leaders)
+        ]
     if len(engines) > 1:
-        from rlhf_pipe.dist.remote import EnginePool
+        from rlhf_pipe.distributed.remote import EnginePool
 
         engine = EnginePool(engines)
     else:
         engine = engines[0]
     trainer = RLHFTrainer(cfg, roles=roles, engine=engine, in_process_engine=False)
     if nccl:
-        from rlhf_pipe.dist.weight_sync import NcclWeightSync
+        from rlhf_pipe.distributed.weight_sync import NcclWeightSync
 
-        trainer.weight_sync = NcclWeightSync(roles["actor"], engines,
-                                             [len(g) for g in placement.engines], bucket,
-                                             t.stage_timeout_s)
+        trainer.weight_sync = NcclWeightSync(
+            roles["actor"], engines, [len(g) for g in placement.engines], bucket, t.stage_timeout_s
+        )
     print(f"rlhf_pipe weight sync: {'nccl' if nccl else 'gloo'}", file=sys.stderr, flush=True)
     try:
         if args.resume:
@@ -174,8 +223,11 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
             return
         history = trainer.learn()
         if history:
-            print(f"rank {controller}: trained to step {trainer.step_index}, last reward "
-                  f"{history[-1]['reward']:.4f}", flush=True)
+            print(
+                f"rank {controller}: trained to step {trainer.step_index}, last reward "
+                f"{history[-1]['reward']:.4f}",
+                flush=True,
+            )
     finally:
         trainer.close()
         for conn in conns.values():
@@ -185,8 +237,15 @@ def _run_controller(cfg, args, placement, role_ranks, controller, groups,
 def _bench(args, trainer, placement) -> None:
     import shlex
 
-    from rlhf_pipe.bench import (STREAMING_PENDING, _streaming_for, _with_serial, add_streaming,
-                                 measure_pipes, skipped_streaming, write_bench)
+    from rlhf_pipe.bench import (
+        STREAMING_PENDING,
+        _streaming_for,
+        _with_serial,
+        add_streaming,
+        measure_pipes,
+        skipped_streaming,
+        write_bench,
+    )
     from rlhf_pipe.bench_cli import _pipes
     from rlhf_pipe.config import parse_override
 
@@ -201,24 +260,44 @@ def _bench(args, trainer, placement) -> None:
     world = int(os.environ["WORLD_SIZE"])
     device_roles = _device_roles(trainer.cfg, placement)
     gpus = world if "cpu" in device_roles else len({_gpu_of(trainer.cfg, r) for r in range(world)})
-    runs, timelines, cfg, _ = measure_pipes(args.config, pipes, args.steps, args.warmup,
-                                            overrides, trainer_for, devices=gpus,
-                                            device_roles=device_roles)
-    result = write_bench(args.config, cfg, runs, timelines,
-                         skipped_streaming(cfg.model_configs.policy.generator_config.generator_type,
-                                           "skipped (--no-streaming)" if args.no_streaming
-                                           else STREAMING_PENDING), args.out,
-                         devices=gpus, processes=f"torchrun, {world} ranks",
-                         command=shlex.join(["torchrun", f"--nproc-per-node={world}", "-m",
-                                             "rlhf_pipe.train"] + sys.argv[1:]),
-                         steps=args.steps, warmup=args.warmup)
+    runs, timelines, cfg, _ = measure_pipes(
+        args.config,
+        pipes,
+        args.steps,
+        args.warmup,
+        overrides,
+        trainer_for,
+        devices=gpus,
+        device_roles=device_roles,
+    )
+    result = write_bench(
+        args.config,
+        cfg,
+        runs,
+        timelines,
+        skipped_streaming(
+            cfg.model_configs.policy.generator_config.generator_type,
+            "skipped (--no-streaming)" if args.no_streaming else STREAMING_PENDING,
+        ),
+        args.out,
+        devices=gpus,
+        processes=f"torchrun, {world} ranks",
+        command=shlex.join(
+            ["torchrun", f"--nproc-per-node={world}", "-m", "rlhf_pipe.train"] + sys.argv[1:]
+        ),
+        steps=args.steps,
+        warmup=args.warmup,
+    )
     if not args.no_streaming:
         print(f"bench: runs written to {result['out_dir']}; measuring streaming", flush=True)
         result = add_streaming(result, _streaming_for(trainer, args.streaming_rounds))
     for m, run in result["runs"].items():
-        print(f"pipe {m}: step {run['step_s']:.3f} s, bound {run['bound_s']:.3f} s, "
-              f"efficiency {run['efficiency']:.2f}, speedup {run['speedup']:.2f}, "
-              f"sync {run['sync_s']:.4f} s", flush=True)
+        print(
+            f"pipe {m}: step {run['step_s']:.3f} s, bound {run['bound_s']:.3f} s, "
+            f"efficiency {run['efficiency']:.2f}, speedup {run['speedup']:.2f}, "
+            f"sync {run['sync_s']:.4f} s",
+            flush=True,
+        )
     print(f"report: {result['out_dir']}/report.md", flush=True)
 
 
@@ -265,10 +344,13 @@ def _gpu_of(cfg, rank: int):
     if mapping:
         count = torch.cuda.device_count()
         if len(mapping) != local_world or not all(
-                type(g) is int and 0 <= g < max(count, 1) for g in mapping):
-            raise _UserError(f"{cfg.source}: placement_config.local_rank_gpus: expected "
-                             f"{local_world} GPU indices (one per local rank) below {count}, "
-                             f"got {mapping!r}")
+            type(g) is int and 0 <= g < max(count, 1) for g in mapping
+        ):
+            raise _UserError(
+                f"{cfg.source}: placement_config.local_rank_gpus: expected "
+                f"{local_world} GPU indices (one per local rank) below {count}, "
+                f"got {mapping!r}"
+            )
         return rank // local_world, mapping[local]
     return rank // local_world, local % max(torch.cuda.device_count(), 1)
 
@@ -294,36 +376,50 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
         return False
     actor_rank = role_ranks["actor"][0]
     engine_gpus = {_gpu_of(cfg, r) for group in placement.engines for r in group}
-    possible = (placement.device != "cpu" and torch.cuda.is_available()
-                and _gpu_of(cfg, actor_rank) not in engine_gpus)
+    possible = (
+        placement.device != "cpu"
+        and torch.cuda.is_available()
+        and _gpu_of(cfg, actor_rank) not in engine_gpus
+    )
     if choice == "nccl" and not possible:
-        raise _UserError(f"{cfg.source}: train_config.weight_sync_backend: 'nccl' needs the "
-                         f"actor (rank {actor_rank}) on a GPU that no vLLM engine uses")
+        raise _UserError(
+            f"{cfg.source}: train_config.weight_sync_backend: 'nccl' needs the "
+            f"actor (rank {actor_rank}) on a GPU that no vLLM engine uses"
+        )
     # A ZeRO-3 actor on several ranks gathers its weights with every rank; the NCCL sender
     # runs on the first alone (not built), so such a run syncs through the controller.
     sharded = _zero_stages(cfg).get("actor") == 3 and len(role_ranks["actor"]) > 1
     if sharded and choice == "nccl":
-        raise _UserError(f"{cfg.source}: train_config.weight_sync_backend: 'nccl' is not "
-                         f"built for a ZeRO-3 actor on several ranks; use 'gloo' or 'auto'")
+        raise _UserError(
+            f"{cfg.source}: train_config.weight_sync_backend: 'nccl' is not "
+            f"built for a ZeRO-3 actor on several ranks; use 'gloo' or 'auto'"
+        )
     return possible and not sharded
 
 
 def _run_engine(cfg, placement, rank, controller, group) -> None:
-    from rlhf_pipe.dist import guard
-    from rlhf_pipe.dist.remote import serve_engine
+    from rlhf_pipe.distributed import guard
+    from rlhf_pipe.distributed.remote import serve_engine
     from rlhf_pipe.trainer import build_vllm_engine
 
     guard.start()  # the engine core must not outlive this rank
     index = [g[0] for g in placement.engines].index(rank)
     role_ranks = _role_ranks(placement)
-    serve_engine(build_vllm_engine(cfg, index, in_process=False,
-                                   nccl_weight_sync=_nccl_weight_sync(cfg, placement, role_ranks),
-                                   visible_devices=_engine_gpus(cfg, placement, rank)),
-                 controller, group)
+    serve_engine(
+        build_vllm_engine(
+            cfg,
+            index,
+            in_process=False,
+            nccl_weight_sync=_nccl_weight_sync(cfg, placement, role_ranks),
+            visible_devices=_engine_gpus(cfg, placement, rank),
+        ),
+        controller,
+        group,
+    )
 
 
 def _run_roles(cfg, placement, rank, controller, group, dp_groups) -> None:
-    from rlhf_pipe.dist.remote import serve
+    from rlhf_pipe.distributed.remote import serve
     from rlhf_pipe.models import load_tokenizer
     from rlhf_pipe.trainer import build_roles, seed_everything
 
@@ -331,8 +427,13 @@ def _run_roles(cfg, placement, rank, controller, group, dp_groups) -> None:
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
     mine = [r for r in placement.roles_of(rank) if r in LOCAL_ROLES]
-    serve(build_roles(cfg, mine, pad_id, _device(cfg, placement), dp_groups=dp_groups), controller,
-          group, cfg.train_config.weight_bucket_mb * 2**20, dp_groups)
+    serve(
+        build_roles(cfg, mine, pad_id, _device(cfg, placement), dp_groups=dp_groups),
+        controller,
+        group,
+        cfg.train_config.weight_bucket_mb * 2**20,
+        dp_groups,
+    )
 
 
 def _zero_stages(cfg) -> dict[str, int]:

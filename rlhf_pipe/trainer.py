@@ -28,15 +28,33 @@ import torch
 from rlhf_pipe import lora
 from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, write_checkpoint
 from rlhf_pipe.config import ConfigError, RunConfig, reward_scorers
-from rlhf_pipe.data import (DataError, PromptSource, RatioSampler, RelayBuffer,
-                            parse_dataset_spec, rank_by_length, read_records)
+from rlhf_pipe.data import (
+    DataError,
+    PromptSource,
+    RatioSampler,
+    RelayBuffer,
+    parse_dataset_spec,
+    rank_by_length,
+    read_records,
+)
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
-from rlhf_pipe.models import (check_tokenizer_matches, enable_gradient_checkpointing,
-                              load_causal_lm, load_tokenizer, load_value_model)
-from rlhf_pipe.pipeline.stages import (STAGES, AdvantageSettings, StepOutput, StepPipeline,
-                                       StepPlan)
-from rlhf_pipe.roles import (CriticRole, LossSettings, PolicyRole, ReferenceRole, RewardRole,
-                             Scorer, choose_packing)
+from rlhf_pipe.models import (
+    check_tokenizer_matches,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    load_value_model,
+)
+from rlhf_pipe.pipeline.stages import STAGES, AdvantageSettings, StepOutput, StepPipeline, StepPlan
+from rlhf_pipe.roles import (
+    CriticRole,
+    LossSettings,
+    PolicyRole,
+    ReferenceRole,
+    RewardRole,
+    Scorer,
+    choose_packing,
+)
 from rlhf_pipe.rollout.types import Completion, SamplingSettings
 
 
@@ -74,24 +92,33 @@ def request_seed(base: int, step: int, prompt_index: int) -> int:
 
 def sampling_settings(r, evaluation: bool = False) -> SamplingSettings:
     """rollout_config -> what the engine is asked for (evaluation: eval_* values, n = 1)."""
-    pick = (lambda name: getattr(r, name) if not evaluation or getattr(r, f"eval_{name}") is None
-            else getattr(r, f"eval_{name}"))
+    pick = lambda name: (
+        getattr(r, name)
+        if not evaluation or getattr(r, f"eval_{name}") is None
+        else getattr(r, f"eval_{name}")
+    )
     return SamplingSettings(
-        r.max_new_tokens, pick("temperature"), pick("top_p"), pick("top_k"),
-        1 if evaluation else r.n, r.ignore_eos,
+        r.max_new_tokens,
+        pick("temperature"),
+        pick("top_p"),
+        pick("top_k"),
+        1 if evaluation else r.n,
+        r.ignore_eos,
         tuple(x for x in (r.stop_token_list or "").split(";") if x),
         use_beam_search=r.use_beam_search,
         beam_width=max(r.beam_width or r.n, 1) if r.use_beam_search else None,
         max_seq_len=None if r.new_token_limit else r.max_model_len,
         prompt_logprobs=r.prompt_logprobs,
-        length_range=tuple(r.response_length_range) if r.response_length_range else None)
+        length_range=tuple(r.response_length_range) if r.response_length_range else None,
+    )
 
 
 ROLE_NAMES = ("actor", "critic", "reference", "reward")
 
 
-def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None,
-                dp_groups: dict | None = None) -> dict:
+def build_roles(
+    cfg: RunConfig, names, pad_id: int, device, reward_fn=None, dp_groups: dict | None = None
+) -> dict:
     """The named roles as models in this process (the ones the config has). A role with a
     deepspeed_config runs under DeepSpeed (rlhf_pipe.zero) on its `dp_groups` group."""
     t, mc = cfg.train_config, cfg.model_configs
@@ -104,27 +131,40 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None,
             actor = name == "actor"
             mcfg, label = (mc.policy, "policy") if actor else (mc.critic, "critic")
             loader = load_causal_lm if actor else load_value_model
-            model = loader(mcfg.model_path, mcfg.trainer_config.torch_dtype,
-                           mcfg.trust_remote_code, label)
+            model = loader(
+                mcfg.model_path, mcfg.trainer_config.torch_dtype, mcfg.trust_remote_code, label
+            )
             if mcfg.trainer_config.enable_lora:
                 model = lora.apply_lora(model, mcfg.trainer_config, cfg.source, label)
-            role_cls, zero_cls = ((PolicyRole, "ZeroPolicyRole") if actor
-                                  else (CriticRole, "ZeroCriticRole"))
-            roles[name] = _trained_role(role_cls, zero_cls, model.to(device), pad_id,
-                                        mcfg.trainer_config, sizes, device, groups.get(name))
+            role_cls, zero_cls = (
+                (PolicyRole, "ZeroPolicyRole") if actor else (CriticRole, "ZeroCriticRole")
+            )
+            roles[name] = _trained_role(
+                role_cls,
+                zero_cls,
+                model.to(device),
+                pad_id,
+                mcfg.trainer_config,
+                sizes,
+                device,
+                groups.get(name),
+            )
             if actor:
                 roles[name].lora_sync = lora.sync_mode(cfg) or "merged"
         elif name == "reference" and mc.reference is not None:
             ref = mc.reference
-            model = load_causal_lm(ref.model_path, ref.trainer_config.torch_dtype,
-                                   ref.trust_remote_code, "reference").to(device)
+            model = load_causal_lm(
+                ref.model_path, ref.trainer_config.torch_dtype, ref.trust_remote_code, "reference"
+            ).to(device)
             ds = _deepspeed(ref.trainer_config, t, device, groups.get(name), trained=False)
             if ds is None:
                 roles[name] = ReferenceRole(model, pad_id, t.infer_micro_bs, offload=offload)
             else:
                 from rlhf_pipe.zero import ZeroReferenceRole
-                roles[name] = ZeroReferenceRole(model, pad_id, t.infer_micro_bs, ds_config=ds,
-                                                dp_group=groups.get(name))
+
+                roles[name] = ZeroReferenceRole(
+                    model, pad_id, t.infer_micro_bs, ds_config=ds, dp_group=groups.get(name)
+                )
         elif name == "reward":
             scorers = build_scorers(cfg, device)
             ds = _deepspeed(mc.reward.trainer_config, t, device, groups.get(name), trained=False)
@@ -132,14 +172,20 @@ def build_roles(cfg: RunConfig, names, pad_id: int, device, reward_fn=None,
                 roles[name] = RewardRole(scorers, pad_id, t.infer_micro_bs, offload=offload)
             else:
                 from rlhf_pipe.zero import ZeroRewardRole
-                roles[name] = ZeroRewardRole(scorers, pad_id, t.infer_micro_bs, ds_config=ds,
-                                             dp_group=groups.get(name))
+
+                roles[name] = ZeroRewardRole(
+                    scorers, pad_id, t.infer_micro_bs, ds_config=ds, dp_group=groups.get(name)
+                )
             if reward_fn is not None:
                 roles[name].set_function(reward_fn)
             roles[name].packed_scorers = {
-                sc.name for sc in scorers
-                if sc.kind == "model" and choose_packing(sc.impl, t.pack_sequences,
-                                                         f"reward scorer {sc.name}", cfg.source)}
+                sc.name
+                for sc in scorers
+                if sc.kind == "model"
+                and choose_packing(
+                    sc.impl, t.pack_sequences, f"reward scorer {sc.name}", cfg.source
+                )
+            }
             continue
         if name in roles:
             roles[name].packed = choose_packing(model, t.pack_sequences, name, cfg.source)
@@ -162,12 +208,20 @@ def _deepspeed(tc, t, device, dp_group, trained: bool) -> dict | None:
 def _trained_role(plain_cls, zero_cls: str, model, pad_id, tc, sizes, device, dp_group):
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    kw = dict(lr=tc.lr, betas=tc.betas, eps=tc.eps, weight_decay=tc.weight_decay,
-              warmup_steps=tc.lr_warmup_steps, max_grad_norm=tc.max_grad_norm, **sizes)
+    kw = dict(
+        lr=tc.lr,
+        betas=tc.betas,
+        eps=tc.eps,
+        weight_decay=tc.weight_decay,
+        warmup_steps=tc.lr_warmup_steps,
+        max_grad_norm=tc.max_grad_norm,
+        **sizes,
+    )
     ds = _deepspeed(tc, SimpleNamespace(**sizes), device, dp_group, trained=True)
     if ds is None:
         return plain_cls(model, pad_id, **kw)
     from rlhf_pipe import zero
+
     return getattr(zero, zero_cls)(model, pad_id, ds_config=ds, dp_group=dp_group, **kw)
 
 
@@ -180,38 +234,72 @@ def build_scorers(cfg: RunConfig, device) -> list[Scorer]:
     for name, sc in reward_scorers(rw).items():
         if sc.model_path:
             what = "reward" if name == "model" and rw.scorers is None else f"reward scorer {name}"
-            model = load_value_model(sc.model_path, rw.trainer_config.torch_dtype,
-                                     sc.trust_remote_code, what).to(device)
+            model = load_value_model(
+                sc.model_path, rw.trainer_config.torch_dtype, sc.trust_remote_code, what
+            ).to(device)
             out.append(Scorer(name, sc.weight, "model", model))
         elif sc.url:
-            out.append(Scorer(name, sc.weight, "remote", HTTPRewardModel(
-                name, sc.url, batch_size=sc.batch_size, timeout_s=sc.timeout_s,
-                max_retries=sc.max_retries, backoff_s=sc.backoff_s, token_env=sc.token_env)))
+            out.append(
+                Scorer(
+                    name,
+                    sc.weight,
+                    "remote",
+                    HTTPRewardModel(
+                        name,
+                        sc.url,
+                        batch_size=sc.batch_size,
+                        timeout_s=sc.timeout_s,
+                        max_retries=sc.max_retries,
+                        backoff_s=sc.backoff_s,
+                        token_env=sc.token_env,
+                    ),
+                )
+            )
         else:
             out.append(Scorer(name, sc.weight, "function", resolve_function(sc.reward_fn)))
     return out
 
 
-def build_vllm_engine(cfg: RunConfig, engine_index: int = 0, in_process: bool = True,
-                      nccl_weight_sync: bool = False, visible_devices: str | None = None):
+def build_vllm_engine(
+    cfg: RunConfig,
+    engine_index: int = 0,
+    in_process: bool = True,
+    nccl_weight_sync: bool = False,
+    visible_devices: str | None = None,
+):
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
     r, gen = cfg.rollout_config, cfg.model_configs.policy.generator_config
-    return VLLMEngine(cfg.model_configs.policy.model_path, dtype=r.dtype, seed=r.seed,
-                      max_model_len=r.max_model_len,
-                      tensor_parallel_size=gen.parallel.tensor.get("size", 1),
-                      gpu_memory_utilization=r.gpu_memory_utilization,
-                      enforce_eager=r.enforce_eager, engine_kwargs=r.engine_kwargs,
-                      engine_index=engine_index, in_process=in_process,
-                      nccl_weight_sync=nccl_weight_sync, visible_devices=visible_devices,
-                      lora=lora.engine_lora(cfg))
+    return VLLMEngine(
+        cfg.model_configs.policy.model_path,
+        dtype=r.dtype,
+        seed=r.seed,
+        max_model_len=r.max_model_len,
+        tensor_parallel_size=gen.parallel.tensor.get("size", 1),
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        enforce_eager=r.enforce_eager,
+        engine_kwargs=r.engine_kwargs,
+        engine_index=engine_index,
+        in_process=in_process,
+        nccl_weight_sync=nccl_weight_sync,
+        visible_devices=visible_devices,
+        lora=lora.engine_lora(cfg),
+    )
 
 
 class RLHFTrainer:
     """Build once from a RunConfig, then `learn()`. See docs/architecture.md."""
 
-    def __init__(self, cfg: RunConfig, *, reward_fn=None, engine=None, console: bool = True,
-                 roles: dict | None = None, in_process_engine: bool = True):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        reward_fn=None,
+        engine=None,
+        console: bool = True,
+        roles: dict | None = None,
+        in_process_engine: bool = True,
+    ):
         self.cfg = cfg
         t, mc = cfg.train_config, cfg.model_configs
         seed_everything(t.seed)
@@ -220,20 +308,33 @@ class RLHFTrainer:
         self.tokenizer = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
 
-        check_tokenizer_matches(mc.policy.model_path, tok_path, "policy",
-                                cfg.tokenizer_config.trust_remote_code, self.tokenizer)
+        check_tokenizer_matches(
+            mc.policy.model_path,
+            tok_path,
+            "policy",
+            cfg.tokenizer_config.trust_remote_code,
+            self.tokenizer,
+        )
         # Data first: a bad prompt file is reported before any model or engine is built.
         pd = cfg.prompt_dataset_config
         specs = [parse_dataset_spec(s, cfg.constants) for s in pd.message_datasets]
         self.batch_generation = mc.policy.generator_config.batch_generation
-        self.prompts = PromptSource(specs, self.tokenizer, pd.samples_each_epoch, pd.max_len,
-                                    pd.prompt_key, pd.shuffle, pd.seed,
-                                    min_len=self.batch_generation.min_prompt_length)
+        self.prompts = PromptSource(
+            specs,
+            self.tokenizer,
+            pd.samples_each_epoch,
+            pd.max_len,
+            pd.prompt_key,
+            pd.shuffle,
+            pd.seed,
+            min_len=self.batch_generation.min_prompt_length,
+        )
         self.relay = RelayBuffer(t.max_relay_episode, t.relay_episode_offset)
         self.relay_sample_fn = None
         if t.relay_sample_fn:
             self.relay_sample_fn = resolve_function(
-                t.relay_sample_fn, f"{cfg.source}: train_config.relay_sample_fn")
+                t.relay_sample_fn, f"{cfg.source}: train_config.relay_sample_fn"
+            )
         if roles is None:
             roles = build_roles(cfg, ROLE_NAMES, self.pad_id, self.device, reward_fn)
         elif reward_fn is not None:
@@ -248,9 +349,22 @@ class RLHFTrainer:
             ed = cfg.eval_dataset_config
             self.eval_prompts = PromptSource(
                 [parse_dataset_spec(s, cfg.constants) for s in ed.message_datasets],
-                self.tokenizer, ed.samples_each_epoch, ed.max_len, ed.prompt_key, False, ed.seed)
-        self.pipeline = StepPipeline(self.engine, self.actor, self.critic, self.reference,
-                                     self.reward, self.tokenizer, self.pad_id)
+                self.tokenizer,
+                ed.samples_each_epoch,
+                ed.max_len,
+                ed.prompt_key,
+                False,
+                ed.seed,
+            )
+        self.pipeline = StepPipeline(
+            self.engine,
+            self.actor,
+            self.critic,
+            self.reference,
+            self.reward,
+            self.tokenizer,
+            self.pad_id,
+        )
         self.version = 0
         self.step_index = 0
         self.weight_sync = None  # the distributed runner may set an NCCL sync (dist.weight_sync)
@@ -261,7 +375,7 @@ class RLHFTrainer:
     # ------------------------------------------------------------------ Python API
 
     @classmethod
-    def from_config(cls, path: str, overrides: dict | None = None, **kwargs) -> "RLHFTrainer":
+    def from_config(cls, path: str, overrides: dict | None = None, **kwargs) -> RLHFTrainer:
         """`RLHFTrainer.from_config("cfg.py", {"train_config.max_train_step": 5}).learn()`."""
         from rlhf_pipe.config import load_config
 
@@ -282,9 +396,16 @@ class RLHFTrainer:
         path = Path(tempfile.mkdtemp(prefix="rlhf_pipe_prompts_")) / "prompts.jsonl"
         path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
         pd = self.cfg.prompt_dataset_config
-        self.prompts = PromptSource([parse_dataset_spec(str(path))], self.tokenizer,
-                                    pd.samples_each_epoch, pd.max_len, "prompt", pd.shuffle,
-                                    pd.seed, min_len=self.batch_generation.min_prompt_length)
+        self.prompts = PromptSource(
+            [parse_dataset_spec(str(path))],
+            self.tokenizer,
+            pd.samples_each_epoch,
+            pd.max_len,
+            "prompt",
+            pd.shuffle,
+            pd.seed,
+            min_len=self.batch_generation.min_prompt_length,
+        )
 
     def set_relay_sample_fn(self, fn) -> None:
         """Replay past samples with `fn(episode_relay_buffers) -> list[dict]` instead of the
@@ -292,8 +413,10 @@ class RLHFTrainer:
         episodes (`EpisodeRelayBuffer`s, oldest first); see README "Stream data and the relay
         buffer"."""
         if not self.relay.enabled:
-            raise ValueError("set_relay_sample_fn: the relay is off "
-                             "(train_config.max_relay_episode is 0); set it to -1 or >= 1")
+            raise ValueError(
+                "set_relay_sample_fn: the relay is off "
+                "(train_config.max_relay_episode is 0); set it to -1 or >= 1"
+            )
         self.relay_sample_fn = fn
 
     def reward_names(self) -> list[str]:
@@ -313,11 +436,17 @@ class RLHFTrainer:
             from rlhf_pipe.rollout.hf_engine import HFEngine
 
             # A LoRA actor's copy is merged: this engine then loads merged weights by HF name.
-            model = (lora.merged_copy(actor_model) if lora.has_lora(actor_model)
-                     else copy.deepcopy(actor_model))
-            return HFEngine(model, self.pad_id,
-                            self.tokenizer.eos_token_id,
-                            chunk_size=self.cfg.train_config.infer_micro_bs)
+            model = (
+                lora.merged_copy(actor_model)
+                if lora.has_lora(actor_model)
+                else copy.deepcopy(actor_model)
+            )
+            return HFEngine(
+                model,
+                self.pad_id,
+                self.tokenizer.eos_token_id,
+                chunk_size=self.cfg.train_config.infer_micro_bs,
+            )
         return build_vllm_engine(self.cfg, 0, in_process)
 
     def _build_ptx(self):
@@ -333,10 +462,11 @@ class RLHFTrainer:
                     raise DataError(f"{spec.path}:{where}: missing field {p.text_key!r}")
                 ids = self.tokenizer(str(rec[p.text_key]), add_special_tokens=False)["input_ids"]
                 if len(ids) > 1:
-                    texts[-1].append(ids[:p.max_len])
+                    texts[-1].append(ids[: p.max_len])
             if not texts[-1]:
-                raise DataError(f"{spec.path}: no usable pretrain text (every record is shorter "
-                                f"than 2 tokens)")
+                raise DataError(
+                    f"{spec.path}: no usable pretrain text (every record is shorter than 2 tokens)"
+                )
         # Mixed by ratio like the prompts; in file order, as before, so one file cycles.
         sampler = RatioSampler([len(x) for x in texts], [s.ratio for s in specs], False, p.seed)
         return {"texts": texts, "sampler": sampler, "batch": p.samples_each_epoch}
@@ -355,23 +485,33 @@ class RLHFTrainer:
             return []
         items = self.relay_sample_fn(list(self.relay.episodes))
         if not isinstance(items, (list, tuple)):
-            raise ValueError(f"relay_sample_fn: expected a list of sample dicts, "
-                             f"got {type(items).__name__}")
+            raise ValueError(
+                f"relay_sample_fn: expected a list of sample dicts, got {type(items).__name__}"
+            )
 
         def token_ids(v, empty_ok):
-            return (isinstance(v, (list, tuple)) and (empty_ok or len(v) > 0)
-                    and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+            return (
+                isinstance(v, (list, tuple))
+                and (empty_ok or len(v) > 0)
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            )
 
         for j, d in enumerate(items):
-            if not (isinstance(d, dict) and token_ids(d.get("prompt_ids"), False)
-                    and token_ids(d.get("response_ids"), True)):
-                raise ValueError(f"relay_sample_fn: item {j}: expected a dict with token id "
-                                 f"lists 'prompt_ids' (non-empty) and 'response_ids', as in "
-                                 f"the episode buffers")
+            if not (
+                isinstance(d, dict)
+                and token_ids(d.get("prompt_ids"), False)
+                and token_ids(d.get("response_ids"), True)
+            ):
+                raise ValueError(
+                    f"relay_sample_fn: item {j}: expected a dict with token id "
+                    f"lists 'prompt_ids' (non-empty) and 'response_ids', as in "
+                    f"the episode buffers"
+                )
         return list(items)
 
-    def _relay_completions(self, items: list[dict], first_prompt: int,
-                           first_id: int) -> tuple[list[Completion], list[str]]:
+    def _relay_completions(
+        self, items: list[dict], first_prompt: int, first_id: int
+    ) -> tuple[list[Completion], list[str]]:
         """Replayed samples as Completions numbered after the fresh ones. The answers of one
         past prompt (same episode_id and prompt_index) share a new prompt index, so grpo/rloo
         see them as one group."""
@@ -383,10 +523,17 @@ class RLHFTrainer:
             if key not in index:
                 index[key] = first_prompt + len(texts)
                 texts.append(d.get("prompt_text") or self.tokenizer.decode(d["prompt_ids"]))
-            out.append(Completion(first_id + j, index[key], list(d["prompt_ids"]),
-                                  list(d["response_ids"]), d.get("finish_reason"),
-                                  d.get("version", -1),
-                                  extra={"relay_from": d.get("episode_id", -1)}))
+            out.append(
+                Completion(
+                    first_id + j,
+                    index[key],
+                    list(d["prompt_ids"]),
+                    list(d["response_ids"]),
+                    d.get("finish_reason"),
+                    d.get("version", -1),
+                    extra={"relay_from": d.get("episode_id", -1)},
+                )
+            )
         rep, n = self.cfg.repeater_config, self.cfg.rollout_config.n
         if rep.algorithm in ("grpo", "rloo"):
             sizes = {}
@@ -394,10 +541,12 @@ class RLHFTrainer:
                 sizes[c.prompt_index] = sizes.get(c.prompt_index, 0) + 1
             short = [v for v in sizes.values() if v != n]
             if short:
-                raise ValueError(f"relay_sample_fn: algorithm {rep.algorithm!r} needs whole "
-                                 f"groups of n={n} answers per prompt, got a group of "
-                                 f"{short[0]} (return every answer of a prompt, with its "
-                                 f"episode_id and prompt_index)")
+                raise ValueError(
+                    f"relay_sample_fn: algorithm {rep.algorithm!r} needs whole "
+                    f"groups of n={n} answers per prompt, got a group of "
+                    f"{short[0]} (return every answer of a prompt, with its "
+                    f"episode_id and prompt_index)"
+                )
         return out, texts
 
     def _episode_buffer(self, step: int, samples) -> list[dict]:
@@ -407,16 +556,31 @@ class RLHFTrainer:
         if not fresh:
             return []
         scores = torch.stack([s.score for s in fresh]).float().tolist()  # one host sync
-        return [dict(episode_id=step, sample_id=s.sample_id, prompt_index=s.prompt_index,
-                     prompt_ids=s.prompt_ids.tolist(), response_ids=s.response_ids.tolist(),
-                     prompt_text=s.prompt_text, response_text=s.response_text,
-                     finish_reason=s.finish_reason, version=s.version, score=score)
-                for s, score in zip(fresh, scores)]
+        return [
+            dict(
+                episode_id=step,
+                sample_id=s.sample_id,
+                prompt_index=s.prompt_index,
+                prompt_ids=s.prompt_ids.tolist(),
+                response_ids=s.response_ids.tolist(),
+                prompt_text=s.prompt_text,
+                response_text=s.response_text,
+                finish_reason=s.finish_reason,
+                version=s.version,
+                score=score,
+            )
+            for s, score in zip(fresh, scores)
+        ]
 
     # ------------------------------------------------------------------ one step
 
     def _plan(self, step: int) -> StepPlan:
-        cfg, t, r, rep = self.cfg, self.cfg.train_config, self.cfg.rollout_config, self.cfg.repeater_config
+        cfg, t, r, rep = (
+            self.cfg,
+            self.cfg.train_config,
+            self.cfg.rollout_config,
+            self.cfg.repeater_config,
+        )
         # Replayed samples first: in 'fixed' mode they take the place of fresh prompts.
         relay = self._relay_items()
         num_prompts = cfg.prompt_dataset_config.samples_each_epoch
@@ -426,7 +590,8 @@ class RLHFTrainer:
                     f"relay_sample_fn returned {len(relay)} samples; a 'fixed' step holds "
                     f"{cfg.samples_per_step} and replayed samples replace whole prompts of "
                     f"n={r.n} answers (or set train_config.stream_data_loader_type='dynamic' "
-                    f"to add them on top)")
+                    f"to add them on top)"
+                )
             num_prompts -= len(relay) // r.n
         prompts = self.prompts.next_batch(num_prompts)
         if self.batch_generation.ranking:
@@ -438,26 +603,49 @@ class RLHFTrainer:
             seeds=[request_seed(r.seed, step, p.index) for p in prompts],
             sampling=sampling_settings(r),
             pipe_micro_bs=t.pipe_micro_bs,
-            samples_per_step=len(prompts) * r.n + len(replayed), relay=replayed,
-            advantage=AdvantageSettings(rep.kl_coeff, rep.kl_estimator, rep.gamma,
-                                        rep.gae_lambda, rep.clip_reward_min,
-                                        rep.clip_reward_max, rep.norm_rewards, rep.algorithm,
-                                        rep.kl_mode, r.n, t.on_nonfinite),
-            loss=LossSettings(t.policy_clip, t.value_clip, t.ppo_loss_weight,
-                              t.value_loss_weight, t.loss_agg,
-                              rep.kl_coeff if rep.kl_mode == "loss" else 0.0),
+            samples_per_step=len(prompts) * r.n + len(replayed),
+            relay=replayed,
+            advantage=AdvantageSettings(
+                rep.kl_coeff,
+                rep.kl_estimator,
+                rep.gamma,
+                rep.gae_lambda,
+                rep.clip_reward_min,
+                rep.clip_reward_max,
+                rep.norm_rewards,
+                rep.algorithm,
+                rep.kl_mode,
+                r.n,
+                t.on_nonfinite,
+            ),
+            loss=LossSettings(
+                t.policy_clip,
+                t.value_clip,
+                t.ppo_loss_weight,
+                t.value_loss_weight,
+                t.loss_agg,
+                rep.kl_coeff if rep.kl_mode == "loss" else 0.0,
+            ),
             update_actor=step >= t.critic_warmup_step,
-            ppo_epochs=t.ppo_epochs, num_mini_batches=t.num_mini_batches,
+            ppo_epochs=t.ppo_epochs,
+            num_mini_batches=t.num_mini_batches,
             on_policy_version=self.version if t.on_policy else None,
-            timeout_s=t.stage_timeout_s, request_timeout_s=r.request_timeout_s,
-            ptx_token_ids=self._next_ptx(), ptx_weight=t.pretrain_loss_weight,
-            on_nonfinite=t.on_nonfinite, actor_forward=self._actor_forward_needed())
+            timeout_s=t.stage_timeout_s,
+            request_timeout_s=r.request_timeout_s,
+            ptx_token_ids=self._next_ptx(),
+            ptx_weight=t.pretrain_loss_weight,
+            on_nonfinite=t.on_nonfinite,
+            actor_forward=self._actor_forward_needed(),
+        )
 
     def _actor_forward_needed(self) -> bool:
         """Whether the Forward stage must run the actor (see StepPlan.actor_forward)."""
         t, rep = self.cfg.train_config, self.cfg.repeater_config
-        return not (t.skip_redundant_actor_forward and t.ppo_epochs * t.num_mini_batches == 1
-                    and (rep.kl_mode == "loss" or not rep.kl_coeff))
+        return not (
+            t.skip_redundant_actor_forward
+            and t.ppo_epochs * t.num_mini_batches == 1
+            and (rep.kl_mode == "loss" or not rep.kl_coeff)
+        )
 
     def train_step(self) -> dict:
         step = self.step_index
@@ -465,8 +653,9 @@ class RLHFTrainer:
         start = time.perf_counter()
         plan = self._plan(step)
         # A dynamic step may hold more than PIPE_MICRO_BATCH_NUM micro-batches.
-        progress = StageProgress(step, math.ceil(plan.samples_per_step / plan.pipe_micro_bs),
-                                 t.progress_bar)
+        progress = StageProgress(
+            step, math.ceil(plan.samples_per_step / plan.pipe_micro_bs), t.progress_bar
+        )
         self.pipeline.on_event = progress
         try:
             out = self.pipeline.run(plan)
@@ -538,8 +727,12 @@ class RLHFTrainer:
         if getattr(self.engine, "last_sync", None):
             m["sync/gbps"] = self.engine.last_sync["gbps"]
             m["sync/bytes"] = self.engine.last_sync["bytes"]
-        for name, role in (("actor", self.actor), ("critic", self.critic),
-                           ("reference", self.reference), ("reward", self.reward)):
+        for name, role in (
+            ("actor", self.actor),
+            ("critic", self.critic),
+            ("reference", self.reference),
+            ("reward", self.reward),
+        ):
             take = getattr(role, "take_call_seconds", None)  # roles on other ranks only
             if take is not None:
                 # Their calls since the last step's metrics (the weight sync's among them):
@@ -562,17 +755,30 @@ class RLHFTrainer:
         prompts = self.eval_prompts.next_batch()
         settings = sampling_settings(r, evaluation=True)
         done = []
-        self.engine.generate([p.ids for p in prompts], [p.index for p in prompts], settings,
-                             [request_seed(r.seed + 1, 0, p.index) for p in prompts],
-                             SimpleNamespace(put=done.append))
-        samples = [Sample(c.sample_id, c.prompt_index, c.version,
-                          torch.tensor(c.prompt_ids), torch.tensor(c.response_ids),
-                          prompts[c.prompt_index].text,
-                          self.tokenizer.decode(c.response_ids, skip_special_tokens=True))
-                   for c in sorted(done, key=lambda c: c.sample_id)]
+        self.engine.generate(
+            [p.ids for p in prompts],
+            [p.index for p in prompts],
+            settings,
+            [request_seed(r.seed + 1, 0, p.index) for p in prompts],
+            SimpleNamespace(put=done.append),
+        )
+        samples = [
+            Sample(
+                c.sample_id,
+                c.prompt_index,
+                c.version,
+                torch.tensor(c.prompt_ids),
+                torch.tensor(c.response_ids),
+                prompts[c.prompt_index].text,
+                self.tokenizer.decode(c.response_ids, skip_special_tokens=True),
+            )
+            for c in sorted(done, key=lambda c: c.sample_id)
+        ]
         scores = torch.stack(self.reward.scores(samples))[:, 0]  # the total
-        return {"eval/reward": scores.mean().item(),
-                "eval/response_len": sum(s.num_actions for s in samples) / len(samples)}
+        return {
+            "eval/reward": scores.mean().item(),
+            "eval/response_len": sum(s.num_actions for s in samples) / len(samples),
+        }
 
     # ------------------------------------------------------------------ loop
 
@@ -611,14 +817,18 @@ class RLHFTrainer:
     def state_dict(self) -> dict:
         """Everything besides model weights that the next step depends on."""
         state = {
-            "step": self.step_index, "version": self.version,
+            "step": self.step_index,
+            "version": self.version,
             "actor": self.actor.training_state(),
             "data": self.prompts.state_dict(),
             "ptx": self.ptx["sampler"].state_dict() if self.ptx else None,
             "relay": self.relay.state_dict(),
             "running_rewards": self.pipeline.running.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state()},
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
         }
         if self.critic is not None:
             state["critic"] = self.critic.training_state()

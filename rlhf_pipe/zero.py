@@ -38,12 +38,17 @@ from rlhf_pipe import optim_state
 from rlhf_pipe.checkpoint import CheckpointError
 from rlhf_pipe.models import save_hf
 from rlhf_pipe.pipeline.batch import chunks
-from rlhf_pipe.roles import (CriticRole, PolicyRole, ReferenceRole, RewardRole,
-                             warmup_schedule)
+from rlhf_pipe.roles import CriticRole, PolicyRole, ReferenceRole, RewardRole, warmup_schedule
 
 # Keys rlhf_pipe sets itself (from trainer_config / train_config); a user value would be ignored.
-_OWNED_KEYS = ("optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu",
-               "gradient_accumulation_steps", "managed_gradient_accumulation")
+_OWNED_KEYS = (
+    "optimizer",
+    "scheduler",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "managed_gradient_accumulation",
+)
 
 
 def zero_stage(ds: dict) -> int:
@@ -57,30 +62,43 @@ def deepspeed_problem(role: str, tc) -> tuple[str, str] | None:
     trained = role in ("policy", "critic")
     for key in _OWNED_KEYS:
         if key in ds:
-            return key, ("set by rlhf_pipe (lr, betas, eps, weight_decay, lr_warmup_steps from "
-                         "trainer_config; batch sizes from train_config): remove it")
+            return key, (
+                "set by rlhf_pipe (lr, betas, eps, weight_decay, lr_warmup_steps from "
+                "trainer_config; batch sizes from train_config): remove it"
+            )
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         return "zero_optimization", f"expected a dict, got {zero!r}"
     stage = zero.get("stage", 0)
     allowed = (2, 3) if trained else (3,)
     if stage not in allowed or isinstance(stage, bool):
-        why = ("" if trained else ": a forward-only model has no gradients or optimizer "
-               "state to partition, only weights (ZeRO-3)")
-        return "zero_optimization.stage", (f"expected {' or '.join(map(str, allowed))}{why}, "
-                                           f"got {stage!r}")
+        why = (
+            ""
+            if trained
+            else ": a forward-only model has no gradients or optimizer "
+            "state to partition, only weights (ZeRO-3)"
+        )
+        return "zero_optimization.stage", (
+            f"expected {' or '.join(map(str, allowed))}{why}, got {stage!r}"
+        )
     if (ds.get("fp16") or {}).get("enabled"):
-        return "fp16.enabled", ("fp16 needs dynamic loss scaling, which the batch normaliser "
-                                "(carried as the loss scale) excludes: use bf16")
+        return "fp16.enabled", (
+            "fp16 needs dynamic loss scaling, which the batch normaliser "
+            "(carried as the loss scale) excludes: use bf16"
+        )
     bf16 = bool((ds.get("bf16") or {}).get("enabled"))
     if bf16 != (tc.torch_dtype == "bfloat16"):
-        return "bf16.enabled", (f"is {bf16}, but trainer_config.torch_dtype is "
-                                f"{tc.torch_dtype!r}: set both to bf16 or neither")
+        return "bf16.enabled", (
+            f"is {bf16}, but trainer_config.torch_dtype is "
+            f"{tc.torch_dtype!r}: set both to bf16 or neither"
+        )
     if trained and "gradient_clipping" in ds:
         clip = ds["gradient_clipping"]
         if clip != (tc.max_grad_norm or 0.0):
-            return "gradient_clipping", (f"{clip!r} differs from trainer_config.max_grad_norm="
-                                         f"{tc.max_grad_norm!r}: give it once, in max_grad_norm")
+            return "gradient_clipping", (
+                f"{clip!r} differs from trainer_config.max_grad_norm="
+                f"{tc.max_grad_norm!r}: give it once, in max_grad_norm"
+            )
     return None
 
 
@@ -92,9 +110,13 @@ def offloads_optimizer(ds: dict) -> bool:
 def engine_config(ds: dict, tc, micro_bs: int, dp: int, trained: bool) -> dict:
     """The dict handed to deepspeed.initialize: the user's, plus what rlhf_pipe owns."""
     out = dict(ds)
-    out.update(train_micro_batch_size_per_gpu=micro_bs, gradient_accumulation_steps=1,
-               train_batch_size=micro_bs * dp, steps_per_print=2**31 - 1,
-               zero_allow_untested_optimizer=True)  # the client optimizer is torch's AdamW
+    out.update(
+        train_micro_batch_size_per_gpu=micro_bs,
+        gradient_accumulation_steps=1,
+        train_batch_size=micro_bs * dp,
+        steps_per_print=2**31 - 1,
+        zero_allow_untested_optimizer=True,
+    )  # the client optimizer is torch's AdamW
     if trained:
         out["managed_gradient_accumulation"] = False  # step() is the boundary (module doc)
         out["gradient_clipping"] = tc.max_grad_norm or 0.0
@@ -118,8 +140,7 @@ def ensure_process_group(device: torch.device) -> None:
     with socket.socket() as s:  # a free port for the one-rank store
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                            world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 class _GroupMPU:
@@ -135,10 +156,12 @@ class _GroupMPU:
 
     def get_data_parallel_rank(self):
         import torch.distributed as dist
+
         return dist.get_rank(group=self.dp_group)
 
     def get_data_parallel_world_size(self):
         import torch.distributed as dist
+
         return dist.get_world_size(group=self.dp_group)
 
     def get_model_parallel_group(self):
@@ -157,8 +180,10 @@ def _groups(dp_group):
 
     if dp_group is None:
         if dist.get_world_size() != 1:
-            raise RuntimeError("a DeepSpeed role in a multi-rank run needs its data-parallel "
-                               "group (rlhf_pipe.train creates one per DeepSpeed role)")
+            raise RuntimeError(
+                "a DeepSpeed role in a multi-rank run needs its data-parallel "
+                "group (rlhf_pipe.train creates one per DeepSpeed role)"
+            )
         return dist.group.WORLD, dist.group.WORLD
     if dist.get_world_size(group=dp_group) == 1:
         return dp_group, dp_group
@@ -172,8 +197,13 @@ def _initialize(model, optimizer, config: dict, dp_group):
     if zero_stage(config) == 3:
         _scope_order_checks_to_dp_group()
     with _barriers_within(group):
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                          mpu=_GroupMPU(group, alone), dist_init_required=False)
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=config,
+            mpu=_GroupMPU(group, alone),
+            dist_init_required=False,
+        )
     return engine
 
 
@@ -198,8 +228,10 @@ def _scope_order_checks_to_dp_group() -> None:
         if theirs is not None:
             dist.broadcast(theirs, src=src, group=group)
         if theirs is None or not torch.equal(theirs, mine):
-            raise RuntimeError(f"ZeRO-3: data-parallel rank {dist.get_rank(group)} disagrees "
-                               f"with rank 0 on the module/parameter order")
+            raise RuntimeError(
+                f"ZeRO-3: data-parallel rank {dist.get_rank(group)} disagrees "
+                f"with rank 0 on the module/parameter order"
+            )
 
     for module in (partition_parameters, partitioned_param_coordinator, stage3):
         module.assert_ints_same_as_other_ranks = same_on_dp_ranks
@@ -241,8 +273,11 @@ def _named_full_weights(model, stage: int):
     persistent = {n for n, _ in model.state_dict().items()}
     for prefix, module in model.named_modules():
         params = list(module.named_parameters(recurse=False))
-        buffers = [(n, b) for n, b in module.named_buffers(recurse=False)
-                   if f"{prefix}.{n}".lstrip(".") in persistent]
+        buffers = [
+            (n, b)
+            for n, b in module.named_buffers(recurse=False)
+            if f"{prefix}.{n}".lstrip(".") in persistent
+        ]
         if not params and not buffers:
             continue
         with _gathered([p for _, p in params]):
@@ -252,19 +287,27 @@ def _named_full_weights(model, stage: int):
 
 def _load_full_weights(model, weights: dict, stage: int, folder: str) -> None:
     """Copy `weights` into the model's parameters (ZeRO-3: gathered, rank 0's copy wins)."""
-    names = {f"{prefix}.{n}".lstrip(".") for prefix, module in model.named_modules()
-             for n, _ in module.named_parameters(recurse=False)}
+    names = {
+        f"{prefix}.{n}".lstrip(".")
+        for prefix, module in model.named_modules()
+        for n, _ in module.named_parameters(recurse=False)
+    }
     missing = sorted(names - set(weights))
     unexpected = sorted(set(weights) - names)
     if unexpected or [k for k in missing if "rotary" not in k]:
-        raise CheckpointError(f"{folder}: weights do not match the model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{folder}: weights do not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for prefix, module in model.named_modules():
         params = list(module.named_parameters(recurse=False))
         if not params:
             continue
-        ctx = _gathered([p for _, p in params], modifier_rank=0) if stage == 3 \
+        ctx = (
+            _gathered([p for _, p in params], modifier_rank=0)
+            if stage == 3
             else contextlib.nullcontext()
+        )
         with ctx, torch.no_grad():
             for n, p in params:
                 key = f"{prefix}.{n}".lstrip(".")
@@ -277,10 +320,12 @@ def _serial(method):
     that share the actor; ZeRO-3 gathers and releases weights per module in each forward,
     which two interleaved calls would undo under each other (the distributed runner already
     serialises a rank's calls)."""
+
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
+
     return locked
 
 
@@ -307,12 +352,20 @@ class _ZeroTrainable:
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            opt = DeepSpeedCPUAdam([p for p in self.model.parameters() if p.requires_grad],
-                                   lr=kw["lr"], betas=tuple(kw["betas"]), eps=kw["eps"],
-                                   weight_decay=kw["weight_decay"], adamw_mode=True)
+            opt = DeepSpeedCPUAdam(
+                [p for p in self.model.parameters() if p.requires_grad],
+                lr=kw["lr"],
+                betas=tuple(kw["betas"]),
+                eps=kw["eps"],
+                weight_decay=kw["weight_decay"],
+                adamw_mode=True,
+            )
         except Exception as e:  # no compiler: torch's AdamW gives the same update, slower
-            print(f"rlhf_pipe: DeepSpeedCPUAdam unavailable ({type(e).__name__}: {e}); "
-                  f"stepping the offloaded optimizer with torch.optim.AdamW", flush=True)
+            print(
+                f"rlhf_pipe: DeepSpeedCPUAdam unavailable ({type(e).__name__}: {e}); "
+                f"stepping the offloaded optimizer with torch.optim.AdamW",
+                flush=True,
+            )
             return
         self.optimizer, self.scheduler = opt, warmup_schedule(opt, kw["warmup_steps"])
 
@@ -367,6 +420,7 @@ class _ZeroTrainable:
         self.zero.finalize_gradient_accumulation_boundary()
         if self.stage == 3:
             from deepspeed.runtime.utils import combine_grad_norm_groups
+
             scaled = combine_grad_norm_groups(self.zero._get_norm_groups())
         else:
             scaled = self.zero.scaled_global_norm()
@@ -460,15 +514,23 @@ class _ZeroTrainable:
             p = named[name]
             entry = {"fp32": host(safe_get_full_fp32_param(p).detach())}
             if step is not None:
-                entry.update({k: host(safe_get_full_optimizer_state(p, k).detach())
-                              for k in optim_state.MOMENTS}, step=step)
+                entry.update(
+                    {
+                        k: host(safe_get_full_optimizer_state(p, k).detach())
+                        for k in optim_state.MOMENTS
+                    },
+                    step=step,
+                )
             params[name] = entry
         if self.dp_rank != 0:
             return {"dp_rank": self.dp_rank}
-        return {"format": optim_state.FORMAT, "params": params,
-                "layout": f"ZeRO-{self.stage} over {self.dp_size} rank(s)",
-                "lr": [g["lr"] for g in self.optimizer.param_groups],
-                "scheduler": self.scheduler.state_dict()}
+        return {
+            "format": optim_state.FORMAT,
+            "params": params,
+            "layout": f"ZeRO-{self.stage} over {self.dp_size} rank(s)",
+            "lr": [g["lr"] for g in self.optimizer.param_groups],
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     @_serial
     def load_training_state(self, state: dict) -> None:
@@ -480,32 +542,45 @@ class _ZeroTrainable:
         ranks = state.get("ranks", [state])
         first = ranks[0]
         if "zero" not in first:
-            raise CheckpointError("the checkpoint's optimizer state is plain AdamW's per-rank "
-                                  f"format, this run is ZeRO-{self.stage}: resume with the same "
-                                  f"deepspeed_config")
+            raise CheckpointError(
+                "the checkpoint's optimizer state is plain AdamW's per-rank "
+                f"format, this run is ZeRO-{self.stage}: resume with the same "
+                f"deepspeed_config"
+            )
         if (first["zero_stage"], len(ranks)) != (self.stage, self.dp_size):
             raise CheckpointError(
                 f"the checkpoint's optimizer state is ZeRO-{first['zero_stage']} over "
                 f"{len(ranks)} rank(s) in the per-rank format, this run is ZeRO-{self.stage} "
-                f"over {self.dp_size}: resume with the same ZeRO stage and data-parallel size")
+                f"over {self.dp_size}: resume with the same ZeRO stage and data-parallel size"
+            )
         ranks = sorted(ranks, key=lambda s: s["dp_rank"])
-        self.zero.load_state_dict([s["zero"] for s in ranks], load_optimizer_states=True,
-                                  load_from_fp32_weights=True)
+        self.zero.load_state_dict(
+            [s["zero"] for s in ranks], load_optimizer_states=True, load_from_fp32_weights=True
+        )
         self.scheduler.load_state_dict(ranks[self.dp_rank]["scheduler"])
         if self._flat_step() is not None:
             self._link_moments()
 
     # The fp32 partitions the base optimizer steps (its state is keyed by them).
     def _flats(self) -> list:
-        return list(self.zero.fp32_partitioned_groups_flat if self.stage == 3
-                    else self.zero.single_partition_of_fp32_groups)
+        return list(
+            self.zero.fp32_partitioned_groups_flat
+            if self.stage == 3
+            else self.zero.single_partition_of_fp32_groups
+        )
 
     def _flat_step(self) -> float | None:
         """Adam's step count; None: never stepped. ZeRO steps all its flat partitions at once,
         so their counts are equal."""
         base = self.zero.optimizer
-        return max((float(base.state[f]["step"]) for f in self._flats()
-                    if "step" in base.state.get(f, {})), default=None)
+        return max(
+            (
+                float(base.state[f]["step"])
+                for f in self._flats()
+                if "step" in base.state.get(f, {})
+            ),
+            default=None,
+        )
 
     def _load_universal(self, state: dict) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

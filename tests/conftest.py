@@ -40,9 +40,14 @@ def initial_policy_weights(tiny_assets):
 def vllm_engine(tiny_assets):
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(str(tiny_assets.policy), dtype="float32", seed=0, max_model_len=64,
-                      gpu_memory_utilization=0.3,
-                      engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20})
+    return VLLMEngine(
+        str(tiny_assets.policy),
+        dtype="float32",
+        seed=0,
+        max_model_len=64,
+        gpu_memory_utilization=0.3,
+        engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20},
+    )
 
 
 @pytest.fixture
@@ -56,7 +61,10 @@ def tiny_config(tmp_path, **overrides):
     """The tiny example config with dotted-key overrides, quiet, writing under tmp_path."""
     from rlhf_pipe.config import load_config
 
-    base = {"train_config.work_dir": str(tmp_path / "run"), "train_config.progress_bar": False,
-            "train_config.tensorboard": False}
+    base = {
+        "train_config.work_dir": str(tmp_path / "run"),
+        "train_config.progress_bar": False,
+        "train_config.tensorboard": False,
+    }
     base.update(overrides)
     return load_config(TINY_CONFIG, base)

@@ -6,10 +6,25 @@ import math
 
 import pytest
 
-from rlhf_pipe.bench import (RUN_KEYS, STREAM_KEYS, STREAMING_PENDING, add_bounds,
-                             add_streaming, bound_stage_times, bounding_stage, busy_by_role,
-                             busy_by_stage, efficiency, ideal_bound, mean_and_stderr,
-                             round_ratios, skipped_streaming, speedup, summarize_run, write_bench)
+from rlhf_pipe.bench import (
+    RUN_KEYS,
+    STREAM_KEYS,
+    STREAMING_PENDING,
+    add_bounds,
+    add_streaming,
+    bound_stage_times,
+    bounding_stage,
+    busy_by_role,
+    busy_by_stage,
+    efficiency,
+    ideal_bound,
+    mean_and_stderr,
+    round_ratios,
+    skipped_streaming,
+    speedup,
+    summarize_run,
+    write_bench,
+)
 from rlhf_pipe.timeline import ROWS, chrome_trace, rows_of
 from tests.conftest import TINY_CONFIG
 
@@ -18,11 +33,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ---------------------------------------------------------------------- the math
 
+
 def test_ideal_bound_by_hand():
     times = {"generate": 6.0, "forward": 2.0, "train": 4.0}  # sum 12, max 6
-    assert ideal_bound(times, 1) == 12.0                     # serial: the sum
-    assert ideal_bound(times, 2) == 6.0 + 6.0 / 2            # 9
-    assert ideal_bound(times, 4) == 6.0 + 6.0 / 4            # 7.5
+    assert ideal_bound(times, 1) == 12.0  # serial: the sum
+    assert ideal_bound(times, 2) == 6.0 + 6.0 / 2  # 9
+    assert ideal_bound(times, 4) == 6.0 + 6.0 / 4  # 7.5
     assert bounding_stage(times) == "generate"
     # Many micro-batches: the bound tends to the longest stage.
     assert ideal_bound(times, 10_000) == pytest.approx(6.0, abs=1e-3)
@@ -37,45 +53,74 @@ def test_efficiency_and_speedup_by_hand():
 
 
 def test_busy_and_bound_stages_from_a_timeline():
-    timeline = [("generate", -1, 0.0, 3.0), ("gen_mb", 0, 0.0, 1.0), ("gen_mb", 1, 1.0, 3.0),
-                ("forward", 0, 1.0, 2.0), ("forward", 1, 3.0, 4.0),
-                ("advantage", -1, 4.0, 4.5), ("train", 0, 4.5, 6.0), ("train", 1, 6.0, 7.5),
-                ("optimizer", -1, 7.5, 8.0)]
+    timeline = [
+        ("generate", -1, 0.0, 3.0),
+        ("gen_mb", 0, 0.0, 1.0),
+        ("gen_mb", 1, 1.0, 3.0),
+        ("forward", 0, 1.0, 2.0),
+        ("forward", 1, 3.0, 4.0),
+        ("advantage", -1, 4.0, 4.5),
+        ("train", 0, 4.5, 6.0),
+        ("train", 1, 6.0, 7.5),
+        ("optimizer", -1, 7.5, 8.0),
+    ]
     busy = busy_by_stage(timeline)
     # gen_mb lies inside the whole-generation interval: not added twice.
-    assert busy == {"generate": 3.0, "forward": 2.0, "advantage": 0.5, "train": 3.0,
-                    "optimizer": 0.5}
+    assert busy == {
+        "generate": 3.0,
+        "forward": 2.0,
+        "advantage": 0.5,
+        "train": 3.0,
+        "optimizer": 0.5,
+    }
     assert bound_stage_times(busy) == {"generate": 3.0, "forward": 2.5, "train": 3.5}
 
 
 def test_role_busy_counts_overlapping_calls_once():
-    timeline = [("forward", 0, 0.0, 2.0), ("actor.forward", 0, 0.0, 1.0),
-                ("critic.forward", 0, 0.0, 2.0), ("actor.train", 0, 0.5, 1.5),
-                ("actor.forward", 1, 3.0, 4.0), ("critic.train", 0, 2.0, 2.5)]
+    timeline = [
+        ("forward", 0, 0.0, 2.0),
+        ("actor.forward", 0, 0.0, 1.0),
+        ("critic.forward", 0, 0.0, 2.0),
+        ("actor.train", 0, 0.5, 1.5),
+        ("actor.forward", 1, 3.0, 4.0),
+        ("critic.train", 0, 2.0, 2.5),
+    ]
     # actor: [0, 1.5] (forward and train overlap in one process) + [3, 4]
     assert busy_by_role(timeline) == {"actor": 2.5, "critic": 2.5}
     assert busy_by_stage(timeline)["forward"] == 2.0  # role rows are not stage time
 
 
 def _fake_step(scale, pipeline_s, step_s):
-    tl = [("generate", -1, 0.0, 2.0 * scale), ("forward", 0, 0.0, 1.0 * scale),
-          ("train", 0, 0.0, 3.0 * scale)]
-    return {"timeline": tl, "pipeline_s": pipeline_s, "step_s": step_s, "samples_per_s": 4.0,
-            "gen_tokens_per_s": 10.0, "response_len": 5.0, "sync/seconds": 0.1,
-            "sync/gbps": 2.0, "sync/bytes": 1e6}
+    tl = [
+        ("generate", -1, 0.0, 2.0 * scale),
+        ("forward", 0, 0.0, 1.0 * scale),
+        ("train", 0, 0.0, 3.0 * scale),
+    ]
+    return {
+        "timeline": tl,
+        "pipeline_s": pipeline_s,
+        "step_s": step_s,
+        "samples_per_s": 4.0,
+        "gen_tokens_per_s": 10.0,
+        "response_len": 5.0,
+        "sync/seconds": 0.1,
+        "sync/gbps": 2.0,
+        "sync/bytes": 1e6,
+    }
 
 
 def test_summarize_and_bounds_on_made_up_runs():
     # Serial: stages 2 + 1 + 3 = 6 s; measured pipeline 6.5 s, step 8 s.
-    runs = {1: summarize_run(1, [_fake_step(1, 6.5, 8.0), _fake_step(1, 6.5, 8.0)], 16),
-            2: summarize_run(2, [_fake_step(1, 5.0, 6.0), _fake_step(1, 4.0, 4.0)], 16,
-                             devices=2)}
+    runs = {
+        1: summarize_run(1, [_fake_step(1, 6.5, 8.0), _fake_step(1, 6.5, 8.0)], 16),
+        2: summarize_run(2, [_fake_step(1, 5.0, 6.0), _fake_step(1, 4.0, 4.0)], 16, devices=2),
+    }
     times = add_bounds(runs)
     assert times == {"generate": 2.0, "forward": 1.0, "train": 3.0}
     one, two = runs[1], runs[2]
     assert one["bound_s"] == 6.0 and one["efficiency"] == 6.0 / 6.5
     assert two["pipeline_s"] == 4.5 and two["step_s"] == 5.0
-    assert two["bound_s"] == 3.0 + 3.0 / 2                      # 4.5
+    assert two["bound_s"] == 3.0 + 3.0 / 2  # 4.5
     assert two["efficiency"] == 1.0 and two["speedup"] == 8.0 / 5.0
     assert two["bound_stage"] == "train"
     assert two["stages"]["generate"]["idle_s"] == (3.0 + 2.0) / 2  # 5-2, 4-2
@@ -89,19 +134,26 @@ def test_device_bound_when_forward_and_train_share_a_gpu():
     # Serial: generate 2 s on GPU 0; actor forward 1 s + actor train 3 s on GPU 1. The stage
     # bound at M=2 is 3 + 3/2 = 4.5 s, but GPU 1 holds 4 s and GPU 0 only 2 s.
     def step(pipeline_s):
-        tl = [("generate", -1, 0.0, 2.0), ("forward", 0, 2.0, 3.0), ("actor.forward", 0, 2.0, 3.0),
-              ("train", 0, 3.0, 6.0), ("actor.train", 0, 3.0, 6.0)]
+        tl = [
+            ("generate", -1, 0.0, 2.0),
+            ("forward", 0, 2.0, 3.0),
+            ("actor.forward", 0, 2.0, 3.0),
+            ("train", 0, 3.0, 6.0),
+            ("actor.train", 0, 3.0, 6.0),
+        ]
         return {**_fake_step(1, pipeline_s, pipeline_s), "timeline": tl}
 
     gpus = {"node 0 gpu 0": ("rollout",), "node 0 gpu 1": ("actor", "critic")}
-    runs = {m: summarize_run(m, [step(6.0 if m == 1 else 5.0)], 16, device_roles=gpus)
-            for m in (1, 2, 8)}
+    runs = {
+        m: summarize_run(m, [step(6.0 if m == 1 else 5.0)], 16, device_roles=gpus)
+        for m in (1, 2, 8)
+    }
     add_bounds(runs)
     assert runs[1]["devices_busy"]["node 0 gpu 1"]["busy_s"] == 4.0
     assert runs[1]["devices_busy"]["node 0 gpu 0"]["idle_s"] == 4.0
     assert runs[2]["device_bound_s"] == 4.5 and runs[2]["bound_stage"] == "train"  # stage bound
     assert runs[8]["bound_s"] == 3.0 + 3.0 / 8
-    assert runs[8]["device_bound_s"] == 4.0                  # GPU 1 is the floor at deep M
+    assert runs[8]["device_bound_s"] == 4.0  # GPU 1 is the floor at deep M
     assert runs[8]["bound_stage"] == "node 0 gpu 1 (actor + critic)"
     assert runs[8]["device_efficiency"] == 4.0 / 5.0
 
@@ -124,26 +176,46 @@ def test_runs_are_written_before_the_streaming_check(tmp_path):
     cfg = tiny_config(tmp_path)
     runs = {m: summarize_run(m, [_fake_step(1, 6.5, 8.0)], 16) for m in (1, 2)}
     timelines = {m: _fake_step(1, 6.5, 8.0)["timeline"] for m in (1, 2)}
-    result = write_bench(TINY_CONFIG, cfg, runs, timelines,
-                         skipped_streaming("vllm", STREAMING_PENDING), tmp_path / "b", devices=1,
-                         command="rlhf-pipe bench x", steps=1, warmup=0)
+    result = write_bench(
+        TINY_CONFIG,
+        cfg,
+        runs,
+        timelines,
+        skipped_streaming("vllm", STREAMING_PENDING),
+        tmp_path / "b",
+        devices=1,
+        command="rlhf-pipe bench x",
+        steps=1,
+        warmup=0,
+    )
     written = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert written["runs"]["2"]["bound_s"] == 4.5 and "out_dir" not in written
     assert STREAMING_PENDING in (tmp_path / "b" / "report.md").read_text()
-    add_streaming(result, {**skipped_streaming("vllm", "measured"), "ratio": 0.99,
-                           "stream_tokens_per_s": 99.0, "plain_tokens_per_s": 100.0})
+    add_streaming(
+        result,
+        {
+            **skipped_streaming("vllm", "measured"),
+            "ratio": 0.99,
+            "stream_tokens_per_s": 99.0,
+            "plain_tokens_per_s": 100.0,
+        },
+    )
     written = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert written["streaming"]["ratio"] == 0.99 and written["runs"]["2"]["bound_s"] == 4.5
     assert "ratio **0.990**" in (tmp_path / "b" / "report.md").read_text()
 
 
 def test_role_calls_get_rows_of_their_own():
-    timeline = [("forward", 0, 0.0, 1.0), ("critic.train", 0, 1.0, 2.0),
-                ("actor.forward", 0, 0.0, 0.5)]
+    timeline = [
+        ("forward", 0, 0.0, 1.0),
+        ("critic.train", 0, 1.0, 2.0),
+        ("actor.forward", 0, 0.0, 0.5),
+    ]
     assert rows_of(timeline) == list(ROWS) + ["actor", "critic"]
     trace = chrome_trace(timeline)
-    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"]
-             if e["name"] == "thread_name"}
+    names = {
+        e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"
+    }
     tid = {e["name"]: e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"}
     assert names[tid["critic.train mb0"]] == "critic" and names[tid["actor.forward mb0"]] == "actor"
 
@@ -152,13 +224,17 @@ def test_chrome_trace_has_one_thread_per_row_and_microseconds():
     trace = chrome_trace([("forward", 2, 0.5, 0.75), ("optimizer", -1, 1.0, 1.25)])
     events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert [(e["name"], e["ts"], e["dur"]) for e in events] == [
-        ("forward mb2", 500000.0, 250000.0), ("optimizer all", 1000000.0, 250000.0)]
-    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"]
-             if e["name"] == "thread_name"}
+        ("forward mb2", 500000.0, 250000.0),
+        ("optimizer all", 1000000.0, 250000.0),
+    ]
+    names = {
+        e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"
+    }
     assert names[events[0]["tid"]] == "forward" and names[events[1]["tid"]] == "train/optimizer"
 
 
 # ---------------------------------------------------------------------- the real bench
+
 
 @pytest.mark.slow
 def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
@@ -167,10 +243,24 @@ def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     out = tmp_path / "bench"
-    args = parser.parse_args([
-        "bench", str(TINY_CONFIG), "--pipe", "1,4", "--steps", "3", "--out", str(out),
-        "--set", "train_config.progress_bar=False", "--set", "train_config.tensorboard=False",
-        "--set", f"train_config.work_dir={tmp_path / 'run'}"])
+    args = parser.parse_args(
+        [
+            "bench",
+            str(TINY_CONFIG),
+            "--pipe",
+            "1,4",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+            "--set",
+            "train_config.progress_bar=False",
+            "--set",
+            "train_config.tensorboard=False",
+            "--set",
+            f"train_config.work_dir={tmp_path / 'run'}",
+        ]
+    )
     assert args.fn is cmd_bench
     assert cmd_bench(args, engine=vllm_engine) == 0
     assert "streaming overhead" in capsys.readouterr().out
@@ -181,14 +271,21 @@ def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
         trace = json.loads((out / f"trace_pipe{m}.json").read_text())
         stages = {e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"}
         assert {"generate", "gen_mb", "forward", "advantage", "train", "optimizer"} <= stages
-        mbs = sorted(e["args"]["micro_batch"] for e in trace["traceEvents"]
-                     if e.get("cat") == "train")
+        mbs = sorted(
+            e["args"]["micro_batch"] for e in trace["traceEvents"] if e.get("cat") == "train"
+        )
         assert mbs == list(range(m))
         # each role's calls, per micro-batch, on the role rows
-        for name in ("actor.forward", "critic.forward", "reference.forward", "actor.train",
-                     "critic.train"):
-            assert sorted(e["args"]["micro_batch"] for e in trace["traceEvents"]
-                          if e.get("cat") == name) == list(range(m)), name
+        for name in (
+            "actor.forward",
+            "critic.forward",
+            "reference.forward",
+            "actor.train",
+            "critic.train",
+        ):
+            assert sorted(
+                e["args"]["micro_batch"] for e in trace["traceEvents"] if e.get("cat") == name
+            ) == list(range(m)), name
     assert (out / "timeline.png").read_bytes()[:8] == PNG_MAGIC
 
     result = json.loads((out / "bench.json").read_text())
@@ -213,16 +310,23 @@ def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
     serial, piped = result["runs"]["1"], result["runs"]["4"]
     # Pipeline regression guard: the tiny model gains little from overlap, but a pipeline that
     # serialises micro-batches or stalls on a channel is far slower than this.
-    assert piped["pipeline_s"] <= 1.5 * serial["pipeline_s"], (piped["pipeline_s"],
-                                                               serial["pipeline_s"])
-    assert piped["bound_s"] < serial["bound_s"]          # more micro-batches, lower bound
+    assert piped["pipeline_s"] <= 1.5 * serial["pipeline_s"], (
+        piped["pipeline_s"],
+        serial["pipeline_s"],
+    )
+    assert piped["bound_s"] < serial["bound_s"]  # more micro-batches, lower bound
     for key in ("speedup", "efficiency"):
         assert math.isfinite(piped[key]) and piped[key] > 0
-    assert piped["bound_stage"] in ("generate", "forward", "train", "device 0 (rollout + actor + "
-                                    "critic + reference + reward)")
+    assert piped["bound_stage"] in (
+        "generate",
+        "forward",
+        "train",
+        "device 0 (rollout + actor + critic + reference + reward)",
+    )
     assert piped["device_bound_s"] >= piped["bound_s"]
-    assert piped["device_bound_s"] == max(piped["bound_s"],
-                                          serial["devices_busy"]["device 0"]["busy_s"])
+    assert piped["device_bound_s"] == max(
+        piped["bound_s"], serial["devices_busy"]["device 0"]["busy_s"]
+    )
 
     st = result["streaming"]
     assert set(STREAM_KEYS) <= set(st)

@@ -5,8 +5,13 @@ import errno
 import pytest
 import torch
 
-from rlhf_pipe.checkpoint import (MARKER, CheckpointError, complete_checkpoints, resolve_resume,
-                                  write_checkpoint)
+from rlhf_pipe.checkpoint import (
+    MARKER,
+    CheckpointError,
+    complete_checkpoints,
+    resolve_resume,
+    write_checkpoint,
+)
 from rlhf_pipe.trainer import RLHFTrainer
 from tests.conftest import tiny_config
 
@@ -69,8 +74,10 @@ def test_full_disk_keeps_the_older_checkpoint(tmp_path):
     write_checkpoint(tmp_path, 1, ok)
     with pytest.raises(CheckpointError) as err:
         write_checkpoint(tmp_path, 2, full)
-    assert str(err.value) == (f"checkpoint {tmp_path}/checkpoints/step_000002: no space left on "
-                              f"device; kept {tmp_path}/checkpoints/step_000001")
+    assert str(err.value) == (
+        f"checkpoint {tmp_path}/checkpoints/step_000002: no space left on "
+        f"device; kept {tmp_path}/checkpoints/step_000001"
+    )
     assert not (tmp_path / "checkpoints" / "step_000002.tmp").exists()
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000001"]
 
@@ -119,8 +126,7 @@ write_checkpoint(work, 2, dies_half_way)
 """
 
 
-def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_loadable(tmp_path,
-                                                                           tiny_assets):
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_loadable(tmp_path, tiny_assets):
     import signal
     import subprocess
     import sys
@@ -131,9 +137,12 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_loadable(tmp_pa
     from rlhf_pipe.roles import PolicyRole
     from tests.conftest import ROOT
 
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path),
-                             str(tiny_assets.policy)], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path), str(tiny_assets.policy)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "written"
         proc.send_signal(signal.SIGKILL)
@@ -144,9 +153,18 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_loadable(tmp_pa
     assert (tmp_path / "checkpoints" / "step_000002.tmp" / "actor").is_dir()  # the torn write
     found = resolve_resume("auto", tmp_path)
     assert found.name == "step_000001"
-    role = PolicyRole(load_causal_lm(str(tiny_assets.policy)), 0, lr=1e-6, betas=(0.9, 0.95),
-                      eps=1e-8, weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0,
-                      infer_micro_bs=1, train_micro_bs=1)
+    role = PolicyRole(
+        load_causal_lm(str(tiny_assets.policy)),
+        0,
+        lr=1e-6,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        infer_micro_bs=1,
+        train_micro_bs=1,
+    )
     role.load_weights_from(str(found / "actor"))  # strict: every weight is there
     assert torch.load(found / "trainer_state.pt")["step"] == 1
     assert load_file(str(found / "actor" / "model.safetensors")).keys()

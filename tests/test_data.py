@@ -46,8 +46,11 @@ def test_mixing_ratios_formats_and_deterministic_order(tmp_path, tiny_assets):
     b.write_text(json.dumps([{"prompt": f"beta {i}"} for i in range(10)]))
     c = tmp_path / "c.parquet"
     pq.write_table(pa.table({"prompt": [f"gamma {i}" for i in range(10)]}), c)
-    specs = [parse_dataset_spec(f"{a}::2"), parse_dataset_spec(f"{b}::1"),
-             parse_dataset_spec(f"{c}::1")]
+    specs = [
+        parse_dataset_spec(f"{a}::2"),
+        parse_dataset_spec(f"{b}::1"),
+        parse_dataset_spec(f"{c}::1"),
+    ]
     src = PromptSource(specs, tok, batch_size=8, max_len=32, seed=3)
     batch = src.next_batch()
     assert [p.index for p in batch] == list(range(8))
@@ -66,8 +69,14 @@ def test_mixing_ratios_formats_and_deterministic_order(tmp_path, tiny_assets):
 def test_empty_and_long_prompts_are_counted(tmp_path, tiny_assets):
     tok = load_tokenizer(str(tiny_assets.policy))
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"prompt": "  "}) + "\n" + json.dumps({"prompt": "ok"}) + "\n"
-                 + json.dumps({"prompt": "word " * 100}) + "\n")
+    p.write_text(
+        json.dumps({"prompt": "  "})
+        + "\n"
+        + json.dumps({"prompt": "ok"})
+        + "\n"
+        + json.dumps({"prompt": "word " * 100})
+        + "\n"
+    )
     src = PromptSource([parse_dataset_spec(str(p))], tok, batch_size=2, max_len=16)
     assert src.skipped == {"empty": 1, "too_long": 1, "too_short": 0}
     assert [x.text for x in src.next_batch()] == ["ok", "ok"]
@@ -88,10 +97,14 @@ def test_small_ratio_is_honoured_across_steps(tmp_path, tiny_assets):
     tok = load_tokenizer(str(tiny_assets.policy))
     a = _jsonl(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(3)])
     b = _jsonl(tmp_path / "b.jsonl", [f"beta {i}" for i in range(7)])
-    src = PromptSource([parse_dataset_spec(f"{a}::0.05"), parse_dataset_spec(f"{b}::0.95")],
-                       tok, batch_size=4, max_len=32)
+    src = PromptSource(
+        [parse_dataset_spec(f"{a}::0.05"), parse_dataset_spec(f"{b}::0.95")],
+        tok,
+        batch_size=4,
+        max_len=32,
+    )
     drawn = []
-    for step in range(50):
+    for _step in range(50):
         drawn += [p.dataset for p in src.next_batch()]
         assert abs(drawn.count("a") - len(drawn) / 20) < 1
     assert drawn.count("a") == 10 and drawn.count("b") == 190
@@ -108,14 +121,18 @@ def test_min_prompt_length_skips_and_counts(tmp_path, tiny_assets):
     cut = min(lengths[1], lengths[3])
     assert max(lengths[0], lengths[2]) < cut
     path = _jsonl(tmp_path / "d.jsonl", texts)
-    with pytest.warns(DataWarning, match=rf"d.jsonl: skipped 2 prompts shorter than "
-                                         rf"min_prompt_length={cut} tokens"):
-        src = PromptSource([parse_dataset_spec(path)], tok, batch_size=4, max_len=32,
-                           min_len=cut)
+    with pytest.warns(
+        DataWarning,
+        match=rf"d.jsonl: skipped 2 prompts shorter than "
+        rf"min_prompt_length={cut} tokens",
+    ):
+        src = PromptSource([parse_dataset_spec(path)], tok, batch_size=4, max_len=32, min_len=cut)
     assert src.skipped == {"empty": 0, "too_long": 0, "too_short": 2}
     assert {p.text for p in src.next_batch()} == {texts[1], texts[3]}
-    with pytest.raises(DataError, match=r"no usable prompt .* shorter than 99 tokens: 4\)"), \
-            pytest.warns(DataWarning):
+    with (
+        pytest.raises(DataError, match=r"no usable prompt .* shorter than 99 tokens: 4\)"),
+        pytest.warns(DataWarning),
+    ):
         PromptSource([parse_dataset_spec(path)], tok, batch_size=4, max_len=128, min_len=99)
 
 
@@ -124,8 +141,13 @@ def test_ranking_sorts_the_step_and_keeps_its_prompts(tmp_path, tiny_assets):
 
     tok = load_tokenizer(str(tiny_assets.policy))
     texts = ["one two three four five", "x", "one two three", "y y", "one two three four"]
-    src = PromptSource([parse_dataset_spec(_jsonl(tmp_path / "d.jsonl", texts))], tok,
-                       batch_size=5, max_len=32, seed=1)
+    src = PromptSource(
+        [parse_dataset_spec(_jsonl(tmp_path / "d.jsonl", texts))],
+        tok,
+        batch_size=5,
+        max_len=32,
+        seed=1,
+    )
     batch = src.next_batch()
     ranked = rank_by_length(batch)
     assert [len(p.ids) for p in ranked] == sorted(len(p.ids) for p in batch)
@@ -143,10 +165,10 @@ def test_relay_buffer_keeps_and_evicts_episodes():
             buf.add(step, [{"sample": step}])
         return [e.episode_id for e in buf.episodes], buf
 
-    assert kept(-1, 0)[0] == [0, 1, 2, 3, 4, 5]      # -1: every episode
-    assert kept(0, 0)[0] == []                        # 0: relay off
-    assert kept(2, 0)[0] == [4, 5]                    # k: the newest k
-    assert kept(-1, 3)[0] == [3, 4, 5]                # nothing before the offset
+    assert kept(-1, 0)[0] == [0, 1, 2, 3, 4, 5]  # -1: every episode
+    assert kept(0, 0)[0] == []  # 0: relay off
+    assert kept(2, 0)[0] == [4, 5]  # k: the newest k
+    assert kept(-1, 3)[0] == [3, 4, 5]  # nothing before the offset
     assert kept(2, 5)[0] == [5]
     ids, buf = kept(3, 1)
     assert ids == [3, 4, 5] and [e.buffer for e in buf.episodes][0] == [{"sample": 3}]
@@ -163,15 +185,22 @@ def test_pretrain_texts_are_mixed_by_ratio(tmp_path, tiny_assets):
 
     def texts(name, word):
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"text": f"{word} {i} {word}"}) + "\n"
-                                for i in range(5)))
+        path.write_text(
+            "".join(json.dumps({"text": f"{word} {i} {word}"}) + "\n" for i in range(5))
+        )
         return str(path)
 
     tok = load_tokenizer(str(tiny_assets.policy))
-    cfg = tiny_config(tmp_path, **{
-        "model_configs.policy.generator_config.generator_type": "hf",  # no vLLM needed here
-        "pretrain_dataset_config": {"samples_each_epoch": 4, "message_datasets": [
-            f"{texts('a', 'alpha')}::1", f"{texts('b', 'beta')}::3"]}})
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "model_configs.policy.generator_config.generator_type": "hf",  # no vLLM needed here
+            "pretrain_dataset_config": {
+                "samples_each_epoch": 4,
+                "message_datasets": [f"{texts('a', 'alpha')}::1", f"{texts('b', 'beta')}::3"],
+            },
+        },
+    )
     trainer = RLHFTrainer(cfg, console=False)
     drawn = [tok.decode(ids).split()[0] for _ in range(5) for ids in trainer._next_ptx()]
     trainer.close()

@@ -27,8 +27,11 @@ SOURCE = "fuzz.py"
 
 
 def fuzz(examples: int):
-    return settings(max_examples=examples, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
 
 
 def _one_line_from(err: Exception, prefix: str) -> None:
@@ -38,6 +41,7 @@ def _one_line_from(err: Exception, prefix: str) -> None:
 
 
 # ----------------------------------------------------------------------------- (a) configs
+
 
 def _key_paths(cls, prefix: str = "") -> list[str]:
     """Every dotted key of the schema, sections and nested sections included."""
@@ -53,8 +57,11 @@ def _key_paths(cls, prefix: str = "") -> list[str]:
 
 
 KEY_PATHS = [p for p in _key_paths(RunConfig) if p.split(".")[0] in SECTIONS]
-KEY_PATHS += ["PIPE_MICRO_BATCH_NUM", "model_configs.policy.trainer_config.parallel.data.size",
-              "model_configs.critic.trainer_config.parallel.tensor.size"]
+KEY_PATHS += [
+    "PIPE_MICRO_BATCH_NUM",
+    "model_configs.policy.trainer_config.parallel.data.size",
+    "model_configs.critic.trainer_config.parallel.tensor.size",
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +87,68 @@ def _fill(value, tiny_assets):
 
 
 # Values that are often right for some key, so that fuzzed configs also pass.
-_near_valid = st.sampled_from([
-    "vllm", "hf", "k1", "k3", "abs", "left", "batch", "running", "float32", "bfloat16", "cpu",
-    "token_mean", "<policy>", "<critic>", "/nonexistent", "rlhf_pipe.assets.tiny:digit_reward",
-    "no_colon", "<prompts>::1.0:digits", ["<prompts>"], ["a.jsonl::0"], [0.9, 0.95], [0.9],
-    {"size": 2}, 1, 2, 4, 8, 16, 0.5,
-])
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.integers(),
-                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-                     _near_valid, _near_valid)
-_keys = st.one_of(st.text(max_size=8), st.integers(-2, 2),
-                  st.sampled_from([p.rsplit(".", 1)[-1] for p in KEY_PATHS]))
-_values = st.recursive(_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(_keys, inner, max_size=3)), max_leaves=8)
+_near_valid = st.sampled_from(
+    [
+        "vllm",
+        "hf",
+        "k1",
+        "k3",
+        "abs",
+        "left",
+        "batch",
+        "running",
+        "float32",
+        "bfloat16",
+        "cpu",
+        "token_mean",
+        "<policy>",
+        "<critic>",
+        "/nonexistent",
+        "rlhf_pipe.assets.tiny:digit_reward",
+        "no_colon",
+        "<prompts>::1.0:digits",
+        ["<prompts>"],
+        ["a.jsonl::0"],
+        [0.9, 0.95],
+        [0.9],
+        {"size": 2},
+        1,
+        2,
+        4,
+        8,
+        16,
+        0.5,
+    ]
+)
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 40),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    _near_valid,
+    _near_valid,
+)
+_keys = st.one_of(
+    st.text(max_size=8),
+    st.integers(-2, 2),
+    st.sampled_from([p.rsplit(".", 1)[-1] for p in KEY_PATHS]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_keys, inner, max_size=3)),
+    max_leaves=8,
+)
 _ops = st.lists(st.tuples(st.sampled_from(KEY_PATHS), _values, st.booleans()), max_size=3)
-_extra = st.dictionaries(st.one_of(st.text(max_size=10), st.sampled_from(
-    ["PIPE_MICRO_BATCH_NUM", "_private", "MY_CONST", "rollout_confg"])), _values, max_size=1)
+_extra = st.dictionaries(
+    st.one_of(
+        st.text(max_size=10),
+        st.sampled_from(["PIPE_MICRO_BATCH_NUM", "_private", "MY_CONST", "rollout_confg"]),
+    ),
+    _values,
+    max_size=1,
+)
 
 
 def _apply(raw: dict, path: str, value, delete: bool) -> None:
@@ -148,26 +201,40 @@ def test_fuzz_from_dict(base_raw, tiny_assets, ops, extra):
 
 # ----------------------------------------------------------------------------- (b) data files
 
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_assets):
     return load_tokenizer(str(tiny_assets.policy))
 
 
-_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(),
-                               st.floats(allow_nan=False), st.text(max_size=12)),
-                     lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                             st.dictionaries(st.text(max_size=6), inner,
-                                                             max_size=3)), max_leaves=6)
-_prompt = st.one_of(st.text(max_size=40), st.just(""), st.just("digits " * 30),
-                    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]),
-                                                    "content": st.text(max_size=10)}),
-                             max_size=2))
+_json = st.recursive(
+    st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=12)
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_prompt = st.one_of(
+    st.text(max_size=40),
+    st.just(""),
+    st.just("digits " * 30),
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=10)}
+        ),
+        max_size=2,
+    ),
+)
 _good = st.fixed_dictionaries({"prompt": _prompt})
 _record = st.one_of(_good, _good, _good, _json)  # mostly well formed
-_bad_line = st.one_of(st.text(max_size=20).map(str.encode), st.binary(max_size=20),
-                      _json.map(lambda v: json.dumps(v).encode()),
-                      st.sampled_from([b'{"prompt": "\\ud800"}', b'{"prompt": ', b"\xff\xfe",
-                                       b"[" * 3000, b"  "]))
+_bad_line = st.one_of(
+    st.text(max_size=20).map(str.encode),
+    st.binary(max_size=20),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.sampled_from([b'{"prompt": "\\ud800"}', b'{"prompt": ', b"\xff\xfe", b"[" * 3000, b"  "]),
+)
 _good_lines = st.lists(_good.map(lambda r: json.dumps(r).encode()), max_size=5)
 
 
@@ -183,9 +250,12 @@ def _jsonl(draw):
 _exts = st.sampled_from([".jsonl", ".json", ".txt", ".parquet"])
 _file = st.one_of(  # (content, extension): mostly the extension that fits the content
     st.tuples(_jsonl(), st.sampled_from([".jsonl", ".jsonl", ".txt"]) | _exts),
-    st.tuples(st.lists(_record, max_size=5).map(lambda rs: json.dumps(rs, indent=1).encode()),
-              st.just(".json") | _exts),
-    st.tuples(st.binary(max_size=60), _exts))
+    st.tuples(
+        st.lists(_record, max_size=5).map(lambda rs: json.dumps(rs, indent=1).encode()),
+        st.just(".json") | _exts,
+    ),
+    st.tuples(st.binary(max_size=60), _exts),
+)
 
 
 @fuzz(800)
@@ -215,10 +285,19 @@ def test_fuzz_data_files(tmp_path, tokenizer, file):
 
 # ----------------------------------------------------------------------------- (c) spec strings
 
+
 @fuzz(500)
-@given(st.one_of(st.text(max_size=30),
-                 st.lists(st.sampled_from(["a.jsonl", "::", "0.5", "[", "]", ":", "SYS", "nan",
-                                           "inf", "-1", "x", "/", " "]), max_size=8).map("".join)))
+@given(
+    st.one_of(
+        st.text(max_size=30),
+        st.lists(
+            st.sampled_from(
+                ["a.jsonl", "::", "0.5", "[", "]", ":", "SYS", "nan", "inf", "-1", "x", "/", " "]
+            ),
+            max_size=8,
+        ).map("".join),
+    )
+)
 def test_fuzz_dataset_spec(text):
     try:
         spec = parse_dataset_spec(text, {"SYS": "system text"})
@@ -235,13 +314,22 @@ _part = st.text(alphabet="abcdefghij_-", min_size=1, max_size=6)
 
 
 @fuzz(200)
-@given(dirs=st.lists(_part, max_size=2), stem=_part, ext=st.sampled_from([".jsonl", ".json"]),
-       ratio=st.none() | st.floats(1e-6, 1e6), system=st.none() | st.text("ABC xyz", max_size=8),
-       name=st.none() | _part)
+@given(
+    dirs=st.lists(_part, max_size=2),
+    stem=_part,
+    ext=st.sampled_from([".jsonl", ".json"]),
+    ratio=st.none() | st.floats(1e-6, 1e6),
+    system=st.none() | st.text("ABC xyz", max_size=8),
+    name=st.none() | _part,
+)
 def test_well_formed_specs_round_trip(dirs, stem, ext, ratio, system, name):
     path = "/".join(dirs + [stem + ext])
-    text = path + (f"::{ratio!r}" if ratio is not None else "") \
-        + (f"[{system}]" if system is not None else "") + (f":{name}" if name else "")
+    text = (
+        path
+        + (f"::{ratio!r}" if ratio is not None else "")
+        + (f"[{system}]" if system is not None else "")
+        + (f":{name}" if name else "")
+    )
     spec = parse_dataset_spec(text)
     assert spec.path == path
     assert spec.ratio == (ratio if ratio is not None else 1.0)

@@ -10,27 +10,38 @@ from rlhf_pipe.models import load_causal_lm
 from rlhf_pipe.trainer import RLHFTrainer, build_roles
 from tests.conftest import TINY_CONFIG, tiny_config
 
-LORA = {"model_configs.policy.trainer_config.enable_lora": True,
-        "model_configs.policy.trainer_config.lora_dim": 8,
-        "model_configs.policy.trainer_config.lora_alpha": 16,
-        # A large step, so two steps move greedy answers away from the base model's.
-        "model_configs.policy.trainer_config.lr": 5e-2,
-        "model_configs.critic.trainer_config.enable_lora": True,
-        "model_configs.critic.trainer_config.lora_dim": 4}
+LORA = {
+    "model_configs.policy.trainer_config.enable_lora": True,
+    "model_configs.policy.trainer_config.lora_dim": 8,
+    "model_configs.policy.trainer_config.lora_alpha": 16,
+    # A large step, so two steps move greedy answers away from the base model's.
+    "model_configs.policy.trainer_config.lr": 5e-2,
+    "model_configs.critic.trainer_config.enable_lora": True,
+    "model_configs.critic.trainer_config.lora_dim": 4,
+}
 
 
 def _adapter_engine(tiny_assets, cfg):
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(str(tiny_assets.policy), dtype="float32", seed=0, max_model_len=64,
-                      gpu_memory_utilization=0.3, lora=lora.engine_lora(cfg),
-                      engine_kwargs={"kv_cache_memory_bytes": 128 * 2**20})
+    return VLLMEngine(
+        str(tiny_assets.policy),
+        dtype="float32",
+        seed=0,
+        max_model_len=64,
+        gpu_memory_utilization=0.3,
+        lora=lora.engine_lora(cfg),
+        engine_kwargs={"kv_cache_memory_bytes": 128 * 2**20},
+    )
 
 
 @pytest.fixture(scope="module")
 def adapter_engine(tiny_assets, tmp_path_factory):
-    cfg = tiny_config(tmp_path_factory.mktemp("cfg"), **LORA,
-                      **{"model_configs.policy.generator_config.lora_sync": "adapter"})
+    cfg = tiny_config(
+        tmp_path_factory.mktemp("cfg"),
+        **LORA,
+        **{"model_configs.policy.generator_config.lora_sync": "adapter"},
+    )
     return _adapter_engine(tiny_assets, cfg)
 
 
@@ -40,18 +51,27 @@ def _greedy(engine, prompt_ids):
     from rlhf_pipe.rollout.types import SamplingSettings
 
     done = []
-    engine.generate(prompt_ids, list(range(len(prompt_ids))),
-                    SamplingSettings(10, 0.0, 1.0, -1, 1, True, ()), [0] * len(prompt_ids),
-                    SimpleNamespace(put=done.append))
+    engine.generate(
+        prompt_ids,
+        list(range(len(prompt_ids))),
+        SamplingSettings(10, 0.0, 1.0, -1, 1, True, ()),
+        [0] * len(prompt_ids),
+        SimpleNamespace(put=done.append),
+    )
     return [c.response_ids for c in sorted(done, key=lambda c: c.sample_id)]
 
 
 def _hf_greedy(model, prompt_ids):
     out = []
     for ids in prompt_ids:
-        gen = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        out.append(gen[0, len(ids):].tolist())
+        gen = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        out.append(gen[0, len(ids) :].tolist())
     return out
 
 
@@ -71,8 +91,11 @@ def test_lora_trains_only_the_adapter_and_vllm_serves_it(tmp_path, fresh_engine,
         in_opt = {id(p) for g in role.optimizer.param_groups for p in g["params"]}
         trainable = {id(p) for p in role.model.parameters() if p.requires_grad}
         assert in_opt == trainable
-        assert all(".lora_" in n or n.startswith("score.")
-                   for n, p in role.model.named_parameters() if p.requires_grad)
+        assert all(
+            ".lora_" in n or n.startswith("score.")
+            for n, p in role.model.named_parameters()
+            if p.requires_grad
+        )
     assert {n for n, p in critic.named_parameters() if p.requires_grad} >= {"score.weight"}
     trainer.learn(2)
     trainer.close()
@@ -81,8 +104,11 @@ def test_lora_trains_only_the_adapter_and_vllm_serves_it(tmp_path, fresh_engine,
         after = model.state_dict()
         frozen = [k for k in after if k not in trainable]
         assert frozen and all(torch.equal(before[name][k], after[k]) for k in frozen)
-        assert all(not torch.equal(before[name][k], after[k])
-                   for k in trainable if ".lora_B" in k or k.startswith("score."))
+        assert all(
+            not torch.equal(before[name][k], after[k])
+            for k in trainable
+            if ".lora_B" in k or k.startswith("score.")
+        )
     assert fresh_engine.version == trainer.version == 2
 
     prompts = [p.ids for p in trainer.prompts.next_batch()[:6]]
@@ -94,12 +120,16 @@ def test_lora_trains_only_the_adapter_and_vllm_serves_it(tmp_path, fresh_engine,
 
 
 @pytest.mark.slow
-def test_adapter_sync_pipelined_matches_merged_sync(tmp_path, adapter_engine, vllm_engine,
-                                                    initial_policy_weights):
+def test_adapter_sync_pipelined_matches_merged_sync(
+    tmp_path, adapter_engine, vllm_engine, initial_policy_weights
+):
     """Adapter mode with PIPE_MICRO_BATCH_NUM=4: each version is a new LoRARequest; greedy
     answers equal the merged weights' in a plain engine and the merged HF model's."""
-    over = {**LORA, "model_configs.policy.generator_config.lora_sync": "adapter",
-            "PIPE_MICRO_BATCH_NUM": 4}
+    over = {
+        **LORA,
+        "model_configs.policy.generator_config.lora_sync": "adapter",
+        "PIPE_MICRO_BATCH_NUM": 4,
+    }
     trainer = RLHFTrainer(tiny_config(tmp_path, **over), engine=adapter_engine, console=False)
     assert trainer.actor.lora_sync == "adapter"
     prompts = [p.ids for p in trainer.prompts.next_batch()[:6]]
@@ -109,7 +139,8 @@ def test_adapter_sync_pipelined_matches_merged_sync(tmp_path, adapter_engine, vl
     assert [h["policy_version"] for h in history] == [1, 2]
     assert adapter_engine.lora_request.lora_name == "policy_v2"
     assert adapter_engine.last_sync["bytes"] < 0.2 * sum(
-        t.numel() * t.element_size() for t in initial_policy_weights.values())
+        t.numel() * t.element_size() for t in initial_policy_weights.values()
+    )
 
     adapted = _greedy(adapter_engine, prompts)
     vllm_engine.load_weights(lora.merged_tensors(trainer.actor.model).items(), version=2)
@@ -123,13 +154,15 @@ def test_adapter_sync_pipelined_matches_merged_sync(tmp_path, adapter_engine, vl
 
 
 @pytest.mark.slow
-def test_lora_pipelined_equals_serial_and_resume_is_exact(tmp_path, vllm_engine,
-                                                          initial_policy_weights):
+def test_lora_pipelined_equals_serial_and_resume_is_exact(
+    tmp_path, vllm_engine, initial_policy_weights
+):
     runs = {}
     for m in (1, 4):
         vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-        cfg = tiny_config(tmp_path / f"m{m}", **LORA, PIPE_MICRO_BATCH_NUM=m,
-                          **{"train_config.save_interval": 1})
+        cfg = tiny_config(
+            tmp_path / f"m{m}", **LORA, PIPE_MICRO_BATCH_NUM=m, **{"train_config.save_interval": 1}
+        )
         trainer = RLHFTrainer(cfg, engine=vllm_engine, console=False)
         trainer.learn(3)
         trainer.close()
@@ -162,9 +195,10 @@ def test_checkpoint_holds_merged_weights_and_a_peft_adapter(tmp_path):
     merged = lora.merged_tensors(actor.model)
     assert plain.keys() == merged.keys()
     assert all(torch.equal(plain[k], merged[k]) for k in plain)
-    assert not torch.equal(plain["model.layers.0.self_attn.q_proj.weight"],
-                           actor.model.get_submodule("model.layers.0.self_attn.q_proj")
-                           .base_layer.weight)
+    assert not torch.equal(
+        plain["model.layers.0.self_attn.q_proj.weight"],
+        actor.model.get_submodule("model.layers.0.self_attn.q_proj").base_layer.weight,
+    )
     # actor/adapter/ is peft's own layout: PeftModel loads it onto the base model.
     from peft import PeftModel
 
@@ -172,35 +206,65 @@ def test_checkpoint_holds_merged_weights_and_a_peft_adapter(tmp_path):
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "actor" / lora.ADAPTER_DIR))
     x = torch.tensor([[1, 50, 60, 70]])
     with torch.no_grad():
-        assert torch.allclose(peft_model(input_ids=x).logits, actor.model(input_ids=x).logits,
-                              atol=1e-5)
+        assert torch.allclose(
+            peft_model(input_ids=x).logits, actor.model(input_ids=x).logits, atol=1e-5
+        )
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"model_configs.policy.trainer_config.lora_dim": 8},
-     "model_configs.policy.trainer_config.lora_dim: set, but enable_lora is False"),
-    ({"model_configs.policy.trainer_config.enable_lora": True,
-      "model_configs.policy.trainer_config.lora_layer": "q_proj;v_proj"},
-     "model_configs.policy.trainer_config.lora_layer: expected comma-separated module names"),
-    ({"model_configs.policy.trainer_config.enable_lora": True,
-      "model_configs.policy.trainer_config.lora_dim": 0},
-     "model_configs.policy.trainer_config.lora_dim: expected a value >= 1, got 0"),
-    ({"model_configs.reference.trainer_config": {"enable_lora": True}},
-     "model_configs.reference.trainer_config.enable_lora: LoRA trains an adapter"),
-    ({"model_configs.policy.generator_config.lora_sync": "adapter"},
-     "model_configs.policy.generator_config.lora_sync: set to 'adapter', but the policy has no"),
-    ({"model_configs.policy.trainer_config.enable_lora": True,
-      "model_configs.policy.generator_config.lora_sync": "fused"},
-     "model_configs.policy.generator_config.lora_sync: expected 'auto' or 'merged' or 'adapter'"),
-    ({"model_configs.policy.trainer_config.enable_lora": True,
-      "model_configs.policy.trainer_config.lora_dim": 1024,
-      "model_configs.policy.generator_config.lora_sync": "adapter"},
-     "model_configs.policy.trainer_config.lora_dim: vLLM serves LoRA ranks up to 512"),
-    ({"model_configs.policy.trainer_config.enable_lora": True,
-      "model_configs.policy.generator_config.lora_sync": "adapter",
-      "train_config.weight_sync_backend": "nccl"},
-     "model_configs.policy.generator_config.lora_sync: 'adapter' cannot go over"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            {"model_configs.policy.trainer_config.lora_dim": 8},
+            "model_configs.policy.trainer_config.lora_dim: set, but enable_lora is False",
+        ),
+        (
+            {
+                "model_configs.policy.trainer_config.enable_lora": True,
+                "model_configs.policy.trainer_config.lora_layer": "q_proj;v_proj",
+            },
+            "model_configs.policy.trainer_config.lora_layer: expected comma-separated module names",
+        ),
+        (
+            {
+                "model_configs.policy.trainer_config.enable_lora": True,
+                "model_configs.policy.trainer_config.lora_dim": 0,
+            },
+            "model_configs.policy.trainer_config.lora_dim: expected a value >= 1, got 0",
+        ),
+        (
+            {"model_configs.reference.trainer_config": {"enable_lora": True}},
+            "model_configs.reference.trainer_config.enable_lora: LoRA trains an adapter",
+        ),
+        (
+            {"model_configs.policy.generator_config.lora_sync": "adapter"},
+            "model_configs.policy.generator_config.lora_sync: set to 'adapter', but the policy has no",
+        ),
+        (
+            {
+                "model_configs.policy.trainer_config.enable_lora": True,
+                "model_configs.policy.generator_config.lora_sync": "fused",
+            },
+            "model_configs.policy.generator_config.lora_sync: expected 'auto' or 'merged' or 'adapter'",
+        ),
+        (
+            {
+                "model_configs.policy.trainer_config.enable_lora": True,
+                "model_configs.policy.trainer_config.lora_dim": 1024,
+                "model_configs.policy.generator_config.lora_sync": "adapter",
+            },
+            "model_configs.policy.trainer_config.lora_dim: vLLM serves LoRA ranks up to 512",
+        ),
+        (
+            {
+                "model_configs.policy.trainer_config.enable_lora": True,
+                "model_configs.policy.generator_config.lora_sync": "adapter",
+                "train_config.weight_sync_backend": "nccl",
+            },
+            "model_configs.policy.generator_config.lora_sync: 'adapter' cannot go over",
+        ),
+    ],
+)
 def test_bad_lora_config_is_one_line_naming_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
         tiny_config(tmp_path, **override)
@@ -209,10 +273,18 @@ def test_bad_lora_config_is_one_line_naming_the_key(tmp_path, override, message)
 
 
 def test_lora_layer_matching_no_module_names_the_key(tmp_path):
-    cfg = tiny_config(tmp_path, **{"model_configs.policy.trainer_config.enable_lora": True,
-                                   "model_configs.policy.trainer_config.lora_layer": "qkv_linear"})
-    with pytest.raises(ConfigError, match=r"^\S+tiny_pipe_cpu.py: model_configs.policy."
-                       r"trainer_config.lora_layer: Target modules \{'qkv_linear'\} not found"):
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "model_configs.policy.trainer_config.enable_lora": True,
+            "model_configs.policy.trainer_config.lora_layer": "qkv_linear",
+        },
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^\S+tiny_pipe_cpu.py: model_configs.policy."
+        r"trainer_config.lora_layer: Target modules \{'qkv_linear'\} not found",
+    ):
         build_roles(cfg, ["actor"], 0, "cpu")
 
 
@@ -233,8 +305,11 @@ def test_sync_mode_auto_is_merged(tmp_path):
 
 
 def test_hf_rollout_backend_gets_merged_weights(tmp_path):
-    over = {**LORA, "model_configs.policy.generator_config.generator_type": "hf",
-            "PIPE_MICRO_BATCH_NUM": 2}
+    over = {
+        **LORA,
+        "model_configs.policy.generator_config.generator_type": "hf",
+        "PIPE_MICRO_BATCH_NUM": 2,
+    }
     trainer = RLHFTrainer(tiny_config(tmp_path, **over), console=False)
     assert not lora.has_lora(trainer.engine.model)  # a plain model, loaded by HF names
     trainer.learn(1)
@@ -242,6 +317,7 @@ def test_hf_rollout_backend_gets_merged_weights(tmp_path):
     served, merged = trainer.engine.model.state_dict(), lora.merged_tensors(trainer.actor.model)
     assert served.keys() == merged.keys()
     assert all(torch.equal(served[k], merged[k]) for k in merged)
-    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"],
-                           trainer.actor.model.get_submodule("model.layers.0.mlp.up_proj")
-                           .base_layer.weight)
+    assert not torch.equal(
+        merged["model.layers.0.mlp.up_proj.weight"],
+        trainer.actor.model.get_submodule("model.layers.0.mlp.up_proj").base_layer.weight,
+    )

@@ -12,13 +12,22 @@ from tests.conftest import tiny_config
 
 def _samples():
     g = torch.Generator().manual_seed(0)
-    return [Sample(i, i, 0, torch.randint(3, 500, (4 + i,), generator=g),
-                   torch.randint(3, 500, (3 + 2 * i,), generator=g), "p", "r") for i in range(5)]
+    return [
+        Sample(
+            i,
+            i,
+            0,
+            torch.randint(3, 500, (4 + i,), generator=g),
+            torch.randint(3, 500, (3 + 2 * i,), generator=g),
+            "p",
+            "r",
+        )
+        for i in range(5)
+    ]
 
 
 def offload_roles(tiny_assets, device, offload):
-    ref = ReferenceRole(load_causal_lm(str(tiny_assets.policy)).to(device), 0, 2,
-                        offload=offload)
+    ref = ReferenceRole(load_causal_lm(str(tiny_assets.policy)).to(device), 0, 2, offload=offload)
     rm = load_value_model(str(tiny_assets.reward), "float32", False, "reward").to(device)
     reward = RewardRole([Scorer("rm", 1.0, "model", rm)], 0, 2, offload=offload)
     return ref, reward
@@ -26,8 +35,9 @@ def offload_roles(tiny_assets, device, offload):
 
 def test_offloaded_roles_give_the_same_numbers(tiny_assets):
     samples = _samples()
-    (ref, reward), (ref_off, reward_off) = (offload_roles(tiny_assets, "cpu", o)
-                                            for o in (False, True))
+    (ref, reward), (ref_off, reward_off) = (
+        offload_roles(tiny_assets, "cpu", o) for o in (False, True)
+    )
     for a, b in zip(ref.logprobs(samples), ref_off.logprobs(samples)):
         assert torch.equal(a, b)
     for a, b in zip(reward.scores(samples), reward_off.scores(samples)):

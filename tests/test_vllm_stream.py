@@ -17,8 +17,9 @@ def test_generate_to_queue_streams_in_completion_order(fresh_engine):
     params = [SamplingParams(max_tokens=n, ignore_eos=True, seed=i) for i, n in enumerate(lengths)]
     q = queue.Queue()
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
-    outputs = llm.generate_to_queue(prompt_token_ids=prompts, sampling_params=params,
-                                    use_tqdm=False, queue=q)
+    outputs = llm.generate_to_queue(
+        prompt_token_ids=prompts, sampling_params=params, use_tqdm=False, queue=q
+    )
     streamed = [q.get_nowait() for _ in range(q.qsize())]
     # Each output went to the queue as it finished: shortest answer first.
     assert [len(o.outputs[0].token_ids) for o in streamed] == sorted(lengths)

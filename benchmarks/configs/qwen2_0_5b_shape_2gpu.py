@@ -25,21 +25,38 @@ _m = build_shaped_assets("qwen2-0.5b")
 PIPE_MICRO_BATCH_NUM = 4
 PROMPT_BATCH_SIZE = 128
 
-rollout_config = dict(max_new_tokens=1024, response_length_range=[64, 1024], ignore_eos=True,
-                      temperature=1.0, dtype="bfloat16", max_model_len=1152,
-                      gpu_memory_utilization=0.85, enforce_eager=False)
+rollout_config = dict(
+    max_new_tokens=1024,
+    response_length_range=[64, 1024],
+    ignore_eos=True,
+    temperature=1.0,
+    dtype="bfloat16",
+    max_model_len=1152,
+    gpu_memory_utilization=0.85,
+    enforce_eager=False,
+)
 repeater_config = dict(kl_coeff=0.01, gamma=1.0, gae_lambda=0.95, norm_rewards="batch")
-train_config = dict(train_micro_bs=4, infer_micro_bs=4, max_train_step=3, seed=0,
-                    work_dir="work_dirs/qwen2_0_5b_shape_2gpu", stage_timeout_s=600,
-                    progress_bar=False)
+train_config = dict(
+    train_micro_bs=4,
+    infer_micro_bs=4,
+    max_train_step=3,
+    seed=0,
+    work_dir="work_dirs/qwen2_0_5b_shape_2gpu",
+    stage_timeout_s=600,
+    progress_bar=False,
+)
 _trainer = dict(torch_dtype="bfloat16", lr=1e-6, max_grad_norm=1.0)
 model_configs = dict(
-    policy=dict(model_path=str(_m.policy), trainer_config=_trainer,
-                generator_config=dict(generator_type="vllm")),
+    policy=dict(
+        model_path=str(_m.policy),
+        trainer_config=_trainer,
+        generator_config=dict(generator_type="vllm"),
+    ),
     critic=dict(model_path=str(_m.critic), trainer_config=_trainer),
     reference=dict(model_path=str(_m.policy), trainer_config=dict(torch_dtype="bfloat16")),
     reward=dict(reward_fn="rlhf_pipe.assets.tiny:digit_reward"),
 )
-prompt_dataset_config = dict(samples_each_epoch=PROMPT_BATCH_SIZE, max_len=64,
-                             message_datasets=[f"{_m.prompts}::1.0:digits"])
+prompt_dataset_config = dict(
+    samples_each_epoch=PROMPT_BATCH_SIZE, max_len=64, message_datasets=[f"{_m.prompts}::1.0:digits"]
+)
 placement_config = dict(gpus_per_node=4, local_rank_gpus=[0, 1, 1, 1])

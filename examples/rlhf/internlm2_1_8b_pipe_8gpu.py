@@ -7,7 +7,7 @@
 #   reward     1 GPU   dp 1                   rank 7
 #
 # torchrun --nproc-per-node 8 ...; check first with `rlhf-pipe plan` (no GPU needed).
-PIPE_MICRO_BATCH_NUM = 4          # 128 prompts -> 4 micro-batches of 32 (16 per actor rank)
+PIPE_MICRO_BATCH_NUM = 4  # 128 prompts -> 4 micro-batches of 32 (16 per actor rank)
 PROMPT_BATCH_SIZE = 128
 PRETRAIN_BATCH_SIZE = 32
 MAX_PROMPT_LEN = 1024

@@ -9,7 +9,7 @@
 #   reward     4 GPUs  dp 4, ZeRO-3           ranks 28-31  (node 3)
 #
 # Model folders are the users' own. Data paths are relative to the working directory.
-PIPE_MICRO_BATCH_NUM = 4          # 128 prompts -> 4 micro-batches of 32
+PIPE_MICRO_BATCH_NUM = 4  # 128 prompts -> 4 micro-batches of 32
 PROMPT_BATCH_SIZE = 128
 PRETRAIN_BATCH_SIZE = 128
 MAX_PROMPT_LEN = 1536
@@ -61,7 +61,7 @@ repeater_config = dict(
     gae_lambda=0.99,
     clip_reward_min=-5.0,
     clip_reward_max=5.0,
-    norm_rewards="running",   # the reference's per-micro-batch normalisation; 'batch' is exact
+    norm_rewards="running",  # the reference's per-micro-batch normalisation; 'batch' is exact
 )
 
 train_config = dict(

@@ -5,7 +5,7 @@
 #   rank 0, GPU 0: rollout (1 vLLM engine x TP 1) + actor + critic + reference + reward
 #
 # `rlhf-pipe train` runs it in one process; check it with `rlhf-pipe plan`.
-PIPE_MICRO_BATCH_NUM = 4          # 32 prompts -> 4 micro-batches of 8
+PIPE_MICRO_BATCH_NUM = 4  # 32 prompts -> 4 micro-batches of 8
 PROMPT_BATCH_SIZE = 32
 MAX_PROMPT_LEN = 1024
 MAX_ANSWER_LEN = 512
@@ -27,7 +27,7 @@ rollout_config = dict(
     temperature=1.0,
     top_p=1.0,
     dtype="bfloat16",
-    gpu_memory_utilization=0.35,   # the rest of the GPU is for actor, critic, reference, reward
+    gpu_memory_utilization=0.35,  # the rest of the GPU is for actor, critic, reference, reward
 )
 
 repeater_config = dict(

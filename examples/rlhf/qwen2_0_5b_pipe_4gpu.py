@@ -6,7 +6,7 @@
 #   reference  1 GPU  dp 1                   rank 3
 #
 # torchrun --nproc-per-node 4 ...; check first with `rlhf-pipe plan --nnodes 1 --gpus-per-node 4`.
-PIPE_MICRO_BATCH_NUM = 4          # 64 prompts -> 4 micro-batches of 16
+PIPE_MICRO_BATCH_NUM = 4  # 64 prompts -> 4 micro-batches of 16
 PROMPT_BATCH_SIZE = 64
 MAX_PROMPT_LEN = 1024
 MAX_ANSWER_LEN = 512
@@ -54,8 +54,9 @@ model_configs = dict(
     policy=dict(
         model_path=POLICY_PATH,
         trainer_config=dict(torch_dtype="bfloat16", lr=1e-6, gradient_checkpointing=True),
-        generator_config=dict(generator_type="vllm", num_engines=1,
-                              parallel=dict(tensor=dict(size=1))),
+        generator_config=dict(
+            generator_type="vllm", num_engines=1, parallel=dict(tensor=dict(size=1))
+        ),
     ),
     critic=dict(
         model_path=REWARD_PATH,

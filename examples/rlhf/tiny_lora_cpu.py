@@ -6,8 +6,8 @@ model_configs = dict(
     policy=dict(
         trainer_config=dict(
             enable_lora=True,
-            lora_dim=8,            # rank
-            lora_alpha=16,         # scaling = lora_alpha / lora_dim
+            lora_dim=8,  # rank
+            lora_alpha=16,  # scaling = lora_alpha / lora_dim
             lora_dropout=0.0,
             # ChatLearn's layer classes (all linear layers of the blocks), or HF module
             # names, e.g. "q_proj,v_proj".

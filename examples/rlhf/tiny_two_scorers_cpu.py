@@ -66,9 +66,9 @@ if os.environ.get("RLHF_PIPE_REWARD_URL"):
     _scorers["remote"] = dict(
         url=os.environ["RLHF_PIPE_REWARD_URL"],  # may carry user:token@; never logged
         weight=0.5,
-        batch_size=8,        # samples per request; requests go out per micro-batch
-        timeout_s=30.0,      # per request
-        max_retries=3,       # connection errors, timeouts and 5xx; waits backoff_s * 2**try
+        batch_size=8,  # samples per request; requests go out per micro-batch
+        timeout_s=30.0,  # per request
+        max_retries=3,  # connection errors, timeouts and 5xx; waits backoff_s * 2**try
         backoff_s=0.5,
         token_env="RM_TOKEN" if os.environ.get("RM_TOKEN") else None,  # Bearer header
     )

@@ -24,14 +24,32 @@ from pathlib import Path
 from rlhf_pipe.assets.tiny import TinyAssets, build_tiny_assets, default_cache_dir
 
 SHAPES = {
-    "qwen2-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                 num_attention_heads=14, num_key_value_heads=2,
-                                 vocab_size=151936, tie_word_embeddings=True)),
-    "internlm2-1.8b": ("llama", dict(hidden_size=2048, intermediate_size=8192,
-                                     num_hidden_layers=24, num_attention_heads=16,
-                                     num_key_value_heads=8, vocab_size=92544,
-                                     tie_word_embeddings=False, rope_theta=1e6,
-                                     rms_norm_eps=1e-5)),
+    "qwen2-0.5b": (
+        "qwen2",
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "internlm2-1.8b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            vocab_size=92544,
+            tie_word_embeddings=False,
+            rope_theta=1e6,
+            rms_norm_eps=1e-5,
+        ),
+    ),
 }
 
 
@@ -40,25 +58,39 @@ def shape_classes(arch: str):
     import transformers as tf
 
     prefix = {"qwen2": "Qwen2", "llama": "Llama"}[arch]
-    return (getattr(tf, f"{prefix}Config"), getattr(tf, f"{prefix}ForCausalLM"),
-            getattr(tf, f"{prefix}ForSequenceClassification"))
+    return (
+        getattr(tf, f"{prefix}Config"),
+        getattr(tf, f"{prefix}ForCausalLM"),
+        getattr(tf, f"{prefix}ForSequenceClassification"),
+    )
 
 
 def shape_config(shape: str, dtype: str = "bfloat16"):
     arch, dims = SHAPES[shape]
     config_cls = shape_classes(arch)[0]
-    return config_cls(**dims, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2, torch_dtype=dtype)
+    return config_cls(
+        **dims,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype=dtype,
+    )
 
 
-def build_shaped_assets(shape: str = "qwen2-0.5b", cache_dir: str | Path | None = None,
-                        dtype: str = "bfloat16", seed: int = 0) -> TinyAssets:
+def build_shaped_assets(
+    shape: str = "qwen2-0.5b",
+    cache_dir: str | Path | None = None,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> TinyAssets:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     tiny = build_tiny_assets(cache_dir)
     root = Path(cache_dir or default_cache_dir()) / f"shaped-{shape}-{dtype}-s{seed}"
-    assets = TinyAssets(root, root / "policy", root / "critic", root / "reward", tiny.prompts,
-                        tiny.eval_prompts)
+    assets = TinyAssets(
+        root, root / "policy", root / "critic", root / "reward", tiny.prompts, tiny.eval_prompts
+    )
     if (root / "COMPLETE").exists():
         return assets
     import torch

@@ -24,23 +24,26 @@ from pathlib import Path
 
 ASSETS_VERSION = "v1"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-WORDS = ("alpha beta gamma delta river stone cloud green swift quiet orange window silver "
-         "market garden yellow simple number letter write digits count answer please").split()
+WORDS = (
+    "alpha beta gamma delta river stone cloud green swift quiet orange window silver "
+    "market garden yellow simple number letter write digits count answer please"
+).split()
 
 
 @dataclass(frozen=True)
 class TinyAssets:
     root: Path
-    policy: Path       # LlamaForCausalLM + tokenizer; also used as the reference
-    critic: Path       # LlamaForSequenceClassification(num_labels=1), trunk copied from policy
-    reward: Path       # LlamaForSequenceClassification(num_labels=1), its own random init
-    prompts: Path      # JSONL, {"prompt": ...} per line
+    policy: Path  # LlamaForCausalLM + tokenizer; also used as the reference
+    critic: Path  # LlamaForSequenceClassification(num_labels=1), trunk copied from policy
+    reward: Path  # LlamaForSequenceClassification(num_labels=1), its own random init
+    prompts: Path  # JSONL, {"prompt": ...} per line
     eval_prompts: Path
 
 
 def default_cache_dir() -> Path:
     base = os.environ.get("RLHF_PIPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rlhf_pipe")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rlhf_pipe"
+    )
     return Path(base)
 
 
@@ -84,12 +87,20 @@ def _build_tokenizer(out: Path, vocab_size: int, seed: int) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(random.Random(seed)), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
     fast.padding_side = "left"
     fast.save_pretrained(out)
 
@@ -97,11 +108,21 @@ def _build_tokenizer(out: Path, vocab_size: int, seed: int) -> None:
 def _llama_config(vocab_size: int, hidden: int, layers: int, heads: int, max_len: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                       num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=heads, head_dim=hidden // heads,
-                       max_position_embeddings=max_len, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_len,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
 
 
 def _save_model(model, tokenizer_dir: Path, out: Path) -> None:
@@ -118,14 +139,27 @@ def _write_prompts(path: Path, n: int, seed: int) -> None:
             f.write(json.dumps({"prompt": _prompt_text(rng)}) + "\n")
 
 
-def build_tiny_assets(cache_dir: str | Path | None = None, *, vocab_size: int = 512,
-                      hidden: int = 128, layers: int = 2, heads: int = 2,
-                      max_len: int = 256, seed: int = 0) -> TinyAssets:
+def build_tiny_assets(
+    cache_dir: str | Path | None = None,
+    *,
+    vocab_size: int = 512,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    max_len: int = 256,
+    seed: int = 0,
+) -> TinyAssets:
     """Return the tiny assets, building them on first use (a few seconds on a CPU)."""
     key = f"tiny-{ASSETS_VERSION}-v{vocab_size}-h{hidden}-l{layers}-a{heads}-s{seed}"
     root = Path(cache_dir or default_cache_dir()) / key
-    assets = TinyAssets(root, root / "policy", root / "critic", root / "reward",
-                        root / "prompts.jsonl", root / "eval_prompts.jsonl")
+    assets = TinyAssets(
+        root,
+        root / "policy",
+        root / "critic",
+        root / "reward",
+        root / "prompts.jsonl",
+        root / "eval_prompts.jsonl",
+    )
     if (root / "COMPLETE").exists():
         return assets
 

@@ -25,26 +25,26 @@ from torch import Tensor
 class Sample:
     sample_id: int
     prompt_index: int
-    version: int                     # policy version that generated the response
-    prompt_ids: Tensor               # (P_i,) long
-    response_ids: Tensor             # (R_i,) long
+    version: int  # policy version that generated the response
+    prompt_ids: Tensor  # (P_i,) long
+    response_ids: Tensor  # (R_i,) long
     prompt_text: str = ""
     response_text: str = ""
     finish_reason: str | None = None
-    relay_from: int | None = None    # replayed: the episode (step) that generated it
+    relay_from: int | None = None  # replayed: the episode (step) that generated it
     # Forward stage
-    old_logp: Tensor | None = None   # (R_i,) actor log-probs at generation weights
-    ref_logp: Tensor | None = None   # (R_i,)
-    values: Tensor | None = None     # (R_i,) critic values
-    score: Tensor | None = None      # () reward before clipping / normalisation
+    old_logp: Tensor | None = None  # (R_i,) actor log-probs at generation weights
+    ref_logp: Tensor | None = None  # (R_i,)
+    values: Tensor | None = None  # (R_i,) critic values
+    score: Tensor | None = None  # () reward before clipping / normalisation
     score_parts: Tensor | None = None  # (K,) each reward scorer's own score, before weights
     prompt_logprobs: list | None = None  # rollout prompt_logprobs: per prompt token, or None
     # Advantage stage
-    kl: Tensor | None = None         # (R_i,)
+    kl: Tensor | None = None  # (R_i,)
     token_rewards: Tensor | None = None  # (R_i,)
-    advantages: Tensor | None = None     # (R_i,)
-    returns: Tensor | None = None        # (R_i,)
-    shaped_score: Tensor | None = None   # () grpo/rloo: score after clipping and KL-in-reward
+    advantages: Tensor | None = None  # (R_i,)
+    returns: Tensor | None = None  # (R_i,)
+    shaped_score: Tensor | None = None  # () grpo/rloo: score after clipping and KL-in-reward
 
     @property
     def num_actions(self) -> int:
@@ -54,6 +54,7 @@ class Sample:
 @dataclass
 class MicroBatch:
     """PIPE micro-batch: `index` counts in completion order within a step."""
+
     index: int
     samples: list[Sample]
     meta: dict = field(default_factory=dict)
@@ -61,12 +62,12 @@ class MicroBatch:
 
 @dataclass
 class PaddedBatch:
-    input_ids: Tensor        # (b, P+R) prompt left-padded, response right-padded
-    attention_mask: Tensor   # (b, P+R)
-    position_ids: Tensor     # (b, P+R)
-    response_mask: Tensor    # (b, R) float, 1 on real response tokens
-    prompt_width: int        # P
-    last_index: Tensor       # (b,) position of each row's last real token
+    input_ids: Tensor  # (b, P+R) prompt left-padded, response right-padded
+    attention_mask: Tensor  # (b, P+R)
+    position_ids: Tensor  # (b, P+R)
+    response_mask: Tensor  # (b, R) float, 1 on real response tokens
+    prompt_width: int  # P
+    last_index: Tensor  # (b,) position of each row's last real token
 
     @property
     def response_width(self) -> int:
@@ -75,16 +76,21 @@ class PaddedBatch:
     @property
     def labels(self) -> Tensor:
         """(b, R) the response tokens, padding where a row's answer is shorter."""
-        return self.input_ids[:, self.prompt_width:]
+        return self.input_ids[:, self.prompt_width :]
 
     def rows(self, per_token: Tensor) -> Tensor:
         """Per-token results, computed in this batch's layout, as (b, R)."""
         return per_token
 
-    def to(self, device) -> "PaddedBatch":
-        return PaddedBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                           self.position_ids.to(device), self.response_mask.to(device),
-                           self.prompt_width, self.last_index.to(device))
+    def to(self, device) -> PaddedBatch:
+        return PaddedBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.response_mask.to(device),
+            self.prompt_width,
+            self.last_index.to(device),
+        )
 
 
 @dataclass
@@ -96,14 +102,15 @@ class PackedBatch:
     `rlhf_pipe.models.packing_supported`). Model outputs are taken only at the N positions
     that predict response tokens, in sample order, and `rows` scatters them into (b, R).
     """
-    input_ids: Tensor        # (1, T)
-    position_ids: Tensor     # (1, T)
-    response_mask: Tensor    # (b, R) float, 1 on real response tokens
-    predict_index: Tensor    # (N,) position in the row whose output predicts each response token
-    token_row: Tensor        # (N,) which sample each response token belongs to
-    token_col: Tensor        # (N,) its place within that sample's answer
-    last_index: Tensor       # (b,) position of each sample's last real token
-    attention_mask = None    # packed: the position ids carry the sample boundaries
+
+    input_ids: Tensor  # (1, T)
+    position_ids: Tensor  # (1, T)
+    response_mask: Tensor  # (b, R) float, 1 on real response tokens
+    predict_index: Tensor  # (N,) position in the row whose output predicts each response token
+    token_row: Tensor  # (N,) which sample each response token belongs to
+    token_col: Tensor  # (N,) its place within that sample's answer
+    last_index: Tensor  # (b,) position of each sample's last real token
+    attention_mask = None  # packed: the position ids carry the sample boundaries
 
     @property
     def response_width(self) -> int:
@@ -119,11 +126,16 @@ class PackedBatch:
         out = per_token.new_zeros(self.response_mask.shape)
         return out.index_put((self.token_row, self.token_col), per_token)
 
-    def to(self, device) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device),
-                           self.response_mask.to(device), self.predict_index.to(device),
-                           self.token_row.to(device), self.token_col.to(device),
-                           self.last_index.to(device))
+    def to(self, device) -> PackedBatch:
+        return PackedBatch(
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            self.response_mask.to(device),
+            self.predict_index.to(device),
+            self.token_row.to(device),
+            self.token_col.to(device),
+            self.last_index.to(device),
+        )
 
 
 def collate(samples: list[Sample], pad_id: int, packed: bool = False) -> PaddedBatch | PackedBatch:
@@ -148,10 +160,16 @@ def _pack(samples: list[Sample]) -> PackedBatch:
     R = max(max(s.num_actions for s in samples), 1)
     response_mask = torch.zeros((len(samples), R), dtype=torch.float32)
     for i, s in enumerate(samples):
-        response_mask[i, :s.num_actions] = 1
-    return PackedBatch(torch.cat(ids).long().unsqueeze(0), torch.cat(positions).unsqueeze(0),
-                       response_mask, torch.cat(predict), torch.cat(token_row),
-                       torch.cat(token_col), torch.tensor(last, dtype=torch.long))
+        response_mask[i, : s.num_actions] = 1
+    return PackedBatch(
+        torch.cat(ids).long().unsqueeze(0),
+        torch.cat(positions).unsqueeze(0),
+        response_mask,
+        torch.cat(predict),
+        torch.cat(token_row),
+        torch.cat(token_col),
+        torch.tensor(last, dtype=torch.long),
+    )
 
 
 def _pad(samples: list[Sample], pad_id: int) -> PaddedBatch:
@@ -163,9 +181,9 @@ def _pad(samples: list[Sample], pad_id: int) -> PaddedBatch:
     response_mask = torch.zeros((b, R), dtype=torch.float32)
     for i, s in enumerate(samples):
         p, r = int(s.prompt_ids.numel()), s.num_actions
-        input_ids[i, P - p:P] = s.prompt_ids
-        input_ids[i, P:P + r] = s.response_ids
-        attention_mask[i, P - p:P + r] = 1
+        input_ids[i, P - p : P] = s.prompt_ids
+        input_ids[i, P : P + r] = s.response_ids
+        attention_mask[i, P - p : P + r] = 1
         response_mask[i, :r] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     # With an empty answer the last real token is the prompt's last token (index P - 1).
@@ -178,7 +196,7 @@ def pad_field(samples: list[Sample], name: str, width: int) -> Tensor:
     out = torch.zeros((len(samples), width), dtype=torch.float32)
     for i, s in enumerate(samples):
         value = getattr(s, name)
-        out[i, :value.numel()] = value
+        out[i, : value.numel()] = value
     return out
 
 
@@ -186,8 +204,8 @@ def unpad_into(samples: list[Sample], name: str, padded: Tensor) -> None:
     """Inverse of pad_field: store row i's first R_i entries on samples[i].`name`."""
     padded = padded.detach().float().cpu()
     for i, s in enumerate(samples):
-        setattr(s, name, padded[i, :s.num_actions].clone())
+        setattr(s, name, padded[i, : s.num_actions].clone())
 
 
 def chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]

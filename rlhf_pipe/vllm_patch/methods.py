@@ -163,12 +163,12 @@ V1_BLOCK = '''\
 
 @dataclass(frozen=True)
 class ApiLine:
-    name: str                 # also the file name patches/<name>.diff
+    name: str  # also the file name patches/<name>.diff
     summary: str
-    block: str                # text inserted into class LLM
-    anchor: str               # the block goes right before `def <anchor>(` in class LLM
+    block: str  # text inserted into class LLM
+    anchor: str  # the block goes right before `def <anchor>(` in class LLM
     required_names: tuple[str, ...]  # module-level names of llm.py the block uses
-    reference: str            # the vLLM release patches/<name>.diff is made against
+    reference: str  # the vLLM release patches/<name>.diff is made against
 
 
 _V1_NAMES = ("Callable", "LoRARequest", "RequestOutput", "SamplingParams", "Sequence", "tqdm")
@@ -176,15 +176,37 @@ _V1_NAMES = ("Callable", "LoRARequest", "RequestOutput", "SamplingParams", "Sequ
 LINES: dict[str, ApiLine] = {
     line.name: line
     for line in (
-        ApiLine("legacy-0.3", "vLLM 0.3.x: _add_request(..., prefix_pos=), loop in llm.py",
-                LEGACY_0_3_BLOCK, "_add_request",
-                ("LoRARequest", "List", "Optional", "RequestOutput", "SamplingParams", "Union",
-                 "tqdm"), "0.3.3"),
-        ApiLine("v1-llm", "V1 engine, LLM and its run loop in entrypoints/llm.py",
-                V1_BLOCK, "enqueue", _V1_NAMES, "0.21.0"),
-        ApiLine("v1-offline-utils", "V1 engine, run loop in entrypoints/offline_utils.py",
-                V1_BLOCK, "enqueue", _V1_NAMES, "0.31.0"),
-        ApiLine("v1-common-offline", "V1 engine, run loop in entrypoints/common/offline.py",
-                V1_BLOCK, "enqueue", _V1_NAMES, "0.32.0"),
+        ApiLine(
+            "legacy-0.3",
+            "vLLM 0.3.x: _add_request(..., prefix_pos=), loop in llm.py",
+            LEGACY_0_3_BLOCK,
+            "_add_request",
+            ("LoRARequest", "List", "Optional", "RequestOutput", "SamplingParams", "Union", "tqdm"),
+            "0.3.3",
+        ),
+        ApiLine(
+            "v1-llm",
+            "V1 engine, LLM and its run loop in entrypoints/llm.py",
+            V1_BLOCK,
+            "enqueue",
+            _V1_NAMES,
+            "0.21.0",
+        ),
+        ApiLine(
+            "v1-offline-utils",
+            "V1 engine, run loop in entrypoints/offline_utils.py",
+            V1_BLOCK,
+            "enqueue",
+            _V1_NAMES,
+            "0.31.0",
+        ),
+        ApiLine(
+            "v1-common-offline",
+            "V1 engine, run loop in entrypoints/common/offline.py",
+            V1_BLOCK,
+            "enqueue",
+            _V1_NAMES,
+            "0.32.0",
+        ),
     )
 }

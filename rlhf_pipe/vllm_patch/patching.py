@@ -27,8 +27,9 @@ def sha256(text: str) -> str:
 
 def line_hashes(text: str) -> str:
     """4 hex digits of sha256 per line, concatenated: enough to find the first changed line."""
-    return "".join(hashlib.sha256(line.encode("utf-8")).hexdigest()[:4]
-                   for line in text.split("\n"))
+    return "".join(
+        hashlib.sha256(line.encode("utf-8")).hexdigest()[:4] for line in text.split("\n")
+    )
 
 
 def first_difference(text: str, expected_hashes: str) -> tuple[int, str]:
@@ -38,7 +39,7 @@ def first_difference(text: str, expected_hashes: str) -> tuple[int, str]:
     matches (then only bytes that are not lines differ, which split("\\n") cannot show).
     """
     lines = text.split("\n")
-    expected = [expected_hashes[i:i + 4] for i in range(0, len(expected_hashes), 4)]
+    expected = [expected_hashes[i : i + 4] for i in range(0, len(expected_hashes), 4)]
     for i, line in enumerate(lines):
         if i >= len(expected) or line_hashes(line) != expected[i]:
             return i + 1, line
@@ -94,8 +95,9 @@ def insert_index(text: str, line: ApiLine) -> int:
         tree = ast.parse(text)
     except SyntaxError as err:
         raise PatchError(f"{LLM_PY} does not parse: line {err.lineno}: {err.msg}") from None
-    cls = next((node for node in tree.body
-                if isinstance(node, ast.ClassDef) and node.name == "LLM"), None)
+    cls = next(
+        (node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "LLM"), None
+    )
     if cls is None:
         raise PatchError(f"{LLM_PY} has no top-level `class LLM`")
     methods: dict[str, ast.FunctionDef] = {}
@@ -106,15 +108,19 @@ def insert_index(text: str, line: ApiLine) -> int:
         raise PatchError(
             f"{LLM_PY} line {methods['generate_to_queue'].lineno}: class LLM already defines "
             "generate_to_queue without the rlhf_pipe marker (a hand edit?); reinstall vLLM "
-            "to get the released file back, then run this tool")
+            "to get the released file back, then run this tool"
+        )
     anchor = methods.get(line.anchor)
     if anchor is None:
-        raise PatchError(f"class LLM in {LLM_PY} has no method `{line.anchor}`, which the "
-                         f"{line.name} patch goes in front of")
+        raise PatchError(
+            f"class LLM in {LLM_PY} has no method `{line.anchor}`, which the "
+            f"{line.name} patch goes in front of"
+        )
     missing = sorted(set(line.required_names) - _module_names(tree))
     if missing:
-        raise PatchError(f"{LLM_PY} does not import {', '.join(missing)}, which the "
-                         f"{line.name} patch uses")
+        raise PatchError(
+            f"{LLM_PY} does not import {', '.join(missing)}, which the {line.name} patch uses"
+        )
     index = min([anchor.lineno] + [d.lineno for d in anchor.decorator_list]) - 1
     lines = text.split("\n")
     while index > 0 and lines[index - 1].strip().startswith("#"):  # keep comments on the def
@@ -138,7 +144,7 @@ def unpatch_text(text: str) -> str:
     start = marker_line(text)
     if start is None:
         raise PatchError(f"{LLM_PY} is not patched")
-    lines = text.split("\n")[start - 1:]
+    lines = text.split("\n")[start - 1 :]
     best = 0
     for block in {line.block for line in LINES.values()}:
         same = 0
@@ -150,13 +156,19 @@ def unpatch_text(text: str) -> str:
     raise PatchError(
         f"{LLM_PY} line {start + best} differs from the block this tool inserts (marker at line "
         f"{start}; changed after patching, or written by another rlhf_pipe version): "
-        f"{lines[best] if best < len(lines) else ''!r}")
+        f"{lines[best] if best < len(lines) else ''!r}"
+    )
 
 
 def unified_diff(old: str, new: str) -> str:
-    return "".join(difflib.unified_diff(
-        old.splitlines(keepends=True), new.splitlines(keepends=True),
-        fromfile=f"a/{LLM_PY}", tofile=f"b/{LLM_PY}"))
+    return "".join(
+        difflib.unified_diff(
+            old.splitlines(keepends=True),
+            new.splitlines(keepends=True),
+            fromfile=f"a/{LLM_PY}",
+            tofile=f"b/{LLM_PY}",
+        )
+    )
 
 
 def patch_file_text(line: ApiLine, original: str) -> str:

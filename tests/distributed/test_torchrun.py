@@ -18,15 +18,27 @@ from rlhf_pipe.trainer import RLHFTrainer
 from tests.conftest import ROOT, TINY_CONFIG, tiny_config
 
 pytestmark = pytest.mark.slow
-QUIET = {"train_config.progress_bar": False, "train_config.tensorboard": False,
-         "train_config.stage_timeout_s": 60}
+QUIET = {
+    "train_config.progress_bar": False,
+    "train_config.tensorboard": False,
+    "train_config.stage_timeout_s": 60,
+}
 
 
 def _torchrun(nproc, work, steps, extra=(), wait=True, args=()):
     sets = {**QUIET, "train_config.work_dir": str(work), "train_config.max_train_step": steps}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(29500 + os.getpid() % 1000), "-m", "rlhf_pipe.train",
-           str(TINY_CONFIG)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "rlhf_pipe.train",
+        str(TINY_CONFIG),
+    ]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     for item in extra:
@@ -35,8 +47,15 @@ def _torchrun(nproc, work, steps, extra=(), wait=True, args=()):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -55,44 +74,81 @@ def _single_process(tmp_path, engine, initial, steps, **over):
     return tmp_path / "run" / "checkpoints" / f"step_{steps:06d}"
 
 
-@pytest.mark.parametrize("layout,nproc,extra", [
-    ("one rank per role", 4, ()),
-    ("actor and reference colocated", 3, ("placement_config.colocate_actor_ref=True",)),
-    # A learned reward model on the critic's rank (REWARD: the tiny reward model's folder).
-    ("critic and reward model colocated", 4,
-     ("placement_config.colocate_critic_reward=True", "model_configs.reward.model_path=REWARD")),
-    # Actor, critic and reference in one process: their calls take turns on that rank.
-    ("actor, critic and reference in one process", 2,
-     ("placement_config.colocate_actor_ref=True", "placement_config.colocate_actor_critic=True")),
-    ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
-    ("actor on two data-parallel ranks", 5,
-     ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2")),
-    # DeepSpeed: actor and critic each under ZeRO, the actor on 2 data-parallel ranks. With
-    # 4 mini-batches of one train chunk each, rank 1 gets no chunk: it joins ZeRO's
-    # collectives with zero-weight passes.
-    *[(f"ZeRO-{stage}, actor on two data-parallel ranks", 5,
-       ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2",
-        "train_config.num_mini_batches=4",
-        *(f"model_configs.{m}.trainer_config.deepspeed_config="
-          f"{{'zero_optimization': {{'stage': {stage}}}}}" for m in ("policy", "critic"))))
-      for stage in (2, 3)],
-])
-def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_weights,
-                                        tiny_assets, layout, nproc, extra):
+@pytest.mark.parametrize(
+    "layout,nproc,extra",
+    [
+        ("one rank per role", 4, ()),
+        ("actor and reference colocated", 3, ("placement_config.colocate_actor_ref=True",)),
+        # A learned reward model on the critic's rank (REWARD: the tiny reward model's folder).
+        (
+            "critic and reward model colocated",
+            4,
+            (
+                "placement_config.colocate_critic_reward=True",
+                "model_configs.reward.model_path=REWARD",
+            ),
+        ),
+        # Actor, critic and reference in one process: their calls take turns on that rank.
+        (
+            "actor, critic and reference in one process",
+            2,
+            (
+                "placement_config.colocate_actor_ref=True",
+                "placement_config.colocate_actor_critic=True",
+            ),
+        ),
+        ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
+        (
+            "actor on two data-parallel ranks",
+            5,
+            ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2"),
+        ),
+        # DeepSpeed: actor and critic each under ZeRO, the actor on 2 data-parallel ranks. With
+        # 4 mini-batches of one train chunk each, rank 1 gets no chunk: it joins ZeRO's
+        # collectives with zero-weight passes.
+        *[
+            (
+                f"ZeRO-{stage}, actor on two data-parallel ranks",
+                5,
+                (
+                    "model_configs.policy.trainer_config.parallel.data.size=2",
+                    "PIPE_MICRO_BATCH_NUM=2",
+                    "train_config.num_mini_batches=4",
+                    *(
+                        f"model_configs.{m}.trainer_config.deepspeed_config="
+                        f"{{'zero_optimization': {{'stage': {stage}}}}}"
+                        for m in ("policy", "critic")
+                    ),
+                ),
+            )
+            for stage in (2, 3)
+        ],
+    ],
+)
+def test_torchrun_equals_single_process(
+    tmp_path, vllm_engine, initial_policy_weights, tiny_assets, layout, nproc, extra
+):
     extra = tuple(e.replace("=REWARD", f"={tiny_assets.reward}") for e in extra)
     proc = _torchrun(nproc, tmp_path / "dist", 2, extra)
     assert proc.returncode == 0, "\n".join(
-        line for line in proc.stderr.splitlines() if "error" in line.lower())[-3000:]
+        line for line in proc.stderr.splitlines() if "error" in line.lower()
+    )[-3000:]
     assert "trained to step 2" in proc.stdout
     dist_ckpt = tmp_path / "dist" / "checkpoints" / "step_000002"
     # The one-process run has the same batch split and the same ZeRO stage (ZeRO against
     # plain AdamW is measured in tests/pipeline/test_zero.py).
-    same = {k: (v if k.endswith("model_path") else ast.literal_eval(v))
-            for k, v in (item.split("=", 1) for item in extra)
-            if k in ("PIPE_MICRO_BATCH_NUM", "train_config.num_mini_batches",
-                     "model_configs.reward.model_path") or k.endswith("deepspeed_config")}
-    single = _single_process(tmp_path / "single", vllm_engine, initial_policy_weights, 2,
-                             **same)
+    same = {
+        k: (v if k.endswith("model_path") else ast.literal_eval(v))
+        for k, v in (item.split("=", 1) for item in extra)
+        if k
+        in (
+            "PIPE_MICRO_BATCH_NUM",
+            "train_config.num_mini_batches",
+            "model_configs.reward.model_path",
+        )
+        or k.endswith("deepspeed_config")
+    }
+    single = _single_process(tmp_path / "single", vllm_engine, initial_policy_weights, 2, **same)
     for part in ("actor", "critic"):
         a, b = _weights(dist_ckpt / part), _weights(single / part)
         assert a.keys() == b.keys()
@@ -106,8 +162,10 @@ def test_torchrun_equals_single_process(tmp_path, vllm_engine, initial_policy_we
         limit = 2e-4 if ("engines" in layout or "data-parallel" in layout) else 0.0
         assert diff <= limit, f"{layout}: {part} differs by {diff}"
     assert _weights(dist_ckpt / "actor").keys()  # not an empty folder
-    assert any(not torch.equal(_weights(dist_ckpt / "actor")[k], initial_policy_weights[k])
-               for k in initial_policy_weights)
+    assert any(
+        not torch.equal(_weights(dist_ckpt / "actor")[k], initial_policy_weights[k])
+        for k in initial_policy_weights
+    )
 
 
 def _processes():
@@ -153,8 +211,11 @@ def _run_survivors(master_port: bytes) -> list[int]:
     """Processes of one torchrun run still alive, wherever they were reparented to (a run is
     told apart by its MASTER_PORT, which its workers and their children inherit)."""
     _, env_of = _processes()
-    return [pid for pid, vars_ in env_of.items()
-            if b"TORCHELASTIC_RUN_ID" in vars_ and vars_.get(b"MASTER_PORT") == master_port]
+    return [
+        pid
+        for pid, vars_ in env_of.items()
+        if b"TORCHELASTIC_RUN_ID" in vars_ and vars_.get(b"MASTER_PORT") == master_port
+    ]
 
 
 @pytest.mark.parametrize("victim", [2, 0])
@@ -183,8 +244,10 @@ def test_killed_rank_stops_every_rank_within_60s(tmp_path, victim):
     assert not _run_survivors(port), "a process of the run outlived it"
     # torchrun names the dead rank and how it died; the placement line gives its role.
     assert f"exitcode: -9) local_rank: {victim}" in stderr, stderr[-3000:]
-    assert "rlhf_pipe placement: rank 0 rollout, rank 1 actor, rank 2 critic, rank 3 reference" \
+    assert (
+        "rlhf_pipe placement: rank 0 rollout, rank 1 actor, rank 2 critic, rank 3 reference"
         in stderr
+    )
 
 
 def test_kill_then_resume_auto_continues_exactly(tmp_path, vllm_engine, initial_policy_weights):
@@ -207,8 +270,9 @@ def test_kill_then_resume_auto_continues_exactly(tmp_path, vllm_engine, initial_
     done = sorted(p.name for p in (work / "checkpoints").iterdir() if (p / "COMPLETE").exists())
     last = int(done[-1].removeprefix("step_"))
     total = last + 2
-    resumed = _torchrun(4, work, total, ("train_config.save_interval=1",),
-                        args=("--resume", "auto"))
+    resumed = _torchrun(
+        4, work, total, ("train_config.save_interval=1",), args=("--resume", "auto")
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"trained to step {total}" in resumed.stdout
     steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
@@ -222,25 +286,47 @@ def test_kill_then_resume_auto_continues_exactly(tmp_path, vllm_engine, initial_
 
 def test_rlhf_pipe_train_launches_torchrun_for_one_node(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "rlhf_pipe", "train", str(TINY_CONFIG), "--nproc", "auto",
-         "--max-steps", "1", "--work-dir", str(tmp_path / "w"),
-         "--set", "train_config.progress_bar=False", "--set", "train_config.tensorboard=False"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"})
+        [
+            sys.executable,
+            "-m",
+            "rlhf_pipe",
+            "train",
+            str(TINY_CONFIG),
+            "--nproc",
+            "auto",
+            "--max-steps",
+            "1",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--set",
+            "train_config.progress_bar=False",
+            "--set",
+            "train_config.tensorboard=False",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--nproc-per-node 4 -m rlhf_pipe.train" in proc.stdout
     assert "trained to step 1" in proc.stdout
     assert (tmp_path / "w" / "checkpoints" / "step_000001" / "COMPLETE").exists()
 
 
-def test_zero2_checkpoint_of_two_ranks_resumes_on_one(tmp_path, vllm_engine,
-                                                      initial_policy_weights):
+def test_zero2_checkpoint_of_two_ranks_resumes_on_one(
+    tmp_path, vllm_engine, initial_policy_weights
+):
     """A ZeRO-2 actor on 2 data-parallel ranks saves; a run with the actor on 1 rank (and a
     plain AdamW critic) resumes it for a third step, as one process resuming it does."""
     ds = "{'zero_optimization': {'stage': 2}}"
-    two = ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2",
-           f"model_configs.policy.trainer_config.deepspeed_config={ds}",
-           f"model_configs.critic.trainer_config.deepspeed_config={ds}")
+    two = (
+        "model_configs.policy.trainer_config.parallel.data.size=2",
+        "PIPE_MICRO_BATCH_NUM=2",
+        f"model_configs.policy.trainer_config.deepspeed_config={ds}",
+        f"model_configs.critic.trainer_config.deepspeed_config={ds}",
+    )
     proc = _torchrun(5, tmp_path / "dp2", 2, two)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "dp2" / "checkpoints" / "step_000002"
@@ -255,15 +341,23 @@ def test_zero2_checkpoint_of_two_ranks_resumes_on_one(tmp_path, vllm_engine,
 
     # The same resume in one process: its restored moments are the saved ones, exactly.
     from deepspeed.utils import safe_get_full_optimizer_state
+
     vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-    single = RLHFTrainer(tiny_config(tmp_path / "single", PIPE_MICRO_BATCH_NUM=2, **{
-        "model_configs.policy.trainer_config.deepspeed_config": ast.literal_eval(ds)}),
-        engine=vllm_engine, console=False)
+    single = RLHFTrainer(
+        tiny_config(
+            tmp_path / "single",
+            PIPE_MICRO_BATCH_NUM=2,
+            **{"model_configs.policy.trainer_config.deepspeed_config": ast.literal_eval(ds)},
+        ),
+        engine=vllm_engine,
+        console=False,
+    )
     single.resume(ckpt)
     params = dict(single.actor.model.named_parameters())
     for name, entry in saved["actor"]["params"].items():
-        assert torch.equal(safe_get_full_optimizer_state(params[name], "exp_avg"),
-                           entry["exp_avg"]), name
+        assert torch.equal(
+            safe_get_full_optimizer_state(params[name], "exp_avg"), entry["exp_avg"]
+        ), name
     single.learn(3)
     single.close()
     # After step 3 the torchrun run holds the same weights and Adam moments, bit for bit (as
@@ -275,10 +369,13 @@ def test_zero2_checkpoint_of_two_ranks_resumes_on_one(tmp_path, vllm_engine,
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
         moments = state[part]["params"]
         mine = role.training_state()["params"]
-        mdiff = max((moments[n]["exp_avg"] - mine[n]["exp_avg"]).abs().max().item()
-                    for n in moments)
-        print(f"dp 2 -> dp 1 resume, torchrun vs one process: {part} weights {diff:.3g}, "
-              f"exp_avg {mdiff:.3g}")
+        mdiff = max(
+            (moments[n]["exp_avg"] - mine[n]["exp_avg"]).abs().max().item() for n in moments
+        )
+        print(
+            f"dp 2 -> dp 1 resume, torchrun vs one process: {part} weights {diff:.3g}, "
+            f"exp_avg {mdiff:.3g}"
+        )
         assert diff == 0.0 and mdiff == 0.0, (part, diff, mdiff)
 
 
@@ -286,9 +383,23 @@ def test_torchrun_bench_reports_each_device(tmp_path):
     """`rlhf_pipe.train --bench` on 4 CPU ranks: the distributed bench writes its report, with
     the roles' ranks mapped to devices (CPU ranks share the host: one device)."""
     out = tmp_path / "bench"
-    proc = _torchrun(4, tmp_path / "run", 2, args=["--bench", "1,2", "--steps", "1",
-                                                   "--warmup", "0", "--out", str(out),
-                                                   "--streaming-rounds", "1"])
+    proc = _torchrun(
+        4,
+        tmp_path / "run",
+        2,
+        args=[
+            "--bench",
+            "1,2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+            "--streaming-rounds",
+            "1",
+        ],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pipe 2: step" in proc.stdout
     result = json.loads((out / "bench.json").read_text())

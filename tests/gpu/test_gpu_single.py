@@ -8,16 +8,23 @@ import torch
 
 from tests.conftest import tiny_config
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
 
 
 @pytest.fixture(scope="module")
 def gpu_engine(tiny_assets):
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(str(tiny_assets.policy), dtype="float32", seed=0, max_model_len=64,
-                      gpu_memory_utilization=0.2)
+    return VLLMEngine(
+        str(tiny_assets.policy),
+        dtype="float32",
+        seed=0,
+        max_model_len=64,
+        gpu_memory_utilization=0.2,
+    )
 
 
 def test_stream_contract_on_gpu(gpu_engine):
@@ -27,8 +34,9 @@ def test_stream_contract_on_gpu(gpu_engine):
     params = [SamplingParams(max_tokens=n, ignore_eos=True, seed=i) for i, n in enumerate(lengths)]
     q = queue.Queue()
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
-    outputs = gpu_engine.llm.generate_to_queue(prompt_token_ids=prompts, sampling_params=params,
-                                               use_tqdm=False, queue=q)
+    outputs = gpu_engine.llm.generate_to_queue(
+        prompt_token_ids=prompts, sampling_params=params, use_tqdm=False, queue=q
+    )
     streamed = [q.get_nowait() for _ in range(q.qsize())]
     assert [len(o.outputs[0].token_ids) for o in streamed] == sorted(lengths)
     assert [len(o.outputs[0].token_ids) for o in outputs] == lengths
@@ -49,8 +57,13 @@ def test_weight_load_on_gpu(gpu_engine, initial_policy_weights):
     gpu_engine.load_weights({**initial_policy_weights, "lm_head.weight": boosted}.items(), 1)
     gpu_engine.generate([[5, 6, 7]], [0], settings, [0], Sink())
     assert got[-1] == [42] * 6
-    print("load method:", gpu_engine._load_method.__name__, gpu_engine.last_sync,
-          "generate_to_queue:", gpu_engine.patch_kind)
+    print(
+        "load method:",
+        gpu_engine._load_method.__name__,
+        gpu_engine.last_sync,
+        "generate_to_queue:",
+        gpu_engine.patch_kind,
+    )
 
 
 def test_tiny_training_on_one_gpu(tmp_path, gpu_engine, initial_policy_weights):
@@ -64,8 +77,10 @@ def test_tiny_training_on_one_gpu(tmp_path, gpu_engine, initial_policy_weights):
     assert trainer.actor.device.type == "cuda"
     first = sum(h["reward"] for h in history[:5]) / 5
     last = sum(h["reward"] for h in history[-5:]) / 5
-    print(f"gpu tiny: reward first5 {first:.3f} last5 {last:.3f}; "
-          f"step_s {[round(h['step_s'], 3) for h in history]}")
+    print(
+        f"gpu tiny: reward first5 {first:.3f} last5 {last:.3f}; "
+        f"step_s {[round(h['step_s'], 3) for h in history]}"
+    )
     assert last > first
 
 

@@ -17,8 +17,10 @@ def _run(tmp_path, engine, initial, steps=2, **over):
     engine.load_weights(initial.items(), version=0)
     trainer = RLHFTrainer(tiny_config(tmp_path, **over), engine=engine, console=False)
     history = [trainer.train_step() for _ in range(steps)]
-    weights = {part: {k: v.clone() for k, v in role.model.state_dict().items()}
-               for part, role in (("actor", trainer.actor), ("critic", trainer.critic))}
+    weights = {
+        part: {k: v.clone() for k, v in role.model.state_dict().items()}
+        for part, role in (("actor", trainer.actor), ("critic", trainer.critic))
+    }
     plan = trainer._plan(trainer.step_index)
     trainer.close()
     return weights, history, plan
@@ -29,15 +31,18 @@ def _max_diff(a, b):
 
 
 def test_when_the_actor_forward_is_needed(tmp_path, fresh_engine):
-    cases = [({}, True),                                      # KL in the reward (the default)
-             ({"repeater_config.kl_coeff": 0.0}, False),
-             (KL_IN_LOSS, False),
-             ({**KL_IN_LOSS, "train_config.ppo_epochs": 2}, True),   # later epochs need old
-             ({**KL_IN_LOSS, "train_config.num_mini_batches": 2}, True),
-             ({**KL_IN_LOSS, "train_config.skip_redundant_actor_forward": False}, True)]
+    cases = [
+        ({}, True),  # KL in the reward (the default)
+        ({"repeater_config.kl_coeff": 0.0}, False),
+        (KL_IN_LOSS, False),
+        ({**KL_IN_LOSS, "train_config.ppo_epochs": 2}, True),  # later epochs need old
+        ({**KL_IN_LOSS, "train_config.num_mini_batches": 2}, True),
+        ({**KL_IN_LOSS, "train_config.skip_redundant_actor_forward": False}, True),
+    ]
     for i, (over, needed) in enumerate(cases):
-        trainer = RLHFTrainer(tiny_config(tmp_path / str(i), **over), engine=fresh_engine,
-                              console=False)
+        trainer = RLHFTrainer(
+            tiny_config(tmp_path / str(i), **over), engine=fresh_engine, console=False
+        )
         try:
             assert trainer._plan(0).actor_forward is needed, over
         finally:
@@ -45,11 +50,15 @@ def test_when_the_actor_forward_is_needed(tmp_path, fresh_engine):
 
 
 def test_skipped_forward_trains_as_the_full_one(tmp_path, vllm_engine, initial_policy_weights):
-    skipped, hist, plan = _run(tmp_path / "skip", vllm_engine, initial_policy_weights,
-                               **KL_IN_LOSS)
+    skipped, hist, plan = _run(tmp_path / "skip", vllm_engine, initial_policy_weights, **KL_IN_LOSS)
     assert plan.actor_forward is False
-    full, full_hist, _ = _run(tmp_path / "full", vllm_engine, initial_policy_weights,
-                              **KL_IN_LOSS, **{"train_config.skip_redundant_actor_forward": False})
+    full, full_hist, _ = _run(
+        tmp_path / "full",
+        vllm_engine,
+        initial_policy_weights,
+        **KL_IN_LOSS,
+        **{"train_config.skip_redundant_actor_forward": False},
+    )
     timeline_names = {name for name, *_ in hist[-1]["timeline"]}
     assert "actor.forward" not in timeline_names and "actor.train" in timeline_names
     assert "actor.forward" in {name for name, *_ in full_hist[-1]["timeline"]}
@@ -65,9 +74,17 @@ def test_skipped_forward_trains_as_the_full_one(tmp_path, vllm_engine, initial_p
 
 
 def test_skipped_forward_pipelined_equals_serial(tmp_path, vllm_engine, initial_policy_weights):
-    runs = {m: _run(tmp_path / f"m{m}", vllm_engine, initial_policy_weights,
-                    PIPE_MICRO_BATCH_NUM=m, **KL_IN_LOSS, **{"repeater_config.norm_rewards": False})
-            for m in (1, 4)}
+    runs = {
+        m: _run(
+            tmp_path / f"m{m}",
+            vllm_engine,
+            initial_policy_weights,
+            PIPE_MICRO_BATCH_NUM=m,
+            **KL_IN_LOSS,
+            **{"repeater_config.norm_rewards": False},
+        )
+        for m in (1, 4)
+    }
     for part in ("actor", "critic"):
         a, b = runs[1][0][part], runs[4][0][part]
         assert all(torch.equal(a[k], b[k]) for k in a), (part, _max_diff(a, b))

@@ -30,10 +30,15 @@ def _moments(role) -> dict:
     params = dict(role.model.named_parameters())
     if getattr(role, "zero", None) is not None:
         from deepspeed.utils import safe_get_full_optimizer_state
-        return {n: safe_get_full_optimizer_state(params[n], "exp_avg").clone()
-                for n in optim_state.trained_names(role.model)}
-    return {n: role.optimizer.state[params[n]]["exp_avg"].float().clone()
-            for n in optim_state.trained_names(role.model)}
+
+        return {
+            n: safe_get_full_optimizer_state(params[n], "exp_avg").clone()
+            for n in optim_state.trained_names(role.model)
+        }
+    return {
+        n: role.optimizer.state[params[n]]["exp_avg"].float().clone()
+        for n in optim_state.trained_names(role.model)
+    }
 
 
 def _ckpt(tmp_path, step):
@@ -41,8 +46,13 @@ def _ckpt(tmp_path, step):
 
 
 def test_zero2_to_plain_and_plain_to_zero3(tmp_path, vllm_engine, initial_policy_weights):
-    run = lambda name, steps, **kw: _run(tmp_path / name, vllm_engine,  # noqa: E731
-                                         initial_policy_weights, steps, **kw)
+    run = lambda name, steps, **kw: _run(
+        tmp_path / name,
+        vllm_engine,  # noqa: E731
+        initial_policy_weights,
+        steps,
+        **kw,
+    )
     # ZeRO-2 for 2 steps, then plain AdamW from its checkpoint for a third step.
     z2, z2_moments = run("z2", 2, **_both(_ds(2)))
     plain, _ = run("plain", 3, **{"train_config.save_interval": 1})
@@ -54,8 +64,9 @@ def test_zero2_to_plain_and_plain_to_zero3(tmp_path, vllm_engine, initial_policy
     for part in ("actor", "critic"):
         # Steps 1-2 ran under ZeRO, which sums in another order (tests/pipeline/test_zero.py).
         diff = _max_diff(_weights(plain)[part], _weights(resumed)[part])
-        print(f"ZeRO-2 step 2 -> plain step 3 vs plain step 3: {part} max |difference| = "
-              f"{diff:.3g}")
+        print(
+            f"ZeRO-2 step 2 -> plain step 3 vs plain step 3: {part} max |difference| = {diff:.3g}"
+        )
         assert diff <= TOL, (part, diff)
 
     # Plain for 2 steps, then ZeRO-3 from its checkpoint for a third step.
@@ -65,19 +76,26 @@ def test_zero2_to_plain_and_plain_to_zero3(tmp_path, vllm_engine, initial_policy
     assert all(torch.equal(loaded[n], saved["actor"]["params"][n]["exp_avg"]) for n in loaded)
     for part in ("actor", "critic"):
         diff = _max_diff(_weights(z3)[part], _weights(to_z3)[part])
-        print(f"plain step 2 -> ZeRO-3 step 3 vs ZeRO-3 step 3: {part} max |difference| = "
-              f"{diff:.3g}")
+        print(
+            f"plain step 2 -> ZeRO-3 step 3 vs ZeRO-3 step 3: {part} max |difference| = {diff:.3g}"
+        )
         assert diff <= TOL, (part, diff)
 
     # The per-rank format written before still loads where it did, and nowhere else.
-    legacy = {"zero": z2.actor.zero.state_dict(), "scheduler": z2.actor.scheduler.state_dict(),
-              "zero_stage": 2, "dp_size": 1, "dp_rank": 0}
+    legacy = {
+        "zero": z2.actor.zero.state_dict(),
+        "scheduler": z2.actor.scheduler.state_dict(),
+        "zero_stage": 2,
+        "dp_size": 1,
+        "dp_rank": 0,
+    }
     z2.actor.load_training_state(legacy)
     assert all(torch.equal(m, z2_moments[n]) for n, m in _moments(z2.actor).items())
     with pytest.raises(CheckpointError, match="ZeRO-2 over 1 rank.*this run is ZeRO-3 over 1"):
         to_z3.actor.load_training_state(legacy)
-    with pytest.raises(CheckpointError, match="ZeRO's per-rank format, this run has no "
-                                              "deepspeed_config"):
+    with pytest.raises(
+        CheckpointError, match="ZeRO's per-rank format, this run has no deepspeed_config"
+    ):
         resumed.actor.load_training_state(legacy)
     # A state of another model is refused with the names that differ.
     other = dict(saved["actor"], params={"x." + n: e for n, e in saved["actor"]["params"].items()})

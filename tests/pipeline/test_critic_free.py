@@ -9,9 +9,13 @@ from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 
-CRITIC_FREE = {"model_configs.critic": None, "rollout_config.n": 4,
-               "prompt_dataset_config.samples_each_epoch": 6, "train_config.infer_micro_bs": 2,
-               "train_config.train_micro_bs": 2}
+CRITIC_FREE = {
+    "model_configs.critic": None,
+    "rollout_config.n": 4,
+    "prompt_dataset_config.samples_each_epoch": 6,
+    "train_config.infer_micro_bs": 2,
+    "train_config.train_micro_bs": 2,
+}
 
 
 def _trainer(tmp_path, engine, **over):
@@ -22,9 +26,16 @@ def _trainer(tmp_path, engine, **over):
 def test_grpo_groups_split_across_micro_batches_match_hand_computation(tmp_path, fresh_engine):
     # 6 prompts x n=4 = 24 samples in 4 micro-batches of 6: a group of 4 straddles a boundary
     # whenever its answers finish in different micro-batches.
-    trainer = _trainer(tmp_path, fresh_engine, PIPE_MICRO_BATCH_NUM=4,
-                       **{"repeater_config.algorithm": "grpo", "repeater_config.kl_coeff": 0.0,
-                          "repeater_config.norm_rewards": False})
+    trainer = _trainer(
+        tmp_path,
+        fresh_engine,
+        PIPE_MICRO_BATCH_NUM=4,
+        **{
+            "repeater_config.algorithm": "grpo",
+            "repeater_config.kl_coeff": 0.0,
+            "repeater_config.norm_rewards": False,
+        },
+    )
     out = trainer.pipeline.run(trainer._plan(0))
     assert out.extra["advantage_waits"] > 0  # some micro-batch waited for a straddling group
     by_prompt = {}
@@ -42,17 +53,25 @@ def test_grpo_groups_split_across_micro_batches_match_hand_computation(tmp_path,
     trainer.close()
 
 
-@pytest.mark.parametrize("algorithm,kl_mode", [("grpo", "loss"), ("rloo", "reward"),
-                                               ("reinforce_pp", "reward")])
-def test_critic_free_pipelined_equals_serial(tmp_path, vllm_engine, initial_policy_weights,
-                                             algorithm, kl_mode):
+@pytest.mark.parametrize(
+    "algorithm,kl_mode", [("grpo", "loss"), ("rloo", "reward"), ("reinforce_pp", "reward")]
+)
+def test_critic_free_pipelined_equals_serial(
+    tmp_path, vllm_engine, initial_policy_weights, algorithm, kl_mode
+):
     weights = {}
     for m in (1, 4):
         vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-        trainer = _trainer(tmp_path / f"{algorithm}{m}", vllm_engine, PIPE_MICRO_BATCH_NUM=m,
-                           **{"repeater_config.algorithm": algorithm,
-                              "repeater_config.kl_mode": kl_mode,
-                              "repeater_config.norm_rewards": False})
+        trainer = _trainer(
+            tmp_path / f"{algorithm}{m}",
+            vllm_engine,
+            PIPE_MICRO_BATCH_NUM=m,
+            **{
+                "repeater_config.algorithm": algorithm,
+                "repeater_config.kl_mode": kl_mode,
+                "repeater_config.norm_rewards": False,
+            },
+        )
         history = trainer.learn(2)
         trainer.close()
         assert trainer.critic is None

@@ -12,8 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_pipe.models import (load_causal_lm, load_value_model, packing_supported,
-                              response_logits, sequence_scores, token_values)
+from rlhf_pipe.models import (
+    load_causal_lm,
+    load_value_model,
+    packing_supported,
+    response_logits,
+    sequence_scores,
+    token_values,
+)
 from rlhf_pipe.pipeline.batch import PackedBatch, Sample, collate
 from rlhf_pipe.ppo import core
 from rlhf_pipe.roles import choose_packing
@@ -24,9 +30,16 @@ LENGTHS = [(3, 5), (7, 1), (1, 9), (5, 0), (4, 4)]
 
 def _samples(vocab: int, seed: int = 0) -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
-    return [Sample(i, i, 0, torch.randint(3, vocab, (p,), generator=g),
-                   torch.randint(3, vocab, (r,), generator=g))
-            for i, (p, r) in enumerate(LENGTHS)]
+    return [
+        Sample(
+            i,
+            i,
+            0,
+            torch.randint(3, vocab, (p,), generator=g),
+            torch.randint(3, vocab, (r,), generator=g),
+        )
+        for i, (p, r) in enumerate(LENGTHS)
+    ]
 
 
 def _logprobs(model, b):
@@ -37,8 +50,15 @@ def _logprobs(model, b):
 def qwen2_models():
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
-    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    cfg = Qwen2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     lm = Qwen2ForCausalLM(cfg).eval()
     value = Qwen2ForSequenceClassification(Qwen2Config(**{**cfg.to_dict(), "num_labels": 1})).eval()
@@ -64,8 +84,9 @@ def test_packed_equals_padded(family, request):
             assert got.shape == mask.shape
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert (got[mask == 0] == 0).all()
-        torch.testing.assert_close(sequence_scores(value, packed), sequence_scores(value, padded),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            sequence_scores(value, packed), sequence_scores(value, padded), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_samples_do_not_see_each_other(qwen2_models):
@@ -74,9 +95,15 @@ def test_samples_do_not_see_each_other(qwen2_models):
     lm, _ = qwen2_models
     samples = _samples(lm.config.vocab_size)
     packed = collate(samples, 0, packed=True)
-    joined = PackedBatch(packed.input_ids, torch.arange(packed.input_ids.shape[1])[None],
-                         packed.response_mask, packed.predict_index, packed.token_row,
-                         packed.token_col, packed.last_index)
+    joined = PackedBatch(
+        packed.input_ids,
+        torch.arange(packed.input_ids.shape[1])[None],
+        packed.response_mask,
+        packed.predict_index,
+        packed.token_row,
+        packed.token_col,
+        packed.last_index,
+    )
     with torch.no_grad():
         diff = (_logprobs(lm, joined) - _logprobs(lm, packed)).abs().max()
     assert diff > 1e-2
@@ -133,12 +160,17 @@ def test_trainer_packs_every_model_when_asked(tmp_path, fresh_engine, tiny_asset
 
     over = {"model_configs.reward.model_path": str(tiny_assets.reward)}
     for mode, want in ((True, True), ("auto", False)):  # the tiny models run sdpa
-        trainer = RLHFTrainer(tiny_config(tmp_path / str(mode), **over,
-                                          **{"train_config.pack_sequences": mode}),
-                              engine=fresh_engine, console=False)
+        trainer = RLHFTrainer(
+            tiny_config(tmp_path / str(mode), **over, **{"train_config.pack_sequences": mode}),
+            engine=fresh_engine,
+            console=False,
+        )
         try:
-            assert (trainer.actor.packed, trainer.critic.packed, trainer.reference.packed) == \
-                (want, want, want)
+            assert (trainer.actor.packed, trainer.critic.packed, trainer.reference.packed) == (
+                want,
+                want,
+                want,
+            )
             assert bool(trainer.reward.packed_scorers) is want
         finally:
             trainer.close()

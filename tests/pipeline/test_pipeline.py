@@ -27,14 +27,16 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("norm,pack", [("batch", False), (False, False), ("batch", True)])
-def test_pipelined_equals_serial_exactly(tmp_path, vllm_engine, initial_policy_weights, norm,
-                                         pack):
+def test_pipelined_equals_serial_exactly(tmp_path, vllm_engine, initial_policy_weights, norm, pack):
     results = {}
     for m in (1, 2, 4):
         vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-        results[m] = _train(tmp_path / f"m{m}", vllm_engine, PIPE_MICRO_BATCH_NUM=m,
-                            **{"repeater_config.norm_rewards": norm,
-                               "train_config.pack_sequences": pack})
+        results[m] = _train(
+            tmp_path / f"m{m}",
+            vllm_engine,
+            PIPE_MICRO_BATCH_NUM=m,
+            **{"repeater_config.norm_rewards": norm, "train_config.pack_sequences": pack},
+        )
     actor1, critic1, hist1 = results[1]
     assert _max_diff(actor1, {k: v for k, v in initial_policy_weights.items()}) > 0  # it trained
     for m in (2, 4):
@@ -44,13 +46,18 @@ def test_pipelined_equals_serial_exactly(tmp_path, vllm_engine, initial_policy_w
         assert [h["reward"] for h in hist] == [h["reward"] for h in hist1]
 
 
-def test_running_norm_differs_from_serial_as_documented(tmp_path, vllm_engine,
-                                                        initial_policy_weights):
+def test_running_norm_differs_from_serial_as_documented(
+    tmp_path, vllm_engine, initial_policy_weights
+):
     out = {}
     for m in (1, 4):
         vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-        out[m] = _train(tmp_path / f"m{m}", vllm_engine, PIPE_MICRO_BATCH_NUM=m,
-                        **{"repeater_config.norm_rewards": "running"})
+        out[m] = _train(
+            tmp_path / f"m{m}",
+            vllm_engine,
+            PIPE_MICRO_BATCH_NUM=m,
+            **{"repeater_config.norm_rewards": "running"},
+        )
     assert _max_diff(out[1][0], out[4][0]) > 0
 
 
@@ -89,7 +96,9 @@ def test_failing_stage_stops_every_stage_quickly(tmp_path, fresh_engine):
     cfg = tiny_config(tmp_path)
     trainer = RLHFTrainer(cfg, engine=fresh_engine, reward_fn=reward_fn, console=False)
     start = time.monotonic()
-    with pytest.raises(StageError, match="stage 'forward' failed: ValueError: reward service broke"):
+    with pytest.raises(
+        StageError, match="stage 'forward' failed: ValueError: reward service broke"
+    ):
         trainer.train_step()
     assert time.monotonic() - start < 30
     trainer.close()

@@ -12,14 +12,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_critic_warmup_trains_only_the_critic(tmp_path, fresh_engine, initial_policy_weights):
-    trainer = RLHFTrainer(tiny_config(tmp_path, **{"train_config.critic_warmup_step": 1}),
-                          engine=fresh_engine, console=False)
+    trainer = RLHFTrainer(
+        tiny_config(tmp_path, **{"train_config.critic_warmup_step": 1}),
+        engine=fresh_engine,
+        console=False,
+    )
     critic_before = {k: v.clone() for k, v in trainer.critic.model.state_dict().items()}
     metrics = trainer.train_step()
     actor = trainer.actor.model.state_dict()
     assert all(torch.equal(actor[k], initial_policy_weights[k]) for k in initial_policy_weights)
-    assert any(not torch.equal(v, trainer.critic.model.state_dict()[k])
-               for k, v in critic_before.items())
+    assert any(
+        not torch.equal(v, trainer.critic.model.state_dict()[k]) for k, v in critic_before.items()
+    )
     assert metrics["policy_version"] == 0 and fresh_engine.version == 0
     assert "actor/policy_loss" not in metrics
     metrics = trainer.train_step()  # warm-up over: the actor moves, the version advances
@@ -29,18 +33,27 @@ def test_critic_warmup_trains_only_the_critic(tmp_path, fresh_engine, initial_po
 
 def test_ptx_loss_is_added_and_changes_the_update(tmp_path, vllm_engine, initial_policy_weights):
     text = tmp_path / "pretrain.jsonl"
-    text.write_text("".join(json.dumps({"text": f"river stone {i} cloud {i * 7}"}) + "\n"
-                            for i in range(20)))
-    ptx = {"pretrain_dataset_config": {"message_datasets": [str(text)], "samples_each_epoch": 4,
-                                       "max_len": 32},
-           "train_config.pretrain_loss_weight": 0.5}
+    text.write_text(
+        "".join(json.dumps({"text": f"river stone {i} cloud {i * 7}"}) + "\n" for i in range(20))
+    )
+    ptx = {
+        "pretrain_dataset_config": {
+            "message_datasets": [str(text)],
+            "samples_each_epoch": 4,
+            "max_len": 32,
+        },
+        "train_config.pretrain_loss_weight": 0.5,
+    }
     out = {}
     for name, over in (("plain", {}), ("ptx", ptx)):
         vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-        trainer = RLHFTrainer(tiny_config(tmp_path / name, **over), engine=vllm_engine,
-                              console=False)
-        out[name] = (trainer.train_step(), {k: v.clone() for k, v in
-                                            trainer.actor.model.state_dict().items()})
+        trainer = RLHFTrainer(
+            tiny_config(tmp_path / name, **over), engine=vllm_engine, console=False
+        )
+        out[name] = (
+            trainer.train_step(),
+            {k: v.clone() for k, v in trainer.actor.model.state_dict().items()},
+        )
         trainer.close()
     assert out["ptx"][0]["actor/ptx_loss"] > 0
     assert "actor/ptx_loss" not in out["plain"][0]
@@ -49,9 +62,11 @@ def test_ptx_loss_is_added_and_changes_the_update(tmp_path, vllm_engine, initial
 
 
 def test_epochs_and_mini_batches_step_several_times(tmp_path, fresh_engine):
-    trainer = RLHFTrainer(tiny_config(tmp_path, **{"train_config.ppo_epochs": 2,
-                                                   "train_config.num_mini_batches": 2}),
-                          engine=fresh_engine, console=False)
+    trainer = RLHFTrainer(
+        tiny_config(tmp_path, **{"train_config.ppo_epochs": 2, "train_config.num_mini_batches": 2}),
+        engine=fresh_engine,
+        console=False,
+    )
     metrics = trainer.train_step()
     # 2 epochs x 2 mini-batches = 4 optimizer steps per model in one PPO step.
     assert trainer.actor.scheduler.last_epoch == 4
@@ -62,9 +77,15 @@ def test_epochs_and_mini_batches_step_several_times(tmp_path, fresh_engine):
 
 
 def test_evaluation_every_interval_with_eval_sampling(tmp_path, fresh_engine, tiny_assets):
-    over = {"train_config.eval_interval": 2, "rollout_config.eval_temperature": 0.0,
-            "eval_dataset_config": {"message_datasets": [str(tiny_assets.eval_prompts)],
-                                    "samples_each_epoch": 8, "max_len": 48}}
+    over = {
+        "train_config.eval_interval": 2,
+        "rollout_config.eval_temperature": 0.0,
+        "eval_dataset_config": {
+            "message_datasets": [str(tiny_assets.eval_prompts)],
+            "samples_each_epoch": 8,
+            "max_len": 48,
+        },
+    }
     trainer = RLHFTrainer(tiny_config(tmp_path, **over), engine=fresh_engine, console=False)
     history = trainer.learn(4)
     trainer.close()
@@ -77,8 +98,9 @@ def test_evaluation_every_interval_with_eval_sampling(tmp_path, fresh_engine, ti
 def test_missing_vllm_settings_warn_by_name():
     from rlhf_pipe.rollout.vllm_engine import unsupported_engine_settings
 
-    dropped = unsupported_engine_settings({"max_paddings": 256, "block_size": 16,
-                                           "max_num_batched_tokens": 2048})
+    dropped = unsupported_engine_settings(
+        {"max_paddings": 256, "block_size": 16, "max_num_batched_tokens": 2048}
+    )
     assert "max_paddings" in dropped and "block_size" not in dropped
 
 
@@ -89,10 +111,14 @@ def _nan_for_first(prompts, responses):
 def test_nan_reward_stops_the_step_that_made_it(tmp_path, fresh_engine, initial_policy_weights):
     from rlhf_pipe.pipeline.stages import StageError
 
-    trainer = RLHFTrainer(tiny_config(tmp_path), engine=fresh_engine, reward_fn=_nan_for_first,
-                          console=False)
-    with pytest.raises(StageError, match=r"non-finite reward for samples \[[\d, ]+\]; weights "
-                                         r"unchanged"):
+    trainer = RLHFTrainer(
+        tiny_config(tmp_path), engine=fresh_engine, reward_fn=_nan_for_first, console=False
+    )
+    with pytest.raises(
+        StageError,
+        match=r"non-finite reward for samples \[[\d, ]+\]; weights "
+        r"unchanged",
+    ):
         trainer.train_step()
     actor = trainer.actor.model.state_dict()
     assert all(torch.equal(actor[k], initial_policy_weights[k]) for k in initial_policy_weights)
@@ -100,9 +126,14 @@ def test_nan_reward_stops_the_step_that_made_it(tmp_path, fresh_engine, initial_
 
 
 def test_nan_update_is_skipped_when_asked(tmp_path, fresh_engine, initial_policy_weights):
-    trainer = RLHFTrainer(tiny_config(tmp_path, **{"train_config.on_nonfinite": "skip",
-                                                   "repeater_config.norm_rewards": False}),
-                          engine=fresh_engine, reward_fn=_nan_for_first, console=False)
+    trainer = RLHFTrainer(
+        tiny_config(
+            tmp_path, **{"train_config.on_nonfinite": "skip", "repeater_config.norm_rewards": False}
+        ),
+        engine=fresh_engine,
+        reward_fn=_nan_for_first,
+        console=False,
+    )
     metrics = trainer.train_step()
     assert metrics["nonfinite_skipped"] == 1.0
     assert metrics["policy_version"] == 0 and fresh_engine.version == 0

@@ -23,8 +23,10 @@ def _ds(stage, **zero):
 
 
 def _both(ds):
-    return {"model_configs.policy.trainer_config.deepspeed_config": ds,
-            "model_configs.critic.trainer_config.deepspeed_config": ds}
+    return {
+        "model_configs.policy.trainer_config.deepspeed_config": ds,
+        "model_configs.critic.trainer_config.deepspeed_config": ds,
+    }
 
 
 def _train(tmp_path, engine, initial, steps=2, **over):
@@ -36,9 +38,10 @@ def _train(tmp_path, engine, initial, steps=2, **over):
 
 
 def _weights(trainer):
-    return {part: {k: v.clone() for k, v in
-                   _named_full_weights(role.model, getattr(role, "stage", 0))}
-            for part, role in (("actor", trainer.actor), ("critic", trainer.critic))}
+    return {
+        part: {k: v.clone() for k, v in _named_full_weights(role.model, getattr(role, "stage", 0))}
+        for part, role in (("actor", trainer.actor), ("critic", trainer.critic))
+    }
 
 
 def _max_diff(a, b):
@@ -46,15 +49,30 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_zero2_matches_plain_and_pipelining_stays_exact(tmp_path, vllm_engine,
-                                                        initial_policy_weights):
+def test_zero2_matches_plain_and_pipelining_stays_exact(
+    tmp_path, vllm_engine, initial_policy_weights
+):
     _, plain = _train(tmp_path / "plain", vllm_engine, initial_policy_weights)
-    _, z1 = _train(tmp_path / "z1", vllm_engine, initial_policy_weights,
-                   PIPE_MICRO_BATCH_NUM=1, **_both(_ds(2)))
-    _, z4 = _train(tmp_path / "z4", vllm_engine, initial_policy_weights,
-                   PIPE_MICRO_BATCH_NUM=4, **_both(_ds(2)))
-    _, off = _train(tmp_path / "off", vllm_engine, initial_policy_weights,
-                    **_both(_ds(2, offload_optimizer={"device": "cpu"})))
+    _, z1 = _train(
+        tmp_path / "z1",
+        vllm_engine,
+        initial_policy_weights,
+        PIPE_MICRO_BATCH_NUM=1,
+        **_both(_ds(2)),
+    )
+    _, z4 = _train(
+        tmp_path / "z4",
+        vllm_engine,
+        initial_policy_weights,
+        PIPE_MICRO_BATCH_NUM=4,
+        **_both(_ds(2)),
+    )
+    _, off = _train(
+        tmp_path / "off",
+        vllm_engine,
+        initial_policy_weights,
+        **_both(_ds(2, offload_optimizer={"device": "cpu"})),
+    )
     assert _max_diff(plain["actor"], initial_policy_weights) > 1e-3  # it trained
     for part in ("actor", "critic"):
         # Same chunks, same backward order: pipelining under DeepSpeed is bit for bit.
@@ -80,43 +98,54 @@ def test_zero3_trains_syncs_vllm_and_resumes(tmp_path, vllm_engine, initial_poli
     # Resume from step 1 into a fresh ZeRO-3 run: step 2 is the uninterrupted one.
     ckpt = tmp_path / "z3" / "run" / "checkpoints" / "step_000001"
     vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-    again = RLHFTrainer(tiny_config(tmp_path / "again", **over), engine=vllm_engine,
-                        console=False)
+    again = RLHFTrainer(tiny_config(tmp_path / "again", **over), engine=vllm_engine, console=False)
     again.resume(ckpt)
     again.learn(2)
     again.close()
     resumed = _weights(again)
     for part in ("actor", "critic"):
-        assert all(torch.equal(z3[part][k], resumed[part][k]) for k in z3[part]), \
-            (part, _max_diff(z3[part], resumed[part]))
+        assert all(torch.equal(z3[part][k], resumed[part][k]) for k in z3[part]), (
+            part,
+            _max_diff(z3[part], resumed[part]),
+        )
     # The optimizer state is kept by parameter name, so a ZeRO-2 run resumes from it too
     # (tests/pipeline/test_adaptive_checkpoint.py trains on after such resumes).
-    other = RLHFTrainer(tiny_config(tmp_path / "other", **_both(_ds(2))), engine=vllm_engine,
-                        console=False)
+    other = RLHFTrainer(
+        tiny_config(tmp_path / "other", **_both(_ds(2))), engine=vllm_engine, console=False
+    )
     other.resume(ckpt)
     assert (other.step_index, other.version) == (1, 1)
     other.close()
 
 
-def test_gradient_checkpointing_gives_the_same_weights(tmp_path, vllm_engine,
-                                                       initial_policy_weights):
-    gc = {"model_configs.policy.trainer_config.gradient_checkpointing": True,
-          "model_configs.critic.trainer_config.gradient_checkpointing": True}
+def test_gradient_checkpointing_gives_the_same_weights(
+    tmp_path, vllm_engine, initial_policy_weights
+):
+    gc = {
+        "model_configs.policy.trainer_config.gradient_checkpointing": True,
+        "model_configs.critic.trainer_config.gradient_checkpointing": True,
+    }
     trainer, with_gc = _train(tmp_path / "gc", vllm_engine, initial_policy_weights, **gc)
     layers = [m for m in trainer.actor.model.modules() if getattr(m, "gradient_checkpointing", 0)]
     assert layers and all(m.training for m in layers)  # checkpointing is really on
-    assert not any(m.training for m in trainer.actor.model.modules()
-                   if isinstance(m, torch.nn.Dropout))
+    assert not any(
+        m.training for m in trainer.actor.model.modules() if isinstance(m, torch.nn.Dropout)
+    )
     _, without = _train(tmp_path / "plain", vllm_engine, initial_policy_weights)
-    _, zero_gc = _train(tmp_path / "zgc", vllm_engine, initial_policy_weights,
-                        **gc, **_both(_ds(2)))
+    _, zero_gc = _train(
+        tmp_path / "zgc", vllm_engine, initial_policy_weights, **gc, **_both(_ds(2))
+    )
     _, zero = _train(tmp_path / "z", vllm_engine, initial_policy_weights, **_both(_ds(2)))
     for part in ("actor", "critic"):
         # The recomputed forward is the same arithmetic: exact, with or without DeepSpeed.
-        assert all(torch.equal(with_gc[part][k], without[part][k]) for k in without[part]), \
-            (part, _max_diff(with_gc[part], without[part]))
-        assert all(torch.equal(zero_gc[part][k], zero[part][k]) for k in zero[part]), \
-            (part, _max_diff(zero_gc[part], zero[part]))
+        assert all(torch.equal(with_gc[part][k], without[part][k]) for k in without[part]), (
+            part,
+            _max_diff(with_gc[part], without[part]),
+        )
+        assert all(torch.equal(zero_gc[part][k], zero[part][k]) for k in zero[part]), (
+            part,
+            _max_diff(zero_gc[part], zero[part]),
+        )
 
 
 class _NanOnFirstStep:
@@ -133,18 +162,32 @@ class _NanOnFirstStep:
         return [float("nan")] + scores[1:] if self.calls == 1 else scores
 
 
-@pytest.mark.parametrize("zero", [_ds(2), _ds(2, offload_optimizer={"device": "cpu"}),
-                                  _ds(3, offload_optimizer={"device": "cpu"})])
-def test_skipped_nonfinite_update_leaves_zero_partitions_clean(tmp_path, vllm_engine,
-                                                               initial_policy_weights, zero):
+@pytest.mark.parametrize(
+    "zero",
+    [
+        _ds(2),
+        _ds(2, offload_optimizer={"device": "cpu"}),
+        _ds(3, offload_optimizer={"device": "cpu"}),
+    ],
+)
+def test_skipped_nonfinite_update_leaves_zero_partitions_clean(
+    tmp_path, vllm_engine, initial_policy_weights, zero
+):
     # PIPE 1: the reward function sees the whole first batch in its first call.
-    over = {"train_config.on_nonfinite": "skip", "repeater_config.norm_rewards": False,
-            "PIPE_MICRO_BATCH_NUM": 1}
+    over = {
+        "train_config.on_nonfinite": "skip",
+        "repeater_config.norm_rewards": False,
+        "PIPE_MICRO_BATCH_NUM": 1,
+    }
     out = {}
     for name, ds in (("plain", {}), ("zero", _both(zero))):
         vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-        trainer = RLHFTrainer(tiny_config(tmp_path / name, **over, **ds), engine=vllm_engine,
-                              reward_fn=_NanOnFirstStep(), console=False)
+        trainer = RLHFTrainer(
+            tiny_config(tmp_path / name, **over, **ds),
+            engine=vllm_engine,
+            reward_fn=_NanOnFirstStep(),
+            console=False,
+        )
         first = trainer.train_step()
         assert first["nonfinite_skipped"] == 1.0
         actor = dict(_named_full_weights(trainer.actor.model, getattr(trainer.actor, "stage", 0)))

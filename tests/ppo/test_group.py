@@ -87,9 +87,7 @@ group_sizes = st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_si
 def grouped_scores(draw):
     sizes = draw(group_sizes)
     B = sum(sizes)
-    values = draw(
-        st.lists(st.floats(-100, 100, allow_nan=False, width=64), min_size=B, max_size=B)
-    )
+    values = draw(st.lists(st.floats(-100, 100, allow_nan=False, width=64), min_size=B, max_size=B))
     group_ids = torch.repeat_interleave(torch.arange(len(sizes)) * 7, torch.tensor(sizes))
     perm = torch.tensor(draw(st.permutations(list(range(B)))), dtype=torch.long)
     return t(values), group_ids[perm]
@@ -175,7 +173,7 @@ def test_reinforce_pp_by_hand():
 def test_reinforce_pp_matches_loop_reference():
     g = torch.Generator().manual_seed(0)
     lengths = [5, 2, 0, 4]
-    mask = (torch.arange(5)[None] < torch.tensor(lengths)[:, None])
+    mask = torch.arange(5)[None] < torch.tensor(lengths)[:, None]
     rewards = torch.randn(4, 5, generator=g, dtype=F64)
     for gamma in (1.0, 0.9, 0.0):
         out = reinforce_pp_advantages(rewards, mask, gamma)

@@ -51,8 +51,10 @@ def test_slow_server_times_out_retries_then_fails_within_bound():
             rm(PROMPTS[:2], RESPONSES[:2])
         elapsed = time.monotonic() - start
     msg = str(err.value)
-    assert msg == (f"remote reward 'rm' at http://***@127.0.0.1:{srv.port}/score: timed out "
-                   f"after 3 tries (timeout 0.3 s each)")
+    assert msg == (
+        f"remote reward 'rm' at http://***@127.0.0.1:{srv.port}/score: timed out "
+        f"after 3 tries (timeout 0.3 s each)"
+    )
     assert len(srv.seen) == 3
     assert 0.9 <= elapsed < 2.0  # 3 x 0.3 s + backoff, never the server's 3 s
 
@@ -75,14 +77,17 @@ def test_refused_connection_is_retried_then_reported():
     assert PASSWORD not in str(err.value)
 
 
-@pytest.mark.parametrize("action, message", [
-    (("body", b"<html>oops</html>"), "answer is not JSON: '<html>oops</html>'"),
-    (("body", b"[1.0]"), "returned 1 scores for 2 responses"),
-    (("body", b'[1.0, "high"]'), "score 1 is not a number: '\"high\"'"),
-    (("body", b"[1.0, NaN]"), "score 1 is not finite: nan"),
-    (("body", b'{"rewards": [1, 2]}'), "expected a JSON list of scores, got"),
-    (("status", 404), "HTTP 404: '{\"error\": \"server says no\"}' (not retried)"),
-])
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        (("body", b"<html>oops</html>"), "answer is not JSON: '<html>oops</html>'"),
+        (("body", b"[1.0]"), "returned 1 scores for 2 responses"),
+        (("body", b'[1.0, "high"]'), "score 1 is not a number: '\"high\"'"),
+        (("body", b"[1.0, NaN]"), "score 1 is not finite: nan"),
+        (("body", b'{"rewards": [1, 2]}'), "expected a JSON list of scores, got"),
+        (("status", 404), 'HTTP 404: \'{"error": "server says no"}\' (not retried)'),
+    ],
+)
 def test_bad_answers_fail_at_once_with_one_line(action, message):
     with RewardServer(plan=[action]) as srv:
         rm = _model(srv.url(f"bob:{PASSWORD}"))
@@ -101,7 +106,7 @@ def test_scores_object_is_accepted():
 
 
 def test_server_echoing_the_secret_is_scrubbed():
-    body = f'not json, your token is {PASSWORD}'.encode()
+    body = f"not json, your token is {PASSWORD}".encode()
     with RewardServer(plan=[("body", body)]) as srv:
         rm = _model(srv.url(f"bob:{PASSWORD}"))
         with pytest.raises(RemoteRewardError) as err:
@@ -109,13 +114,16 @@ def test_server_echoing_the_secret_is_scrubbed():
     assert "your token is ***" in str(err.value) and PASSWORD not in str(err.value)
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("https://bob:tok@rm.example:8443/score", "https://***@rm.example:8443/score"),
-    ("https://tok@rm.example/score", "https://***@rm.example/score"),
-    ("http://rm.example/s?api_key=tok&x=1", "http://rm.example/s?api_key=***&x=***"),
-    ("http://a%40b:p%3Aw@h/s", "http://***@h/s"),
-    ("http://rm.example/score", "http://rm.example/score"),
-    ("http://[::1", "***"),  # unparseable: nothing of it is shown
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("https://bob:tok@rm.example:8443/score", "https://***@rm.example:8443/score"),
+        ("https://tok@rm.example/score", "https://***@rm.example/score"),
+        ("http://rm.example/s?api_key=tok&x=1", "http://rm.example/s?api_key=***&x=***"),
+        ("http://a%40b:p%3Aw@h/s", "http://***@h/s"),
+        ("http://rm.example/score", "http://rm.example/score"),
+        ("http://[::1", "***"),  # unparseable: nothing of it is shown
+    ],
+)
 def test_redact_url(url, shown):
     assert redact_url(url) == shown

@@ -21,13 +21,20 @@ SECRET = "s3cr3t-pw"
 
 def _config(tmp_path, tiny_assets, url, **over):
     scorers = {
-        "remote": {"url": url, "weight": 2.0, "batch_size": 2, "timeout_s": 5.0,
-                   "max_retries": 1, "backoff_s": 0.01},
+        "remote": {
+            "url": url,
+            "weight": 2.0,
+            "batch_size": 2,
+            "timeout_s": 5.0,
+            "max_retries": 1,
+            "backoff_s": 0.01,
+        },
         "rm": {"model_path": str(tiny_assets.reward), "weight": 0.1},
         "digits": {"reward_fn": "rlhf_pipe.assets.tiny:digit_reward", "weight": 0.5},
     }
-    return tiny_config(tmp_path, PIPE_MICRO_BATCH_NUM=4,
-                       **{"model_configs.reward": {"scorers": scorers}}, **over)
+    return tiny_config(
+        tmp_path, PIPE_MICRO_BATCH_NUM=4, **{"model_configs.reward": {"scorers": scorers}}, **over
+    )
 
 
 def test_remote_scores_train_through_the_pipeline(tmp_path, tiny_assets, fresh_engine):
@@ -48,8 +55,7 @@ def test_remote_scores_train_through_the_pipeline(tmp_path, tiny_assets, fresh_e
     assert SECRET not in lines
 
 
-def test_broken_server_stops_the_step_with_the_redacted_url(tmp_path, tiny_assets,
-                                                            fresh_engine):
+def test_broken_server_stops_the_step_with_the_redacted_url(tmp_path, tiny_assets, fresh_engine):
     with RewardServer(plan=[("body", b"[1, 2, 3]")]) as srv:
         cfg = _config(tmp_path, tiny_assets, srv.url(f"bob:{SECRET}"))
         trainer = RLHFTrainer(cfg, engine=fresh_engine, console=False)
@@ -57,5 +63,7 @@ def test_broken_server_stops_the_step_with_the_redacted_url(tmp_path, tiny_asset
             trainer.train_step()
         trainer.close()
     text = str(err.value)
-    assert text == (f"stage 'forward' failed: RemoteRewardError: remote reward 'remote' at "
-                    f"http://***@127.0.0.1:{srv.port}/score: returned 3 scores for 2 responses")
+    assert text == (
+        f"stage 'forward' failed: RemoteRewardError: remote reward 'remote' at "
+        f"http://***@127.0.0.1:{srv.port}/score: returned 3 scores for 2 responses"
+    )

@@ -25,19 +25,24 @@ def parts(tiny_assets):
     for i, text in enumerate(RESPONSES):
         prompt = tok(f"question {i}", add_special_tokens=False)["input_ids"]
         answer = tok(text, add_special_tokens=False)["input_ids"]
-        samples.append(Sample(i, i, 0, torch.tensor(prompt), torch.tensor(answer),
-                              f"question {i}", text))
+        samples.append(
+            Sample(i, i, 0, torch.tensor(prompt), torch.tensor(answer), f"question {i}", text)
+        )
     return tok, samples, load_value_model(str(tiny_assets.reward), "float32", False, "reward")
 
 
 def test_total_is_the_weighted_sum_of_real_scorers(parts):
     tok, samples, rm = parts
     with RewardServer() as srv:
-        role = RewardRole([Scorer("rm", 0.5, "model", rm),
-                           Scorer("remote", 2.0, "remote",
-                                  HTTPRewardModel("remote", srv.url(), batch_size=4)),
-                           Scorer("digits", -1.0, "function", lambda p, r: [len(x) for x in r])],
-                          tok.pad_token_id, infer_micro_bs=2)
+        role = RewardRole(
+            [
+                Scorer("rm", 0.5, "model", rm),
+                Scorer("remote", 2.0, "remote", HTTPRewardModel("remote", srv.url(), batch_size=4)),
+                Scorer("digits", -1.0, "function", lambda p, r: [len(x) for x in r]),
+            ],
+            tok.pad_token_id,
+            infer_micro_bs=2,
+        )
         out = torch.stack(role.scores(samples))  # (b, 1 + 3)
     assert out.shape == (6, 4) and role.names == ["rm", "remote", "digits"]
     model_scores = sequence_scores(rm, collate(samples, tok.pad_token_id))
@@ -50,8 +55,9 @@ def test_total_is_the_weighted_sum_of_real_scorers(parts):
 
 def test_set_function_replaces_only_rule_scorers(parts):
     tok, samples, rm = parts
-    role = RewardRole([Scorer("rm", 1.0, "model", rm), Scorer("old", 1.0, "function", None)],
-                      tok.pad_token_id, 2)
+    role = RewardRole(
+        [Scorer("rm", 1.0, "model", rm), Scorer("old", 1.0, "function", None)], tok.pad_token_id, 2
+    )
     role.set_function(lambda p, r: [1.0] * len(r))
     assert role.names == ["rm", "reward_fn"]
     out = torch.stack(role.scores(samples))
@@ -69,18 +75,26 @@ def test_wrong_length_names_the_scorer(parts):
 def test_clipping_and_normalisation_apply_to_the_total(parts, norm):
     tok, samples, _ = parts
     # Two scorers whose total leaves the clip range [-1, 1] for some samples.
-    role = RewardRole([Scorer("a", 3.0, "function", lambda p, r: digit_reward(p, r)),
-                       Scorer("b", -0.5, "function", lambda p, r: [len(x) for x in r])],
-                      tok.pad_token_id, 2)
+    role = RewardRole(
+        [
+            Scorer("a", 3.0, "function", lambda p, r: digit_reward(p, r)),
+            Scorer("b", -0.5, "function", lambda p, r: [len(x) for x in r]),
+        ],
+        tok.pad_token_id,
+        2,
+    )
     for s, value in zip(samples, role.scores(samples)):
         s.score, s.score_parts = value[0], value[1:]
         s.old_logp = torch.zeros(s.num_actions)
         s.values = torch.zeros(s.num_actions)
-    total = torch.tensor([3.0 * d - 0.5 * len(r)
-                          for d, r in zip(digit_reward([], RESPONSES), RESPONSES)])
+    total = torch.tensor(
+        [3.0 * d - 0.5 * len(r) for d, r in zip(digit_reward([], RESPONSES), RESPONSES)]
+    )
     clipped = total.clamp(-1.0, 1.0)
     assert not torch.equal(clipped, total)  # the case really clips
-    expected = clipped if norm is False else (clipped - clipped.mean()) / clipped.std(unbiased=False)
+    expected = (
+        clipped if norm is False else (clipped - clipped.mean()) / clipped.std(unbiased=False)
+    )
     pipe = StepPipeline(None, None, None, None, role, tok, tok.pad_token_id)
     try:
         pipe._advantages(samples, AdvantageSettings(0.0, "k1", 1.0, 1.0, -1.0, 1.0, norm), {})

@@ -12,7 +12,12 @@ def test_answers_fill_the_sequence_per_prompt(tiny_assets):
     engine = HFEngine(model, pad_token_id=0, eos_token_id=2, chunk_size=3)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
     done = []
-    engine.generate(prompts, [0, 1, 2], SamplingSettings(4, ignore_eos=True, max_seq_len=12),
-                    [1, 2, 3], SimpleNamespace(put=done.append))
+    engine.generate(
+        prompts,
+        [0, 1, 2],
+        SamplingSettings(4, ignore_eos=True, max_seq_len=12),
+        [1, 2, 3],
+        SimpleNamespace(put=done.append),
+    )
     assert sorted(len(c.prompt_ids) + len(c.response_ids) for c in done) == [12, 12, 12]
     assert {c.finish_reason for c in done} == {"length"}

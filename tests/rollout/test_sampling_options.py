@@ -24,8 +24,13 @@ def policy(tiny_assets):
 
 def _generate(engine, settings, prompts=PROMPTS):
     done = []
-    engine.generate(prompts, list(range(len(prompts))), settings, [7] * len(prompts),
-                    SimpleNamespace(put=done.append))
+    engine.generate(
+        prompts,
+        list(range(len(prompts))),
+        settings,
+        [7] * len(prompts),
+        SimpleNamespace(put=done.append),
+    )
     return sorted(done, key=lambda c: c.sample_id)
 
 
@@ -49,12 +54,13 @@ def _reference_beam_search(policy, prompt, width, steps):
             top = torch.topk(logp, 2 * width)
             cands += [(tokens + [int(t)], cum + float(v)) for v, t in zip(top.values, top.indices)]
         beams = sorted(cands, key=lambda b: b[1], reverse=True)[:width]
-    return [(tokens[len(prompt):], cum) for tokens, cum in beams]
+    return [(tokens[len(prompt) :], cum) for tokens, cum in beams]
 
 
 def test_beam_search_returns_the_best_beams_deterministically(fresh_engine, policy):
-    settings = SamplingSettings(max_new_tokens=4, n=2, ignore_eos=True, use_beam_search=True,
-                                beam_width=3, temperature=1.0)
+    settings = SamplingSettings(
+        max_new_tokens=4, n=2, ignore_eos=True, use_beam_search=True, beam_width=3, temperature=1.0
+    )
     first = _generate(fresh_engine, settings)
     again = _generate(fresh_engine, settings)
     assert [c.response_ids for c in first] == [c.response_ids for c in again]
@@ -65,25 +71,29 @@ def test_beam_search_returns_the_best_beams_deterministically(fresh_engine, poli
             got = first[i * 2 + k]
             assert got.prompt_ids == prompt and got.finish_reason == "length"
             if got.response_ids != tokens:  # only a float tie may reorder beams
-                got_cum = _logprobs(policy, prompt + got.response_ids)[len(prompt) - 1:].sum()
+                got_cum = _logprobs(policy, prompt + got.response_ids)[len(prompt) - 1 :].sum()
                 assert abs(float(got_cum) - cum) < 1e-4, (got.response_ids, tokens)
     # The best beam scores at least as well as greedy decoding here.
-    greedy = _generate(fresh_engine, SamplingSettings(max_new_tokens=4, temperature=0.0,
-                                                      ignore_eos=True))
+    greedy = _generate(
+        fresh_engine, SamplingSettings(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    )
     for i, prompt in enumerate(PROMPTS):
-        best = _logprobs(policy, prompt + first[2 * i].response_ids)[len(prompt) - 1:].sum()
-        plain = _logprobs(policy, prompt + greedy[i].response_ids)[len(prompt) - 1:].sum()
+        best = _logprobs(policy, prompt + first[2 * i].response_ids)[len(prompt) - 1 :].sum()
+        plain = _logprobs(policy, prompt + greedy[i].response_ids)[len(prompt) - 1 :].sum()
         assert best >= plain - 1e-5
 
 
 @pytest.mark.parametrize("beam", [False, True])
 def test_new_token_limit(fresh_engine, beam):
-    capped = _generate(fresh_engine, SamplingSettings(max_new_tokens=5, ignore_eos=True,
-                                                      use_beam_search=beam))
+    capped = _generate(
+        fresh_engine, SamplingSettings(max_new_tokens=5, ignore_eos=True, use_beam_search=beam)
+    )
     assert [len(c.response_ids) for c in capped] == [5, 5, 5]
     # new_token_limit=False: each answer fills the sequence up to max_seq_len.
-    filled = _generate(fresh_engine, SamplingSettings(max_new_tokens=5, ignore_eos=True,
-                                                      max_seq_len=20, use_beam_search=beam))
+    filled = _generate(
+        fresh_engine,
+        SamplingSettings(max_new_tokens=5, ignore_eos=True, max_seq_len=20, use_beam_search=beam),
+    )
     assert [len(c.prompt_ids) + len(c.response_ids) for c in filled] == [20, 20, 20]
 
 
@@ -94,8 +104,9 @@ def test_prompt_logprobs_one_entry_per_prompt_token(fresh_engine, policy):
         assert len(lp) == len(c.prompt_ids) and lp[0] is None
         assert all(c.prompt_ids[t] in lp[t] and len(lp[t]) <= 3 for t in range(1, len(lp)))
         mine = [lp[t][c.prompt_ids[t]] for t in range(1, len(lp))]
-        torch.testing.assert_close(torch.tensor(mine), _logprobs(policy, c.prompt_ids),
-                                   atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(
+            torch.tensor(mine), _logprobs(policy, c.prompt_ids), atol=1e-3, rtol=1e-3
+        )
     assert _generate(fresh_engine, SamplingSettings(max_new_tokens=2))[0].prompt_logprobs is None
 
 

@@ -2,7 +2,7 @@
 live on, holding memory (and GPUs) and the log pipes. This small process watches its parent
 rank and, once the parent is gone, kills every process the parent had started.
 
-    python -m rlhf_pipe.dist.guard PARENT_PID
+    python -m rlhf_pipe.distributed.guard PARENT_PID
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import time
 
 
 def start(parent_pid: int | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlhf_pipe.dist.guard",
-                             str(parent_pid or os.getpid())],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlhf_pipe.distributed.guard", str(parent_pid or os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _descendants(pid: int) -> set[int]:

@@ -23,11 +23,28 @@ import torch.distributed as dist
 
 # Methods a remote role answers; anything else is an AttributeError on the proxy, so that
 # `getattr(role, "model", None)` and the like behave as for a missing attribute.
-REMOTE_METHODS = frozenset({
-    "logprobs", "values", "scores", "train", "ptx", "prepare_step", "apply_step", "drop_grads",
-    "divide_grads", "save", "training_state", "load_training_state", "load_weights_from",
-    "weight_sync_address", "init_weight_sender", "weight_layout", "broadcast_weights",
-    "join_weights"})
+REMOTE_METHODS = frozenset(
+    {
+        "logprobs",
+        "values",
+        "scores",
+        "train",
+        "ptx",
+        "prepare_step",
+        "apply_step",
+        "drop_grads",
+        "divide_grads",
+        "save",
+        "training_state",
+        "load_training_state",
+        "load_weights_from",
+        "weight_sync_address",
+        "init_weight_sender",
+        "weight_layout",
+        "broadcast_weights",
+        "join_weights",
+    }
+)
 _SEND_WEIGHTS = "__send_weights__"
 
 
@@ -62,8 +79,10 @@ class Connection:
         return call_s, on_rank_s
 
     def _unreachable(self, e: Exception) -> RemoteRoleError:
-        return RemoteRoleError(f"rank {self.peer} ({'+'.join(self.roles)}) unreachable: "
-                               f"{' '.join(str(e).split())[:300]}")
+        return RemoteRoleError(
+            f"rank {self.peer} ({'+'.join(self.roles)}) unreachable: "
+            f"{' '.join(str(e).split())[:300]}"
+        )
 
     def call(self, role: str, method: str, args=(), kwargs=None):
         with self.lock:
@@ -92,7 +111,7 @@ class Connection:
                     flat = torch.empty(numel, dtype=dtype)
                     dist.recv(flat, src=self.peer, group=self.group)
                     for name, shape, offset, size in entries:
-                        out.append((name, flat[offset:offset + size].view(shape)))
+                        out.append((name, flat[offset : offset + size].view(shape)))
             except RuntimeError as e:
                 if isinstance(e, RemoteRoleError):
                     raise
@@ -164,8 +183,9 @@ def _to_cpu(obj):
     return obj
 
 
-def serve(roles: dict, controller: int, group, bucket_bytes: int,
-          dp_groups: dict | None = None) -> None:
+def serve(
+    roles: dict, controller: int, group, bucket_bytes: int, dp_groups: dict | None = None
+) -> None:
     """Answer the controller's calls until it says stop (None). `dp_groups` maps a role to
     the process group of its data-parallel ranks, for the gradient all-reduce."""
     for role, dp_group in (dp_groups or {}).items():
@@ -212,13 +232,17 @@ class RemoteEngine:
         conn = self._conn
         with conn.lock:
             try:
-                _send(("generate", (prompt_ids, prompt_indices, settings, seeds)), conn.peer,
-                      conn.group)
+                _send(
+                    ("generate", (prompt_ids, prompt_indices, settings, seeds)),
+                    conn.peer,
+                    conn.group,
+                )
                 while True:
                     status, item = _recv(conn.peer, conn.group)
                     if status == "error":
-                        raise RemoteRoleError(f"rank {conn.peer} (rollout engine "
-                                              f"{self.engine_index}): {item}")
+                        raise RemoteRoleError(
+                            f"rank {conn.peer} (rollout engine {self.engine_index}): {item}"
+                        )
                     if item == _END:
                         return
                     sink.put(item)
@@ -229,8 +253,9 @@ class RemoteEngine:
 
     def load_weights(self, named_tensors, version: int) -> None:
         packed = buckets(named_tensors, self._bucket_bytes)
-        self.last_sync = self._exchange(("load_weights", ([meta for meta, _ in packed], version)),
-                                        [flat for _, flat in packed])
+        self.last_sync = self._exchange(
+            ("load_weights", ([meta for meta, _ in packed], version)), [flat for _, flat in packed]
+        )
         self.version = version
 
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int):
@@ -253,8 +278,7 @@ class RemoteEngine:
             except RuntimeError as e:
                 raise conn._unreachable(e) from e
         if status != "ok":
-            raise RemoteRoleError(f"rank {conn.peer} (rollout engine {self.engine_index}): "
-                                  f"{value}")
+            raise RemoteRoleError(f"rank {conn.peer} (rollout engine {self.engine_index}): {value}")
         return value
 
 
@@ -283,7 +307,7 @@ def serve_engine(engine, controller: int, group) -> None:
                 for dtype, entries, numel in metas:
                     flat = torch.empty(numel, dtype=dtype)
                     dist.recv(flat, src=controller, group=group)
-                    named += [(n, flat[o:o + k].view(shape)) for n, shape, o, k in entries]
+                    named += [(n, flat[o : o + k].view(shape)) for n, shape, o, k in entries]
                 engine.load_weights(named, version)
                 reply = ("ok", engine.last_sync)
             elif command == "call" and payload[0] in _ENGINE_CALLS:
@@ -310,16 +334,16 @@ def run_all(fns, timeout_s: float | None = None, what: str = "") -> list:
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=body, args=(i, fn), daemon=True)
-               for i, fn in enumerate(fns)]
+    threads = [threading.Thread(target=body, args=(i, fn), daemon=True) for i, fn in enumerate(fns)]
     for t in threads:
         t.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     for t in threads:
         t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() for t in threads) and not errors:
-        raise TimeoutError(f"no progress {what} for {timeout_s:.0f} s "
-                           f"(train_config.stage_timeout_s)")
+        raise TimeoutError(
+            f"no progress {what} for {timeout_s:.0f} s (train_config.stage_timeout_s)"
+        )
     if errors:
         raise errors[0]
     return results
@@ -343,22 +367,30 @@ class EnginePool:
         for i, (ids, index, seed) in enumerate(zip(prompt_ids, prompt_indices, seeds)):
             part = share[i % len(self.engines)]
             part[0].append(ids), part[1].append(index), part[2].append(seed)
-        self._each(lambda e, part: e.generate(part[0], part[1], settings, part[2], sink)
-                   if part[0] else None, share)
+        self._each(
+            lambda e, part: (
+                e.generate(part[0], part[1], settings, part[2], sink) if part[0] else None
+            ),
+            share,
+        )
 
     def load_weights(self, named_tensors, version: int) -> None:
         named = list(named_tensors)
         self._each(lambda e, _: e.load_weights(named, version), [None] * len(self.engines))
         seconds = max(e.last_sync.get("seconds", 0.0) for e in self.engines)
         nbytes = sum(e.last_sync.get("bytes", 0) for e in self.engines)
-        self.last_sync = {"seconds": seconds, "bytes": nbytes,
-                          "gbps": nbytes / max(seconds, 1e-9) / 1e9}
+        self.last_sync = {
+            "seconds": seconds,
+            "bytes": nbytes,
+            "gbps": nbytes / max(seconds, 1e-9) / 1e9,
+        }
 
     def _each(self, fn, parts) -> None:
         run_all([lambda e=e, p=p: fn(e, p) for e, p in zip(self.engines, parts)])
 
 
 # ----------------------------------------------------------------------------- data parallel
+
 
 class RemoteRoleGroup:
     """A role on several data-parallel ranks. The controller deals chunks (of the size the
@@ -371,13 +403,18 @@ class RemoteRoleGroup:
     fewer chunks: ZeRO's collectives run inside those calls (rlhf_pipe.zero). Its optimizer
     state is partitioned, so every rank joins training_state's gathers."""
 
-    _ALL = ("drop_grads", "divide_grads", "apply_step", "load_training_state",
-            "load_weights_from")
-    # The NCCL weight sync talks to the first rank only (rlhf_pipe.dist.weight_sync).
+    _ALL = ("drop_grads", "divide_grads", "apply_step", "load_training_state", "load_weights_from")
+    # The NCCL weight sync talks to the first rank only (rlhf_pipe.distributed.weight_sync).
     _FIRST = ("weight_sync_address", "init_weight_sender", "weight_layout", "broadcast_weights")
 
-    def __init__(self, conns: list[Connection], name: str, infer_micro_bs: int,
-                 train_micro_bs: int, zero_stage: int | None = None):
+    def __init__(
+        self,
+        conns: list[Connection],
+        name: str,
+        infer_micro_bs: int,
+        train_micro_bs: int,
+        zero_stage: int | None = None,
+    ):
         self._conns, self._name = conns, name
         self._infer, self._train = infer_micro_bs, train_micro_bs
         self._zero = zero_stage
@@ -412,11 +449,15 @@ class RemoteRoleGroup:
         dealt = self._deal(items, size)
         if not every_rank:
             dealt = [(c, idx) for c, idx in zip(self._conns, dealt) if idx]
-            return ([idx for _, idx in dealt],
-                    [(c, method, ([items[i] for i in idx], *extra)) for c, idx in dealt])
+            return (
+                [idx for _, idx in dealt],
+                [(c, method, ([items[i] for i in idx], *extra)) for c, idx in dealt],
+            )
         pad_to = max(-(-len(idx) // size) for idx in dealt)
-        return dealt, [(c, method, ([items[i] for i in idx], *extra), {"pad_to": pad_to})
-                       for c, idx in zip(self._conns, dealt)]
+        return dealt, [
+            (c, method, ([items[i] for i in idx], *extra), {"pad_to": pad_to})
+            for c, idx in zip(self._conns, dealt)
+        ]
 
     def _forward(self, method: str, samples: list) -> list:
         live, calls = self._calls(method, samples, self._infer, (), self._zero == 3)
@@ -436,15 +477,17 @@ class RemoteRoleGroup:
         return self._forward("scores", samples)
 
     def train(self, samples, loss, num_samples):
-        _, calls = self._calls("train", samples, self._train, (loss, num_samples),
-                               self._zero is not None)
+        _, calls = self._calls(
+            "train", samples, self._train, (loss, num_samples), self._zero is not None
+        )
         return _sum_metrics(self._parallel(calls))
 
     def ptx(self, token_ids, weight, total=None):
         if total is None:
             total = sum(max(len(t) - 1, 0) for t in token_ids)
-        _, calls = self._calls("ptx", token_ids, self._train, (weight, total),
-                               self._zero is not None)
+        _, calls = self._calls(
+            "ptx", token_ids, self._train, (weight, total), self._zero is not None
+        )
         return _sum_metrics(self._parallel(calls))
 
     def prepare_step(self, grad_divisor):
