@@ -281,6 +281,10 @@ class TrainConfig:
     # that forward and let Train's own (detached) log-probs be the old ones. The "kl" metric
     # is then not logged (kl_mode='loss' logs actor/kl_loss).
     skip_redundant_actor_forward: bool = True
+    # Actor and reference log-probs straight from the hidden states, this many response tokens
+    # at a time, so the (tokens, vocabulary) logits are never held whole (rlhf_pipe.ppo.
+    # fused_head; Llama/Qwen/Mistral heads, not under ZeRO-3). 0: the full logits, as before.
+    logit_chunk_tokens: int = field(default=4096, metadata=_ge(0))
     tensorboard: bool = True
     progress_bar: bool = True
     # ChatLearn's StreamDataset and relay buffer (README "Stream data and the relay buffer").

@@ -156,6 +156,81 @@ def response_logits(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tenso
     return out.logits[:, :-1]  # position t predicts token t + 1
 
 
+# Causal LMs whose logits are exactly `get_output_embeddings()(last_hidden_state)`: no logit
+# scaling or soft-capping after the head (Gemma 2 and Cohere have one), so the fused head path
+# (rlhf_pipe.ppo.fused_head) computes the same log-probs.
+_PLAIN_HEAD_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def fused_head_supported(model: nn.Module) -> bool:
+    """Whether `response_logprobs` can skip the full logits for this model. Not under ZeRO-3,
+    whose partitioned head weight is only gathered inside the module's own forward."""
+    inner = _unwrapped(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return (
+        isinstance(head, nn.Linear)
+        and getattr(inner.config, "model_type", None) in _PLAIN_HEAD_MODEL_TYPES
+        and not hasattr(head.weight, "ds_id")
+    )
+
+
+def response_logprobs(
+    model: nn.Module,
+    batch: PaddedBatch | PackedBatch,
+    chunk_rows: int = 0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(b, R) log-probs of the response tokens, and their (b, R) entropy (detached) or None.
+
+    chunk_rows > 0 and a model `fused_head_supported` allows: the head runs on the real
+    response tokens only, `chunk_rows` at a time, and the (tokens, V) logits are never held
+    whole (rlhf_pipe.ppo.fused_head). Otherwise: the full logits, as `response_logits`. Padding
+    positions hold 0 on the fused path and arbitrary values on the plain one; callers mask.
+    """
+    from rlhf_pipe.ppo import core
+    from rlhf_pipe.ppo.fused_head import linear_logprobs
+
+    if not chunk_rows or not fused_head_supported(model):
+        logits = response_logits(model, batch)
+        logp = batch.rows(core.logprobs_from_logits(logits, batch.labels))
+        if not with_entropy:
+            return logp, None
+        with torch.no_grad():
+            return logp, batch.rows(core.entropy_from_logits(logits))
+    inner = _unwrapped(model)
+    hidden = _trunk(inner)(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    head = inner.get_output_embeddings()
+    if isinstance(batch, PackedBatch):
+        logp, entropy = linear_logprobs(
+            hidden[0, batch.predict_index],
+            head.weight,
+            batch.labels,
+            chunk_rows,
+            head.bias,
+            with_entropy,
+        )
+        return batch.rows(logp), (batch.rows(entropy) if with_entropy else None)
+    P, R = batch.prompt_width, batch.response_width
+    real = batch.response_mask.bool()  # (b, R): the head never sees padding tokens
+    logp, entropy = linear_logprobs(
+        hidden[:, P - 1 : P - 1 + R][real],
+        head.weight,
+        batch.labels[real],
+        chunk_rows,
+        head.bias,
+        with_entropy,
+    )
+    out = logp.new_zeros(real.shape).masked_scatter(real, logp)
+    if not with_entropy:
+        return out, None
+    return out, entropy.new_zeros(real.shape).masked_scatter(real, entropy)
+
+
 def _hidden(model: nn.Module, batch: PaddedBatch | PackedBatch) -> Tensor:
     return _trunk(model)(
         input_ids=batch.input_ids,

@@ -24,7 +24,7 @@ from rlhf_pipe.models import (
     VARLEN_ATTENTION,
     attention_implementation,
     packing_supported,
-    response_logits,
+    response_logprobs,
     save_hf,
     sequence_scores,
     token_values,
@@ -90,12 +90,15 @@ class _Trainable:
         max_grad_norm,
         infer_micro_bs: int,
         train_micro_bs: int,
+        logit_chunk_tokens: int = 0,
     ):
         self.pad_id, self.infer_micro_bs, self.train_micro_bs = (
             pad_id,
             infer_micro_bs,
             train_micro_bs,
         )
+        # Log-probs from hidden states this many tokens at a time (models.response_logprobs).
+        self.logit_chunk_tokens = logit_chunk_tokens
         self.dp_group = None  # set by the distributed runner when the role has > 1 rank
         self.model = model
         if not lora.has_lora(model):  # a LoRA model keeps its base frozen
@@ -207,7 +210,7 @@ class PolicyRole(_Trainable):
             self.infer_micro_bs,
             self.pad_id,
             self.device,
-            lambda b: _logprobs(self.model, b),
+            lambda b: _logprobs(self.model, b, self.logit_chunk_tokens),
             self.packed,
         )
 
@@ -217,8 +220,9 @@ class PolicyRole(_Trainable):
         for chunk in chunks(samples, self.train_micro_bs):
             b = collate(chunk, self.pad_id, self.packed).to(self.device)
             with lora.dropout_active(self.model):
-                logits = response_logits(self.model, b)
-            logp = b.rows(core.logprobs_from_logits(logits, b.labels))
+                logp, entropy = response_logprobs(
+                    self.model, b, self.logit_chunk_tokens, with_entropy=True
+                )
             R, mask = b.response_width, b.response_mask
             # Without a Forward-stage pass (StepPlan.actor_forward), the weights are those of
             # that pass: these log-probs stand for it, and the ratio is exactly 1.
@@ -241,7 +245,7 @@ class PolicyRole(_Trainable):
                 sums.add(
                     policy_loss=core.masked_sum(per_token, mask),
                     clip_frac=core.masked_sum(clipped, mask),
-                    entropy=core.masked_sum(b.rows(core.entropy_from_logits(logits)), mask),
+                    entropy=core.masked_sum(entropy, mask),
                     approx_kl=core.masked_sum(0.5 * (logp - old) ** 2, mask),
                     tokens=mask.sum(),
                 )
@@ -345,8 +349,16 @@ class ReferenceRole:
 
     packed = False
 
-    def __init__(self, model, pad_id: int, infer_micro_bs: int, offload: bool = False):
+    def __init__(
+        self,
+        model,
+        pad_id: int,
+        infer_micro_bs: int,
+        offload: bool = False,
+        logit_chunk_tokens: int = 0,
+    ):
         self.model, self.pad_id, self.infer_micro_bs = model.eval(), pad_id, infer_micro_bs
+        self.logit_chunk_tokens = logit_chunk_tokens
         self.model.requires_grad_(False)
         self.device = next(model.parameters()).device
         self.offload = offload
@@ -361,7 +373,7 @@ class ReferenceRole:
                 self.infer_micro_bs,
                 self.pad_id,
                 self.device,
-                lambda b: _logprobs(self.model, b),
+                lambda b: _logprobs(self.model, b, self.logit_chunk_tokens),
                 self.packed,
             )
 
@@ -475,8 +487,8 @@ def choose_packing(model: nn.Module, mode, role: str, source: str = "config") ->
     return ok and attention_implementation(model) in VARLEN_ATTENTION
 
 
-def _logprobs(model, b) -> Tensor:
-    return b.rows(core.logprobs_from_logits(response_logits(model, b), b.labels))
+def _logprobs(model, b, chunk_tokens: int) -> Tensor:
+    return response_logprobs(model, b, chunk_tokens)[0]
 
 
 def _per_sample(samples, size, pad_id, device, fn, packed: bool) -> list[Tensor]:

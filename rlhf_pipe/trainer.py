@@ -122,7 +122,11 @@ def build_roles(
     """The named roles as models in this process (the ones the config has). A role with a
     deepspeed_config runs under DeepSpeed (rlhf_pipe.zero) on its `dp_groups` group."""
     t, mc = cfg.train_config, cfg.model_configs
-    sizes = dict(infer_micro_bs=t.infer_micro_bs, train_micro_bs=t.train_micro_bs)
+    sizes = dict(
+        infer_micro_bs=t.infer_micro_bs,
+        train_micro_bs=t.train_micro_bs,
+        logit_chunk_tokens=t.logit_chunk_tokens,
+    )
     groups = dp_groups or {}
     offload = cfg.placement_config.ref_reward_offload  # not for ZeRO-3: it is partitioned
     roles = {}
@@ -158,7 +162,13 @@ def build_roles(
             ).to(device)
             ds = _deepspeed(ref.trainer_config, t, device, groups.get(name), trained=False)
             if ds is None:
-                roles[name] = ReferenceRole(model, pad_id, t.infer_micro_bs, offload=offload)
+                roles[name] = ReferenceRole(
+                    model,
+                    pad_id,
+                    t.infer_micro_bs,
+                    offload=offload,
+                    logit_chunk_tokens=t.logit_chunk_tokens,
+                )
             else:
                 from rlhf_pipe.zero import ZeroReferenceRole
 
