@@ -36,6 +36,8 @@ import queue
 import time
 from pathlib import Path
 
+import torch
+
 # Busy stages in the timeline, and the three pipeline stages of the bound built from them.
 TIMELINE_STAGES = ("generate", "forward", "advantage", "train", "optimizer")
 BOUND_STAGES = {
@@ -226,6 +228,8 @@ def summarize_run(
         "tokens_per_s_per_device": tokens_per_s / devices,
         "gen_tokens_per_s": _mean(s["gen_tokens_per_s"] for s in steps),
         "response_len": _mean(s["response_len"] for s in steps),
+        "response_len_max": _mean(s.get("response_len_max", 0) for s in steps),
+        "sequence_tokens": _mean(s.get("tokens/sequence", 0) for s in steps),
         "sync_s": _mean(s["sync/seconds"] for s in steps),
         "sync_gbps": _mean(s.get("sync/gbps") for s in steps),
         "sync_bytes": _mean(s.get("sync/bytes") for s in steps),
@@ -598,9 +602,47 @@ def write_bench(
         "runs": {str(m): r for m, r in runs.items()},
         "streaming": streaming,
     }
+    result["hardware"] = _add_utilisation(cfg, runs)
     result["out_dir"] = str(out)
     _write_summary(result)
     return result
+
+
+def _add_utilisation(cfg, runs) -> dict:
+    """Measure the GPU's matmul rate and bandwidth, then give each run its roles' MFU and the
+    train and generate floors (rlhf_pipe.hardware). Nothing to measure on a CPU."""
+    from rlhf_pipe import hardware
+    from rlhf_pipe.config import reward_scorers
+
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and cfg.placement_config.device != "cpu" else "cpu"
+    )
+    peak, hbm = hardware.matmul_tflops(device), hardware.hbm_gbps(device)
+    mc = cfg.model_configs
+    params = {"actor": hardware.model_params(mc.policy.model_path)}
+    if mc.reference is not None:
+        params["reference"] = hardware.model_params(mc.reference.model_path)
+    if mc.critic is not None:
+        params["critic"] = hardware.model_params(mc.critic.model_path, value_head=True)
+    if mc.reward is not None:
+        paths = [sc.model_path for sc in reward_scorers(mc.reward).values() if sc.model_path]
+        if len(paths) == 1:
+            params["reward"] = hardware.model_params(paths[0], value_head=True)
+    params = {role: n for role, n in params.items() if n}
+    weight_bytes = 2 if mc.policy.trainer_config.torch_dtype != "float32" else 4
+    trained = params.get("actor", 0) + params.get("critic", 0)
+    for run in runs.values():
+        busy = {row: v["busy_s"] for row, v in run.get("roles", {}).items()}
+        run["mfu"] = hardware.role_utilisation(busy, params, run["sequence_tokens"], peak)
+        run["floors"] = hardware.stage_floors(
+            trained,
+            params.get("actor", 0) * weight_bytes,
+            run["sequence_tokens"],
+            run["response_len_max"],
+            peak,
+            hbm,
+        )
+    return {"matmul_tflops_bf16": peak, "hbm_gbps": hbm, "params": params}
 
 
 def add_streaming(result: dict, streaming: dict) -> dict:
@@ -724,6 +766,28 @@ def format_report(r: dict) -> str:
                 f"| {role} | {_f(s['call_s'])} | {_f(s['on_rank_s'])} "
                 f"| {_f(s['call_s'] - s['on_rank_s'])} |"
                 for role, s in remote.items()
+            ]
+        if run.get("mfu"):
+            hw = r.get("hardware", {})
+            lines += [
+                "",
+                f"Against a measured bf16 matmul rate of {_f(hw.get('matmul_tflops_bf16'), 1)} "
+                f"TFLOP/s (6 x params x tokens for train, 2 x for forward; "
+                f"{_f(run['sequence_tokens'], 0)} tokens a step):",
+                "",
+                "| role call | TFLOP/s | MFU |",
+                "|---|---|---|",
+            ]
+            lines += [
+                f"| {row} | {_f(u['tflops'], 1)} | {_f(u['mfu'], 3)} |"
+                for row, u in run["mfu"].items()
+            ]
+            fl = run.get("floors", {})
+            lines += [
+                "",
+                f"Floors: train {_f(fl.get('train_floor_s'))} s at that rate, generate "
+                f"{_f(fl.get('generate_floor_s'))} s ({_f(run['response_len_max'], 0)} decode "
+                f"steps, the weights read once each at {_f(hw.get('hbm_gbps'), 0)} GB/s).",
             ]
         if run.get("devices_busy"):
             lines += [

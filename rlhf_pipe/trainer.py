@@ -698,6 +698,9 @@ class RLHFTrainer:
             for name, value in zip(self.reward_names(), parts.unbind(0)):
                 m[f"reward/{name}"] = value
         m["response_len"] = tokens / len(samples)
+        m["response_len_max"] = max(s.num_actions for s in samples)
+        # Prompt + response tokens: what each model pass reads (the bench's MFU counts these).
+        m["tokens/sequence"] = tokens + sum(len(s.prompt_ids) for s in samples)
         if samples[0].kl is not None:  # absent when the actor's forward was skipped
             kl = torch.cat([s.kl for s in samples])
             m["kl"] = kl.mean() if kl.numel() else 0.0

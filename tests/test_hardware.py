@@ -1,0 +1,52 @@
+"""MFU and floor arithmetic of rlhf_pipe.hardware, on numbers worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_pipe import hardware
+
+
+def test_role_utilisation_counts_six_for_train_and_two_for_forward():
+    busy = {"actor.train": 2.0, "actor.forward": 0.5, "critic.train": 1.0, "rollout": 3.0}
+    params = {"actor": 500_000_000, "critic": 100_000_000}
+    got = hardware.role_utilisation(busy, params, sequence_tokens=10_000, peak_tflops=100.0)
+    # actor.train: 6 * 5e8 * 1e4 / 2 s = 1.5e13 FLOP/s = 15 TFLOP/s, MFU 0.15
+    assert got["actor.train"]["tflops"] == pytest.approx(15.0)
+    assert got["actor.train"]["mfu"] == pytest.approx(0.15)
+    # actor.forward: 2 * 5e8 * 1e4 / 0.5 s = 20 TFLOP/s
+    assert got["actor.forward"]["tflops"] == pytest.approx(20.0)
+    # critic.train: 6 * 1e8 * 1e4 / 1 s = 6 TFLOP/s
+    assert got["critic.train"]["mfu"] == pytest.approx(0.06)
+    assert "rollout" not in got  # not a train or forward call
+
+
+def test_role_utilisation_without_a_peak_has_no_mfu():
+    got = hardware.role_utilisation({"actor.train": 1.0}, {"actor": 10}, 100, None)
+    assert got["actor.train"]["mfu"] is None and got["actor.train"]["tflops"] > 0
+
+
+def test_stage_floors():
+    # train: 6 * 1e9 params * 1e5 tokens / 600e12 = 1.0 s; generate: 512 steps * 2e9 B / 4e12 B/s
+    got = hardware.stage_floors(10**9, 2 * 10**9, 1e5, 512, 600.0, 4000.0)
+    assert got["train_floor_s"] == pytest.approx(1.0)
+    assert got["generate_floor_s"] == pytest.approx(0.256)
+    assert hardware.stage_floors(1, 1, 1, 1, None, None) == {
+        "train_floor_s": None,
+        "generate_floor_s": None,
+    }
+
+
+def test_nothing_is_measured_on_a_cpu():
+    assert hardware.matmul_tflops(torch.device("cpu")) is None
+    assert hardware.hbm_gbps(torch.device("cpu")) is None
+
+
+def test_model_params_reads_the_tiny_policy(tiny_assets):
+    n = hardware.model_params(str(tiny_assets.policy))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_assets.policy))
+    assert n == sum(p.numel() for p in model.parameters())
+    assert hardware.model_params("/nonexistent") is None
