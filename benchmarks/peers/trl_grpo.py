@@ -49,7 +49,13 @@ def main() -> None:
 
     from rlhf_pipe.assets.shaped import build_shaped_assets
 
-    assets = build_shaped_assets(args.shape)
+    if args.shape == "tiny":  # a CPU smoke test of this script, not a measurement
+        from rlhf_pipe.assets.tiny import build_tiny_assets
+
+        assets = build_tiny_assets()
+    else:
+        assets = build_shaped_assets(args.shape)
+    on_gpu = torch.cuda.is_available()
     lines = Path(assets.prompts).read_text().splitlines()[:16]
     dataset = Dataset.from_list([json.loads(line) for line in lines] * 64)
     tokenizer = AutoTokenizer.from_pretrained(str(assets.policy))
@@ -61,7 +67,8 @@ def main() -> None:
             self.ends: list[float] = [time.perf_counter()]
 
         def on_step_end(self, *_, **__):
-            torch.cuda.synchronize()
+            if on_gpu:
+                torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
 
     config = GRPOConfig(
@@ -75,7 +82,8 @@ def main() -> None:
         beta=0.0,
         num_iterations=1,
         learning_rate=1e-6,
-        bf16=True,
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
         use_vllm=True,
         vllm_mode="colocate",
         vllm_gpu_memory_utilization=0.35,
@@ -113,7 +121,7 @@ def main() -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "date": time.strftime("%Y-%m-%d"),
         "log_history": logs,
     }

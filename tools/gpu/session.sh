@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Phases of one GPU session on a lent machine (../shared/gpu/README.md), each one `run` call:
-#   tools/gpu/session.sh install|tests|bench2|bench1
+#   tools/gpu/session.sh install|tests|bench2|bench1|peers
 # `install` expects /tmp/stage to hold the three parts. Logs and results go to $OUT.
 # Tests knob: TORCHRUN_K (pytest -k for the 2-GPU file).
 # Bench knobs (environment): PIPES (1,2,4,8), STEPS (3), TAG (suffix of the output names),
@@ -54,5 +54,17 @@ bench1)
     { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout "${LIMIT:-560}" $cmd; } > "$work/$name.log" 2>&1
     grep -E "^pipe |bench: pipe|streaming|error|Error" "$work/$name.log" | tail -30
     tar czf "$out/$name.tgz" -C "$work" "$name.log" $(cd "$work" && ls -d "$name" 2>/dev/null)
+    ;;
+peers)
+    # TRL's GRPOTrainer on the GRPO timing workload (benchmarks/peers/trl_grpo.py). Knobs:
+    # SHAPE (qwen2-0.5b), IS ("off" or "off on"), STEPS (7), WARMUP (2), LIMIT (280 s each).
+    # Its wheels travel in .gpu/peers (carry it): trl, datasets, multiprocess, xxhash.
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/peers/*.whl
+    for is in ${IS:-off}; do
+        name=trl_${SHAPE:-qwen2-0.5b}_is_${is}
+        cmd="python3 benchmarks/peers/trl_grpo.py --shape ${SHAPE:-qwen2-0.5b} --is-correction $is --steps ${STEPS:-7} --warmup ${WARMUP:-2} --out $out/$name.json"
+        { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout "${LIMIT:-280}" $cmd; } > "$out/$name.log" 2>&1
+        grep -E "^trl |Error|error" "$out/$name.log" | tail -5
+    done
     ;;
 esac
