@@ -239,6 +239,13 @@ class RepeaterConfig:
     # KL against the reference in the reward (per token for ppo/reinforce_pp, summed into the
     # score for grpo/rloo) or as a loss term (k3, on the actor's current log-probs).
     kl_mode: Literal["reward", "loss"] = "reward"
+    # GRPO's group std: 'unbiased' divides the squares by n - 1 (verl, TRL, OpenRLHF);
+    # 'population' by n (rlhf_pipe's earlier default; advantages sqrt(n / (n - 1)) larger).
+    group_std: Literal["unbiased", "population"] = "unbiased"
+    # PPO (GAE) advantages whitened over response tokens: 'batch' over the whole step (the
+    # Advantage stage waits for the batch; exact), 'micro_batch' over each micro-batch (not
+    # equal to serial), False off (the default: Train overlaps Forward; README says why).
+    advantage_whiten: Literal[False, "batch", "micro_batch"] = False
 
 
 @dataclass
@@ -249,6 +256,9 @@ class TrainConfig:
     ppo_epochs: int = field(default=1, metadata=_ge(1))
     num_mini_batches: int = field(default=1, metadata=_ge(1))
     policy_clip: float = field(default=0.2, metadata=_range(0.0, 1.0, lo_open=True))
+    # Dual-clip PPO (Ye et al. 2020): for A < 0 the policy loss is at most -A * c. None: off;
+    # verl's clip_ratio_c is 3.0.
+    dual_clip_c: Optional[float] = field(default=None, metadata=_range(1.0, 1e6, lo_open=True))
     value_clip: Optional[float] = field(default=0.5, metadata=_ge(0.0))
     ppo_loss_weight: float = field(default=1.0, metadata=_ge(0.0))
     pretrain_loss_weight: float = field(default=0.5, metadata=_ge(0.0))
@@ -599,6 +609,21 @@ def validate(cfg: RunConfig) -> RunConfig:
             src,
             "rollout_config.n",
             f"algorithm {algo!r} needs n >= 2 answers per prompt, got {cfg.rollout_config.n}",
+        )
+    whiten = cfg.repeater_config.advantage_whiten
+    if whiten is not False and algo != "ppo":
+        _fail(
+            src,
+            "repeater_config.advantage_whiten",
+            f"applies to algorithm 'ppo' (GAE); {algo!r} normalises its own advantages, "
+            f"set it to False",
+        )
+    if whiten == "micro_batch" and cfg.repeater_config.norm_rewards == "batch":
+        _fail(
+            src,
+            "repeater_config.advantage_whiten",
+            "'micro_batch' with norm_rewards='batch' would whiten over the whole batch "
+            "(the Advantage stage waits for it): use 'batch'",
         )
     if mc.reference is None and cfg.repeater_config.kl_coeff > 0:
         _fail(

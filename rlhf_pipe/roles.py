@@ -41,6 +41,7 @@ class LossSettings:
     value_loss_weight: float
     loss_agg: str  # "token_mean" | "seq_mean_token_mean"
     kl_loss_coeff: float = 0.0  # > 0: KL to the reference as a loss term (k3 estimator)
+    dual_clip_c: float | None = None  # > 1: dual-clip bound for negative advantages
 
 
 def grad_divisor(loss_agg: str, num_tokens: int) -> float:
@@ -232,7 +233,9 @@ class PolicyRole(_Trainable):
                 else pad_field(chunk, "old_logp", R).to(self.device)
             )
             adv = pad_field(chunk, "advantages", R).to(self.device)
-            per_token, clipped = core.policy_loss(logp, old, adv, loss.policy_clip)
+            per_token, clipped = core.policy_loss(
+                logp, old, adv, loss.policy_clip, dual_clip_c=loss.dual_clip_c
+            )
             if loss.kl_loss_coeff:
                 ref = pad_field(chunk, "ref_logp", R).to(self.device)
                 kl_term = core.kl_penalty(logp, ref, "k3")

@@ -627,6 +627,8 @@ class RLHFTrainer:
                 rep.kl_mode,
                 r.n,
                 t.on_nonfinite,
+                group_std=rep.group_std,
+                advantage_whiten=rep.advantage_whiten,
             ),
             loss=LossSettings(
                 t.policy_clip,
@@ -635,6 +637,7 @@ class RLHFTrainer:
                 t.value_loss_weight,
                 t.loss_agg,
                 rep.kl_coeff if rep.kl_mode == "loss" else 0.0,
+                dual_clip_c=t.dual_clip_c,
             ),
             update_actor=step >= t.critic_warmup_step,
             ppo_epochs=t.ppo_epochs,

@@ -78,6 +78,34 @@ def test_example_loads_with_derived_sizes(tmp_path):
             {"model_configs.policy.generator_config.batch_generation.rank": True},
             "model_configs.policy.generator_config.batch_generation.rank: unknown key (known: min_prompt_length, ranking)",
         ),
+        (
+            {"train_config.dual_clip_c": 1.0},
+            "train_config.dual_clip_c: expected a value > 1.0, got 1.0",
+        ),
+        (
+            {"repeater_config.group_std": "sample"},
+            "repeater_config.group_std: expected 'unbiased' or 'population', got 'sample'",
+        ),
+        (
+            {"repeater_config.advantage_whiten": True},
+            "repeater_config.advantage_whiten: expected False or 'batch' or 'micro_batch', got True",
+        ),
+        (
+            {
+                "model_configs.critic": None,
+                "rollout_config.n": 2,
+                "repeater_config.algorithm": "grpo",
+                "repeater_config.advantage_whiten": "batch",
+            },
+            "repeater_config.advantage_whiten: applies to algorithm 'ppo' (GAE); 'grpo' normalises",
+        ),
+        (
+            {
+                "repeater_config.norm_rewards": "batch",
+                "repeater_config.advantage_whiten": "micro_batch",
+            },
+            "repeater_config.advantage_whiten: 'micro_batch' with norm_rewards='batch' would whiten",
+        ),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, override, message):
@@ -113,9 +141,9 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines == [
-        f"error: {cfg}: repeater_config.kl_coef: unknown key (known: algorithm, "
-        "clip_reward_max, clip_reward_min, gae_lambda, gamma, kl_coeff, kl_estimator, "
-        "kl_mode, norm_rewards)"
+        f"error: {cfg}: repeater_config.kl_coef: unknown key (known: advantage_whiten, "
+        "algorithm, clip_reward_max, clip_reward_min, gae_lambda, gamma, group_std, kl_coeff, "
+        "kl_estimator, kl_mode, norm_rewards)"
     ]
     assert "Traceback" not in proc.stderr
 

@@ -55,6 +55,8 @@ class AdvantageSettings:
     kl_mode: str = "reward"  # "reward" | "loss"
     group_size: int = 1  # rollout n: answers per prompt
     on_nonfinite: str = "stop"
+    group_std: str = "unbiased"  # grpo: "unbiased" (n - 1) | "population" (n)
+    advantage_whiten: object = False  # ppo: False | "batch" | "micro_batch"
 
 
 @dataclass
@@ -264,7 +266,9 @@ class StepPipeline:
         # Whole-batch statistics (exact 'batch' normalisation, REINFORCE++ whitening) need every
         # sample of the step; group baselines need every answer of a prompt. Micro-batches wait
         # in `held` until what they need is there, and leave in order.
-        whole_batch = a.norm_rewards == "batch" or a.algorithm == "reinforce_pp"
+        whole_batch = (
+            "batch" in (a.norm_rewards, a.advantage_whiten) or a.algorithm == "reinforce_pp"
+        )
         grouped = a.algorithm in ("grpo", "rloo")
         held: list[MicroBatch] = []
         groups: dict[int, list[Sample]] = {}
@@ -333,6 +337,8 @@ class StepPipeline:
         if a.algorithm == "ppo":
             values = pad_field(samples, "values", R)
             adv, ret = core.gae_advantages(rewards, values, mask, a.gamma, a.gae_lambda)
+            if a.advantage_whiten:  # over the samples of this call: the batch or one micro-batch
+                adv = core.masked_whiten(adv, mask) * mask  # returns stay unwhitened
         elif a.algorithm == "reinforce_pp":
             adv = group_algos.reinforce_pp_advantages(rewards, mask, a.gamma)
             ret = torch.zeros_like(adv)
@@ -357,7 +363,7 @@ class StepPipeline:
             scores = torch.stack([s.shaped_score for s in members])
             ids = torch.zeros(len(members), dtype=torch.long)
             adv = (
-                group_algos.grpo_advantages(scores, ids)
+                group_algos.grpo_advantages(scores, ids, unbiased=a.group_std == "unbiased")
                 if a.algorithm == "grpo"
                 else group_algos.rloo_advantages(scores, ids)
             )

@@ -117,7 +117,9 @@ def ptx_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- KL and rewards
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
+def kl_penalty(
+    logp: Tensor, ref_logp: Tensor, kind: str = "k1", cap: float | None = 10.0
+) -> Tensor:
     """Per-token estimate of KL(policy || reference) from sampled-token log-probs.
 
     With d = logp - ref_logp (see http://joschu.net/blog/kl-approx.html):
@@ -125,18 +127,27 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
         "k2"   0.5 * d^2
         "k3"   exp(-d) + d - 1           unbiased, low variance, always >= 0
         "abs"  |d|
+    The estimate is clamped to [-cap, cap] (verl and OpenRLHF cap at 10; None: no cap): one
+    token far from the reference (k3 at d = -5 is e^5 - 6 = 142) would otherwise dominate the
+    reward or the loss. A capped token has zero gradient. For k3, d is first clamped to +-20
+    so exp(-d) stays finite in float32 (for a cap below 19 the result is the same).
     logp, ref_logp: (B, T) -> (B, T).
     """
     d = logp - ref_logp
     if kind == "k1":
-        return d
-    if kind == "k2":
-        return 0.5 * d.square()
-    if kind == "k3":
-        return torch.exp(-d) + d - 1.0
-    if kind == "abs":
-        return d.abs()
-    raise ValueError(f"unknown kl_penalty kind {kind!r}; expected one of 'k1', 'k2', 'k3', 'abs'")
+        kl = d
+    elif kind == "k2":
+        kl = 0.5 * d.square()
+    elif kind == "k3":
+        d = d.clamp(-20.0, 20.0) if cap is not None else d
+        kl = torch.exp(-d) + d - 1.0
+    elif kind == "abs":
+        kl = d.abs()
+    else:
+        raise ValueError(
+            f"unknown kl_penalty kind {kind!r}; expected one of 'k1', 'k2', 'k3', 'abs'"
+        )
+    return kl if cap is None else kl.clamp(-cap, cap)
 
 
 def _last_valid_index(mask: Tensor) -> Tensor:
@@ -215,21 +226,37 @@ def policy_loss(
     advantages: Tensor,
     clip_eps: float,
     clip_eps_high: float | None = None,
+    dual_clip_c: float | None = None,
+    max_log_ratio: float | None = 20.0,
 ) -> tuple[Tensor, Tensor]:
     """PPO clipped surrogate per token (Schulman et al. 2017, arXiv:1707.06347).
 
         loss = max(-A * r, -A * clip(r, 1 - clip_eps, 1 + clip_eps_high))
 
     ``clip_eps_high`` defaults to ``clip_eps`` (set it higher for DAPO-style "clip higher").
-    logp, old_logp, advantages: (B, T) -> loss (B, T), clipped (B, T) float 0/1, 1 where the
-    clipped branch is strictly larger (those tokens get zero gradient).
+    ``dual_clip_c`` (> 1; None: off) is dual-clip PPO (Ye et al. 2020, arXiv:1912.09729): for
+    A < 0 the loss is also bounded above by -A * c, so a ratio far above 1 on a bad action cannot
+    give an unbounded loss:  loss = min(loss, -A * c) where A < 0.
+    ``max_log_ratio`` clamps logp - old_logp to [-m, m] before the exp (verl's bound, 20; None:
+    off): exp(100) is inf in float32, exp(20) = 4.9e8 is not. Clamped tokens get zero gradient.
+    logp, old_logp, advantages: (B, T) -> loss (B, T), clipped (B, T) float 0/1, 1 where either
+    clip is active (the clipped branch is strictly larger, or the dual-clip bound strictly
+    smaller): those tokens get zero gradient.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    if max_log_ratio is not None:
+        log_ratio = log_ratio.clamp(-max_log_ratio, max_log_ratio)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped_branch = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
     clipped = clipped_branch > unclipped
     loss = torch.where(clipped, clipped_branch, unclipped)
+    if dual_clip_c is not None:
+        bound = -advantages * dual_clip_c  # > 0 where A < 0
+        lower = (advantages < 0) & (bound < loss)
+        loss = torch.where(lower, bound, loss)
+        clipped = clipped | lower  # disjoint: A < 0 clips above only where r < 1 - eps < c
     return loss, clipped.to(loss.dtype)
 
 

@@ -53,12 +53,18 @@ def _group_constant(x: Tensor, inverse: Tensor, G: int) -> Tensor:
 
 
 def grpo_advantages(
-    scores: Tensor, group_ids: Tensor, eps: float = 1e-6, scale_by_std: bool = True
+    scores: Tensor,
+    group_ids: Tensor,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+    unbiased: bool = True,
 ) -> Tensor:
     """GRPO (Shao et al. 2024, arXiv:2402.03300): (r - group mean) / (group std + eps).
 
-    The std is the population std (unbiased=False), so a group of one gives 0 / eps = 0 rather
-    than NaN. ``scale_by_std=False`` gives r - group mean (Dr. GRPO, arXiv:2503.20783).
+    The std is the sample std, sum of squares / (n - 1), as in verl, TRL and OpenRLHF; with
+    ``unbiased=False`` it is the population std, / n (advantages sqrt(n / (n - 1)) larger).
+    A group of one has advantage 0 either way (r - mean = 0; its (n - 1) = 0 is taken as 1,
+    so no NaN). ``scale_by_std=False`` gives r - group mean (Dr. GRPO, arXiv:2503.20783).
     A group whose scores are all equal gets exactly 0 (not a rounding residue / eps).
     scores, group_ids: (B,) -> (B,).
     """
@@ -66,7 +72,8 @@ def grpo_advantages(
     size = _group_sum(torch.ones_like(scores), inverse, G)
     adv = scores - _group_sum(scores, inverse, G) / size
     if scale_by_std:
-        std = (_group_sum(adv.square(), inverse, G) / size).sqrt()
+        dof = (size - 1).clamp_min(1) if unbiased else size
+        std = (_group_sum(adv.square(), inverse, G) / dof).sqrt()
         adv = adv / (std + eps)
     return torch.where(_group_constant(scores, inverse, G), torch.zeros_like(adv), adv)
 

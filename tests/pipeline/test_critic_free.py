@@ -23,9 +23,13 @@ def _trainer(tmp_path, engine, **over):
     return RLHFTrainer(cfg, engine=engine, console=False)
 
 
-def test_grpo_groups_split_across_micro_batches_match_hand_computation(tmp_path, fresh_engine):
+@pytest.mark.parametrize("group_std", [None, "unbiased", "population"])
+def test_grpo_groups_split_across_micro_batches_match_hand_computation(
+    tmp_path, fresh_engine, group_std
+):
     # 6 prompts x n=4 = 24 samples in 4 micro-batches of 6: a group of 4 straddles a boundary
-    # whenever its answers finish in different micro-batches.
+    # whenever its answers finish in different micro-batches. group_std None: the default.
+    over = {} if group_std is None else {"repeater_config.group_std": group_std}
     trainer = _trainer(
         tmp_path,
         fresh_engine,
@@ -34,8 +38,10 @@ def test_grpo_groups_split_across_micro_batches_match_hand_computation(tmp_path,
             "repeater_config.algorithm": "grpo",
             "repeater_config.kl_coeff": 0.0,
             "repeater_config.norm_rewards": False,
+            **over,
         },
     )
+    unbiased = group_std != "population"  # the default is the (n - 1) std of verl, TRL, OpenRLHF
     out = trainer.pipeline.run(trainer._plan(0))
     assert out.extra["advantage_waits"] > 0  # some micro-batch waited for a straddling group
     by_prompt = {}
@@ -45,7 +51,7 @@ def test_grpo_groups_split_across_micro_batches_match_hand_computation(tmp_path,
     for members in by_prompt.values():
         members.sort(key=lambda s: s.sample_id)
         scores = torch.stack([s.score for s in members]).clamp(-5, 5)
-        expected = grpo_advantages(scores, torch.zeros(4, dtype=torch.long))
+        expected = grpo_advantages(scores, torch.zeros(4, dtype=torch.long), unbiased=unbiased)
         for s, e in zip(members, expected):
             assert torch.allclose(s.advantages, torch.full_like(s.advantages, e.item()))
             if torch.all(scores == scores[0]):

@@ -61,6 +61,68 @@ def test_running_norm_differs_from_serial_as_documented(
     assert _max_diff(out[1][0], out[4][0]) > 0
 
 
+def test_advantage_whiten_batch_pipelined_equals_serial(
+    tmp_path, vllm_engine, initial_policy_weights
+):
+    # norm_rewards off, so only the whitening makes the Advantage stage wait for the batch
+    results = {}
+    for m in (1, 4):
+        vllm_engine.load_weights(initial_policy_weights.items(), version=0)
+        results[m] = _train(
+            tmp_path / f"m{m}",
+            vllm_engine,
+            PIPE_MICRO_BATCH_NUM=m,
+            **{"repeater_config.norm_rewards": False, "repeater_config.advantage_whiten": "batch"},
+        )
+    (actor1, critic1, hist1), (actor4, critic4, hist4) = results[1], results[4]
+    assert _max_diff(actor1, dict(initial_policy_weights)) > 0  # it trained
+    assert all(torch.equal(actor1[k], actor4[k]) for k in actor1), _max_diff(actor1, actor4)
+    assert all(torch.equal(critic1[k], critic4[k]) for k in critic1), _max_diff(critic1, critic4)
+    assert [h["reward"] for h in hist1] == [h["reward"] for h in hist4]
+
+
+def test_advantage_whiten_batch_and_micro_batch_statistics(
+    tmp_path, vllm_engine, initial_policy_weights
+):
+    out = {}
+    for mode in ("batch", "micro_batch"):
+        vllm_engine.load_weights(initial_policy_weights.items(), version=0)
+        cfg = tiny_config(
+            tmp_path / mode,
+            **{"repeater_config.norm_rewards": False, "repeater_config.advantage_whiten": mode},
+        )
+        trainer = RLHFTrainer(cfg, engine=vllm_engine, console=False)
+        out[mode] = trainer.pipeline.run(trainer._plan(0)).samples  # in micro-batch order
+        trainer.close()
+
+    def moments(samples):
+        adv = torch.cat([s.advantages for s in samples])  # response tokens only
+        return adv.mean().item(), adv.std(unbiased=False).item()
+
+    # 'batch': mean 0, std 1 over all response tokens of the step
+    mean, std = moments(out["batch"])
+    assert abs(mean) < 1e-5 and abs(std - 1) < 1e-3
+    # 'micro_batch': the same within each micro-batch of pipe_micro_bs = 4 samples
+    for i in range(0, 16, 4):
+        mean, std = moments(out["micro_batch"][i : i + 4])
+        assert abs(mean) < 1e-5 and abs(std - 1) < 1e-3
+    # same samples, different advantages: per-micro-batch whitening is not the batch's
+    by_id = {mode: {s.sample_id: s for s in out[mode]} for mode in out}
+    assert all(
+        torch.equal(by_id["batch"][i].response_ids, by_id["micro_batch"][i].response_ids)
+        and torch.equal(by_id["batch"][i].score, by_id["micro_batch"][i].score)
+        for i in range(16)
+    )
+    assert any(
+        not torch.allclose(by_id["batch"][i].advantages, by_id["micro_batch"][i].advantages)
+        for i in range(16)
+    )
+    # returns (the critic's targets) are not whitened: the same in both modes
+    assert all(
+        torch.equal(by_id["batch"][i].returns, by_id["micro_batch"][i].returns) for i in range(16)
+    )
+
+
 def test_every_sample_once_with_version_and_metrics(tmp_path, fresh_engine):
     cfg = tiny_config(tmp_path)
     trainer = RLHFTrainer(cfg, engine=fresh_engine, console=False)

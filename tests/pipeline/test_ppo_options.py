@@ -141,3 +141,25 @@ def test_nan_update_is_skipped_when_asked(tmp_path, fresh_engine, initial_policy
     assert all(torch.equal(actor[k], initial_policy_weights[k]) for k in initial_policy_weights)
     assert all(p.grad is None for p in trainer.actor.model.parameters())
     trainer.close()
+
+
+def test_dual_clip_c_reaches_the_policy_loss(tmp_path, fresh_engine, monkeypatch):
+    from rlhf_pipe.ppo import core
+
+    seen = []
+    real = core.policy_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dual_clip_c"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "policy_loss", spy)
+    trainer = RLHFTrainer(
+        tiny_config(tmp_path, **{"train_config.dual_clip_c": 3.0}),
+        engine=fresh_engine,
+        console=False,
+    )
+    metrics = trainer.train_step()
+    trainer.close()
+    assert seen and set(seen) == {3.0}  # every train chunk used the configured bound
+    assert 0.0 <= metrics["actor/clip_frac"] <= 1.0

@@ -155,6 +155,31 @@ def test_kl_k3_is_nonnegative_and_zero_at_equality():
     assert torch.equal(kl_penalty(logp, logp, "k3"), torch.zeros_like(logp))
 
 
+def test_kl_penalty_capped_at_ten_with_finite_gradients():
+    # float32, as the pipeline's log-probs; d = logp - ref = [-5, 12, -100, 0.5]
+    ref = torch.zeros(4)
+    logp = torch.tensor([-5.0, 12.0, -100.0, 0.5], requires_grad=True)
+    # k3 = e^-d + d - 1 = [e^5 - 6 = 142.4, e^-12 + 11 = 11.0, e^100 (inf in fp32), 0.1065]
+    expected = {
+        "k1": [-5.0, 10.0, -10.0, 0.5],  # d, capped at -+10
+        "k2": [10.0, 10.0, 10.0, 0.125],  # 0.5 d^2 = [12.5, 72, 5000, 0.125]
+        "k3": [10.0, 10.0, 10.0, math.exp(-0.5) - 0.5],
+        "abs": [5.0, 10.0, 10.0, 0.5],
+    }
+    for kind, want in expected.items():
+        kl = kl_penalty(logp, ref, kind)
+        torch.testing.assert_close(kl, torch.tensor(want))
+        (grad,) = torch.autograd.grad(kl.sum(), logp)
+        assert torch.isfinite(grad).all(), kind
+        # a capped token has zero gradient; the uncapped d = 0.5 keeps its own
+        capped = kl.detach().abs() == 10.0
+        assert torch.equal(grad[capped], torch.zeros(int(capped.sum()))) and grad[3] != 0
+    # the old behaviour, uncapped: k3 at d = -5 is e^5 - 6 = 142.41
+    torch.testing.assert_close(
+        kl_penalty(logp[:1], ref[:1], "k3", cap=None), torch.tensor([math.exp(5.0) - 6.0])
+    )
+
+
 def test_kl_penalty_unknown_kind_names_it():
     with pytest.raises(ValueError, match="k9"):
         kl_penalty(t([0.0]), t([0.0]), "k9")
@@ -333,6 +358,67 @@ def test_policy_loss_gradient_zero_on_clipped_tokens():
     expected = torch.where(clipped.bool(), torch.zeros_like(adv), -adv * ratios)
     torch.testing.assert_close(grad, expected)
     assert clipped.sum() == 2 and (grad[~clipped.bool()] != 0).all()
+
+
+def test_policy_loss_extreme_log_ratio_is_finite():
+    # float32, log-ratio logp - old = [100, 25, 25, 1]; A = [-1, -1, 1, -1]
+    old = torch.zeros(4)
+    logp = torch.tensor([100.0, 25.0, 25.0, 1.0], requires_grad=True)
+    adv = torch.tensor([-1.0, -1.0, 1.0, -1.0])
+    # unguarded: exp(100) = inf in float32, exp(25) = 7.2e10 -> loss 7.2e10
+    raw, _ = policy_loss(logp.detach(), old, adv, clip_eps=0.2, max_log_ratio=None)
+    assert torch.isinf(raw[0]) and raw[1] > 7e10
+    loss, clipped = policy_loss(logp, old, adv, clip_eps=0.2)
+    # clamped at 20: A < 0 -> max(e^20, 1.2) = e^20 = 4.85e8; A > 0 -> max(-e^20, -1.2) = -1.2
+    # (clipped); log-ratio 1 is inside the bound: max(e, 1.2) = e
+    e20 = math.exp(20.0)
+    torch.testing.assert_close(loss, torch.tensor([e20, e20, -1.2, math.e]))
+    assert torch.equal(clipped, torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    assert torch.isfinite(grad).all()
+    # past the bound the ratio is constant: zero gradient; inside, d(-A r)/d logp = -A r = e
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, 0.0, math.e]))
+
+
+def test_policy_loss_dual_clip_bounds_negative_advantages():
+    old = t([0.0, 0.0, 0.0])
+    logp = torch.log(t([4.0, 2.0, 0.5])).requires_grad_()
+    neg = t([-1.0, -1.0, -1.0])
+    loss, clipped = policy_loss(logp, old, neg, clip_eps=0.2, dual_clip_c=3.0)
+    # A = -1: standard loss max(r, clip(r, 0.8, 1.2)) = [4, 2, 0.8], then min(., -A c = 3):
+    # r = 4 -> 3 (dual clip); r = 2 -> 2 (neither); r = 0.5 -> 0.8 (standard clip)
+    torch.testing.assert_close(loss, t([3.0, 2.0, 0.8]))
+    assert torch.equal(clipped, t([1.0, 0.0, 1.0]))
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    # only r = 2 has a gradient: d(-A r)/d logp = r = 2
+    torch.testing.assert_close(grad, t([0.0, 2.0, 0.0]))
+    # without dual clip, r = 4 gives 4 and is not counted as clipped
+    loss, clipped = policy_loss(logp.detach(), old, neg, clip_eps=0.2)
+    torch.testing.assert_close(loss, t([4.0, 2.0, 0.8]))
+    assert torch.equal(clipped, t([0.0, 0.0, 1.0]))
+
+
+def test_policy_loss_dual_clip_leaves_non_negative_advantages():
+    old = t([0.0, 0.0, 0.0])
+    logp = torch.log(t([4.0, 4.0, 0.5]))
+    adv = t([2.0, 0.0, 2.0])
+    # A = 2: max(-2 r, -2 clip(r)) = [max(-8, -2.4), ., max(-1, -1.6)] = [-2.4, ., -1];
+    # A = 0: loss 0, and the bound -A c = 0 is not applied (it is for A < 0 only)
+    for c in (None, 3.0):
+        loss, clipped = policy_loss(logp, old, adv, clip_eps=0.2, dual_clip_c=c)
+        torch.testing.assert_close(loss, t([-2.4, 0.0, -1.0]))
+        assert torch.equal(clipped, t([1.0, 0.0, 0.0]))
+
+
+def test_policy_loss_dual_clip_with_extreme_log_ratio():
+    # log-ratio 25 and 100 with A = -2: clamped to 20, then bounded by -A c = 2 * 3 = 6
+    old = torch.zeros(2)
+    logp = torch.tensor([25.0, 100.0], requires_grad=True)
+    loss, clipped = policy_loss(logp, old, torch.tensor([-2.0, -2.0]), 0.2, dual_clip_c=3.0)
+    torch.testing.assert_close(loss, torch.tensor([6.0, 6.0]))
+    assert torch.equal(clipped, torch.ones(2))
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    assert torch.equal(grad, torch.zeros(2))
 
 
 def test_value_loss_clipped_by_hand():

@@ -20,8 +20,8 @@ def t(x, dtype=F64):
     return torch.tensor(x, dtype=dtype)
 
 
-def grpo_reference(scores, group_ids, eps, scale_by_std=True):
-    """One group at a time with torch's own mean/std (population)."""
+def grpo_reference(scores, group_ids, eps, scale_by_std=True, unbiased=True):
+    """One group at a time with torch's own mean/std (a group of one: std taken as 0)."""
     out = torch.zeros_like(scores)
     for gid in group_ids.unique():
         sel = group_ids == gid
@@ -30,7 +30,8 @@ def grpo_reference(scores, group_ids, eps, scale_by_std=True):
             continue  # an all-equal group gets exactly 0 (the mean's rounding would leave ~1e-8)
         adv = s - s.mean()
         if scale_by_std:
-            adv = adv / (s.std(unbiased=False) + eps)
+            std = s.std(unbiased=unbiased) if len(s) > 1 else s.new_zeros(())
+            adv = adv / (std + eps)
         out[sel] = adv
     return out
 
@@ -39,18 +40,33 @@ def grpo_reference(scores, group_ids, eps, scale_by_std=True):
 
 
 def test_grpo_by_hand_interleaved_non_contiguous_ids():
-    # group 10: [1, 2, 3] -> mean 2, population std sqrt(2/3); group 3: [0, 4] -> mean 2, std 2
+    # group 10: [1, 2, 3] -> mean 2, sum of squares 2, sample std sqrt(2/2) = 1;
+    # group 3: [0, 4] -> mean 2, sum of squares 8, sample std sqrt(8/1) = 2 sqrt 2
     scores = t([1.0, 0.0, 2.0, 4.0, 3.0])
     group_ids = torch.tensor([10, 3, 10, 3, 10])
-    s = math.sqrt(2.0 / 3.0)
-    expected = t([-1 / s, -1.0, 0.0, 1.0, 1 / s])
+    r8 = math.sqrt(8.0)
+    expected = t([-1.0, -2.0 / r8, 0.0, 2.0 / r8, 1.0])
     torch.testing.assert_close(grpo_advantages(scores, group_ids, eps=0.0), expected)
     # scale_by_std=False: just r - mean
     torch.testing.assert_close(
         grpo_advantages(scores, group_ids, scale_by_std=False), t([-1.0, -2.0, 0.0, 2.0, 1.0])
     )
-    # default eps 1e-6 enters the denominator: group 3 gives -2 / (2 + 1e-6)
-    torch.testing.assert_close(grpo_advantages(scores, group_ids)[1], t(-2.0 / (2.0 + 1e-6)))
+    # default eps 1e-6 enters the denominator: group 3 gives -2 / (2 sqrt 2 + 1e-6)
+    torch.testing.assert_close(grpo_advantages(scores, group_ids)[1], t(-2.0 / (r8 + 1e-6)))
+
+
+def test_grpo_population_std_by_hand():
+    # population std: group 10 sqrt(2/3), group 3 sqrt(8/2) = 2
+    scores = t([1.0, 0.0, 2.0, 4.0, 3.0])
+    group_ids = torch.tensor([10, 3, 10, 3, 10])
+    s = math.sqrt(2.0 / 3.0)
+    expected = t([-1 / s, -1.0, 0.0, 1.0, 1 / s])
+    pop = grpo_advantages(scores, group_ids, eps=0.0, unbiased=False)
+    torch.testing.assert_close(pop, expected)
+    # the two differ by sqrt(n / (n - 1)): sqrt(3/2) for the group of 3, sqrt 2 for the pair
+    sample = grpo_advantages(scores, group_ids, eps=0.0)
+    ratio = t([math.sqrt(1.5), math.sqrt(2.0), 1.0, math.sqrt(2.0), math.sqrt(1.5)])
+    torch.testing.assert_close(pop[[0, 1, 3, 4]], (sample * ratio)[[0, 1, 3, 4]])
 
 
 def test_grpo_all_equal_group_is_exactly_zero():
@@ -60,15 +76,23 @@ def test_grpo_all_equal_group_is_exactly_zero():
     for dtype in (F64, torch.float32):
         scores = t([0.1, 0.1, 0.1, 1.0, 0.0], dtype)
         for scale in (True, False):
-            adv = grpo_advantages(scores, group_ids, scale_by_std=scale)
-            assert torch.equal(adv[:3], torch.zeros(3, dtype=dtype))
-            assert adv[3] > 0 and adv[4] < 0
+            for unbiased in (True, False):
+                adv = grpo_advantages(scores, group_ids, scale_by_std=scale, unbiased=unbiased)
+                assert torch.equal(adv[:3], torch.zeros(3, dtype=dtype))
+                assert adv[3] > 0 and adv[4] < 0
 
 
 def test_grpo_singleton_group_is_zero_and_dtype_kept():
+    # a group of one: r - mean = 0, and its n - 1 = 0 must not give 0 / 0 = NaN
     scores = torch.tensor([5.0, 1.0, 2.0], dtype=torch.float32)
-    adv = grpo_advantages(scores, torch.tensor([0, 1, 1]))
-    assert adv[0] == 0.0 and adv.dtype == torch.float32
+    for unbiased in (True, False):
+        adv = grpo_advantages(scores, torch.tensor([0, 1, 1]), eps=0.0, unbiased=unbiased)
+        assert adv[0] == 0.0 and adv.dtype == torch.float32 and torch.isfinite(adv).all()
+    # the pair [1, 2], mean 1.5: population std 0.5 -> -+0.5 / 0.5 = -+1 (the last loop pass);
+    # sample std sqrt(0.5 / 1) -> -+0.5 / sqrt(0.5) = -+sqrt(0.5)
+    torch.testing.assert_close(adv[1:], torch.tensor([-1.0, 1.0]))
+    adv = grpo_advantages(scores, torch.tensor([0, 1, 1]), eps=0.0)
+    torch.testing.assert_close(adv[1:], torch.tensor([-(0.5**0.5), 0.5**0.5]))
 
 
 def test_grpo_does_not_mutate_inputs():
@@ -94,14 +118,15 @@ def grouped_scores(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(grouped_scores())
-def test_grpo_property_group_mean_zero_and_matches_reference(data):
+@given(grouped_scores(), st.booleans())
+def test_grpo_property_group_mean_zero_and_matches_reference(data, unbiased):
     scores, group_ids = data
-    adv = grpo_advantages(scores, group_ids)
+    adv = grpo_advantages(scores, group_ids, unbiased=unbiased)
     for gid in group_ids.unique():
         sel = group_ids == gid
         assert abs(adv[sel].mean()) < 1e-9
-    torch.testing.assert_close(adv, grpo_reference(scores, group_ids, 1e-6), rtol=1e-9, atol=1e-9)
+    expected = grpo_reference(scores, group_ids, 1e-6, unbiased=unbiased)
+    torch.testing.assert_close(adv, expected, rtol=1e-9, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- RLOO
