@@ -44,7 +44,7 @@ class Sample:
     token_rewards: Tensor | None = None  # (R_i,)
     advantages: Tensor | None = None  # (R_i,)
     returns: Tensor | None = None  # (R_i,)
-    shaped_score: Tensor | None = None  # () grpo/rloo: score after clipping and KL-in-reward
+    shaped_score: Tensor | None = None  # () grpo/rloo: clipped, 'batch'-normed, minus KL-in-reward
 
     @property
     def num_actions(self) -> int:

@@ -265,7 +265,8 @@ class StepPipeline:
         a = plan.advantage
         # Whole-batch statistics (exact 'batch' normalisation, REINFORCE++ whitening) need every
         # sample of the step; group baselines need every answer of a prompt. Micro-batches wait
-        # in `held` until what they need is there, and leave in order.
+        # in `held` until what they need is there, and leave in order. A group algorithm with
+        # 'batch' normalises over the whole batch before its group baselines, so it waits too.
         whole_batch = (
             "batch" in (a.norm_rewards, a.advantage_whiten) or a.algorithm == "reinforce_pp"
         )
@@ -278,8 +279,8 @@ class StepPipeline:
             if whole_batch:
                 continue
             if grouped:
+                _shape_scores(mb.samples, a, batch_norm=False)
                 for s in mb.samples:
-                    s.shaped_score = _shaped_score(s, a)
                     groups.setdefault(s.prompt_index, []).append(s)
             while held and (
                 not grouped
@@ -294,6 +295,10 @@ class StepPipeline:
         if held:
             start = time.perf_counter()
             every = sorted((s for mb in held for s in mb.samples), key=lambda s: s.sample_id)
+            if grouped:  # norm_rewards='batch': every group is here, and every score
+                _shape_scores(every, a, batch_norm=True)
+                for s in every:
+                    groups.setdefault(s.prompt_index, []).append(s)
             self._advantages(every, a, groups)
             run.record("advantage", -1, start)
             for mb in held:
@@ -489,14 +494,20 @@ class StepPipeline:
         )
 
 
-def _shaped_score(s: Sample, a: AdvantageSettings) -> torch.Tensor:
-    """grpo/rloo score of one sample: clipped, minus the summed KL when KL is in the reward."""
-    score = s.score.float()
+def _shape_scores(samples: list[Sample], a: AdvantageSettings, batch_norm: bool) -> None:
+    """Sets each sample's grpo/rloo score: clipped, with batch_norm normalised over `samples`
+    (the whole batch, sorted by sample id, as _advantages normalises PPO scores), then minus
+    the summed KL when KL is in the reward. The group baseline is taken from these."""
+    scores = torch.stack([s.score for s in samples]).float()  # (b,)
     if a.clip_reward_min is not None or a.clip_reward_max is not None:
-        score = score.clamp(min=a.clip_reward_min, max=a.clip_reward_max)
-    if a.kl_mode == "reward" and a.kl_coeff and s.ref_logp is not None:
-        score = score - a.kl_coeff * core.kl_penalty(s.old_logp, s.ref_logp, a.kl_estimator).sum()
-    return score
+        scores = scores.clamp(min=a.clip_reward_min, max=a.clip_reward_max)
+    if batch_norm:
+        scores = core.normalize(scores, scores.mean(), scores.std(unbiased=False))
+    for s, score in zip(samples, scores):
+        if a.kl_mode == "reward" and a.kl_coeff and s.ref_logp is not None:
+            kl = core.kl_penalty(s.old_logp, s.ref_logp, a.kl_estimator).sum()
+            score = score - a.kl_coeff * kl
+        s.shaped_score = score
 
 
 def pad_field_mask(samples: list[Sample], width: int) -> torch.Tensor:

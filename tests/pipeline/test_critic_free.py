@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_pipe.ppo.group import grpo_advantages
+from rlhf_pipe.ppo.group import grpo_advantages, rloo_advantages
 from rlhf_pipe.trainer import RLHFTrainer
 from tests.conftest import tiny_config
 
@@ -60,10 +60,18 @@ def test_grpo_groups_split_across_micro_batches_match_hand_computation(
 
 
 @pytest.mark.parametrize(
-    "algorithm,kl_mode", [("grpo", "loss"), ("rloo", "reward"), ("reinforce_pp", "reward")]
+    "algorithm,kl_mode,norm",
+    [
+        ("grpo", "loss", False),
+        ("rloo", "reward", False),
+        ("reinforce_pp", "reward", False),
+        # 'batch' holds the whole batch, then normalises before the group baseline (issue 17)
+        ("grpo", "reward", "batch"),
+        ("rloo", "loss", "batch"),
+    ],
 )
 def test_critic_free_pipelined_equals_serial(
-    tmp_path, vllm_engine, initial_policy_weights, algorithm, kl_mode
+    tmp_path, vllm_engine, initial_policy_weights, algorithm, kl_mode, norm
 ):
     weights = {}
     for m in (1, 4):
@@ -75,7 +83,7 @@ def test_critic_free_pipelined_equals_serial(
             **{
                 "repeater_config.algorithm": algorithm,
                 "repeater_config.kl_mode": kl_mode,
-                "repeater_config.norm_rewards": False,
+                "repeater_config.norm_rewards": norm,
             },
         )
         history = trainer.learn(2)
@@ -86,3 +94,28 @@ def test_critic_free_pipelined_equals_serial(
         weights[m] = {k: v.clone() for k, v in trainer.actor.model.state_dict().items()}
     assert all(torch.equal(weights[1][k], weights[4][k]) for k in weights[1])
     assert any(not torch.equal(weights[1][k], initial_policy_weights[k]) for k in weights[1])
+
+
+def test_group_batch_norm_normalises_over_the_batch_before_the_baseline(tmp_path, fresh_engine):
+    # issue 17: a group algorithm with norm_rewards='batch' once failed with KeyError: 0.
+    trainer = _trainer(
+        tmp_path,
+        fresh_engine,
+        PIPE_MICRO_BATCH_NUM=4,
+        **{
+            "repeater_config.algorithm": "rloo",
+            "repeater_config.kl_coeff": 0.0,
+            "repeater_config.norm_rewards": "batch",
+        },
+    )
+    out = trainer.pipeline.run(trainer._plan(0))
+    trainer.close()
+    every = sorted(out.samples, key=lambda s: s.sample_id)
+    raw = torch.stack([s.score for s in every]).float().clamp(-5, 5)  # (24,)
+    normed = (raw - raw.mean()) / (raw.std(unbiased=False) + 1e-8)
+    assert raw.std(unbiased=False) < 0.9  # so the normalisation changes RLOO's scale
+    ids = torch.tensor([s.prompt_index for s in every])
+    expected = rloo_advantages(normed, ids)  # leave-one-out baseline of the normalised scores
+    for s, e in zip(every, expected):
+        assert torch.allclose(s.advantages, torch.full_like(s.advantages, e.item()), atol=1e-6)
+    assert any(e != 0 for e in expected)
