@@ -763,6 +763,13 @@ def _check_sampling(cfg: RunConfig) -> None:
     elif r.beam_width is not None:
         _fail(src, "rollout_config.beam_width", "set, but use_beam_search is False")
     if generator == "hf":
+        if r.stop_token_list:
+            _fail(
+                src,
+                "rollout_config.stop_token_list",
+                "needs the vllm generator (model_configs.policy.generator_config."
+                "generator_type='vllm'); the hf generator has no stop strings",
+            )
         for key in ("use_beam_search", "prompt_logprobs"):
             if getattr(r, key) not in (False, None):
                 _fail(

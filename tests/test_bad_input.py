@@ -692,3 +692,23 @@ def test_zero3_actor_with_the_hf_generator_is_refused(tmp_path):
                 "model_configs.policy.generator_config.generator_type": "hf",
             },
         )
+
+
+def test_cli_hf_generator_with_stop_strings_is_refused_at_start(tmp_path):
+    # issue 17: it used to start, then fail inside the Generate stage with a traceback.
+    proc, errors = _train(
+        TINY_CONFIG,
+        "--work-dir",
+        tmp_path / "run",
+        "--set",
+        "model_configs.policy.generator_config.generator_type='hf'",
+        "--set",
+        "rollout_config.stop_token_list='\\n;.'",
+    )
+    assert proc.returncode == 2
+    assert errors == [
+        f"error: {TINY_CONFIG}: rollout_config.stop_token_list: needs the vllm generator "
+        "(model_configs.policy.generator_config.generator_type='vllm'); the hf generator "
+        "has no stop strings"
+    ]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
