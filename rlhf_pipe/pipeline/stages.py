@@ -295,8 +295,8 @@ class StepPipeline:
         if held:
             start = time.perf_counter()
             every = sorted((s for mb in held for s in mb.samples), key=lambda s: s.sample_id)
-            if grouped:  # norm_rewards='batch': every group is here, and every score
-                _shape_scores(every, a, batch_norm=True)
+            if grouped and whole_batch:  # 'batch': groups fill once every score is here
+                _shape_scores(every, a, batch_norm=a.norm_rewards == "batch")
                 for s in every:
                     groups.setdefault(s.prompt_index, []).append(s)
             self._advantages(every, a, groups)
