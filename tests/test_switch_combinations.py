@@ -28,7 +28,8 @@ _GROUP = {
 _POLICY = "model_configs.policy."
 _EVAL = object()  # stands for the eval dataset's path, known once the tiny assets are built
 
-# name -> {value label: the overrides that set it}. The first value of each is the default.
+# name -> {value label: the overrides that set it}. A refusal case (REFUSED) takes the first
+# value of every switch but its two.
 SWITCHES: dict[str, dict[str, dict]] = {
     "algorithm": {
         "ppo": {},
@@ -233,9 +234,9 @@ def _overrides(case: dict[str, str], eval_path: Path) -> dict:
     for name, label in case.items():
         over.update(SWITCHES[name][label])
     if "eval_dataset_config" in over:
-        ed = dict(over["eval_dataset_config"])
-        ed["message_datasets"] = [str(eval_path)]
-        over["eval_dataset_config"] = ed
+        ed = over["eval_dataset_config"]
+        paths = [str(eval_path) if p is _EVAL else p for p in ed["message_datasets"]]
+        over["eval_dataset_config"] = {**ed, "message_datasets": paths}
     return over
 
 
