@@ -133,6 +133,18 @@ def busy_by_role(timeline) -> dict[str, float]:
     return {role: _union_s(intervals) for role, intervals in spans.items()}
 
 
+def busy_by_role_call(timeline) -> dict[str, float]:
+    """Busy seconds per role call row ('actor.train', 'critic.forward', ...): what the MFU of
+    each call is computed from (rlhf_pipe.hardware.role_utilisation)."""
+    from rlhf_pipe.timeline import role_of
+
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for name, _, t0, t1 in timeline:
+        if role_of(name):
+            spans.setdefault(name, []).append((t0, t1))
+    return {row: _union_s(intervals) for row, intervals in spans.items()}
+
+
 def busy_by_device(timeline, device_roles: dict[str, tuple[str, ...]]) -> dict[str, float]:
     """Busy seconds per device: the union of the intervals of the roles placed on it. Calls on
     one device take turns (processes on one GPU time-slice it), so the busiest device's serial
@@ -195,6 +207,7 @@ def summarize_run(
         }
 
     stage_busy = [busy_by_stage(s["timeline"]) for s in steps]  # each once per step
+    call_busy = [busy_by_role_call(s["timeline"]) for s in steps]
     role_busy = [busy_by_role(s["timeline"]) for s in steps]
     stages = {stage: busy_idle([b[stage] for b in stage_busy]) for stage in TIMELINE_STAGES}
     roles = {
@@ -220,6 +233,10 @@ def summarize_run(
         "steps_measured": len(steps),
         "stages": stages,
         "roles": roles,
+        "role_calls_busy_s": {
+            row: _mean(b.get(row, 0.0) for b in call_busy)
+            for row in sorted({r for b in call_busy for r in b})
+        },
         "devices_busy": device_busy,
         "pipeline_s": _mean(s["pipeline_s"] for s in steps),
         "step_s": _mean(s["step_s"] for s in steps),
@@ -632,8 +649,9 @@ def _add_utilisation(cfg, runs) -> dict:
     weight_bytes = 2 if mc.policy.trainer_config.torch_dtype != "float32" else 4
     trained = params.get("actor", 0) + params.get("critic", 0)
     for run in runs.values():
-        busy = {row: v["busy_s"] for row, v in run.get("roles", {}).items()}
-        run["mfu"] = hardware.role_utilisation(busy, params, run["sequence_tokens"], peak)
+        run["mfu"] = hardware.role_utilisation(
+            run["role_calls_busy_s"], params, run["sequence_tokens"], peak
+        )
         run["floors"] = hardware.stage_floors(
             trained,
             params.get("actor", 0) * weight_bytes,

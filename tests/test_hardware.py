@@ -50,3 +50,16 @@ def test_model_params_reads_the_tiny_policy(tiny_assets):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_assets.policy))
     assert n == sum(p.numel() for p in model.parameters())
     assert hardware.model_params("/nonexistent") is None
+
+
+def test_the_bench_times_each_role_call_for_its_mfu():
+    from rlhf_pipe.bench import busy_by_role_call
+
+    timeline = [
+        ("generate", -1, 0.0, 4.0),
+        ("actor.train", 0, 1.0, 2.0),
+        ("actor.train", 1, 1.5, 3.0),  # overlaps the one before: counted once
+        ("critic.forward", 0, 0.5, 1.0),
+        ("train", 0, 1.0, 3.0),
+    ]
+    assert busy_by_role_call(timeline) == {"actor.train": 2.0, "critic.forward": 0.5}
