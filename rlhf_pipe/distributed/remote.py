@@ -592,6 +592,9 @@ class RemoteRoleGroup:
     def _on_first(self, method: str, args: tuple, kwargs: dict):
         return self._conns[0].call(self._name, method, args, kwargs)
 
+    def join_weights(self) -> None:
+        """Nothing to do from here: the ranks join inside `named_weights`."""
+
     def named_weights(self):
         if self._zero != 3:
             return iter(self._conns[0].call(self._name, "named_weights"))

@@ -51,19 +51,13 @@ def ensure_generate_to_queue(llm_cls) -> str:
 
 
 def _runtime_methods() -> dict:
-    """The patch tool's V1 block (rlhf_pipe.vllm_patch.methods), compiled against the names of
-    vLLM's own `llm` module: the method added at run time is the patched method, line for
-    line, so one text is tested for both."""
-    import textwrap
+    """The methods of rlhf_pipe.vllm_patch.generate_to_queue: the code the patch tool writes
+    into vLLM, so one text is tested for both."""
+    from rlhf_pipe.vllm_patch.generate_to_queue import GenerateToQueue
 
-    import vllm.entrypoints.llm as llm_module
-
-    from rlhf_pipe.vllm_patch.methods import V1_BLOCK
-
-    code = compile(textwrap.dedent(V1_BLOCK), "<rlhf_pipe generate_to_queue>", "exec")
-    namespace: dict = {}
-    exec(code, dict(vars(llm_module)), namespace)
-    return {name: namespace[name] for name in ("generate_to_queue", "_run_engine_to_queue")}
+    return {
+        name: vars(GenerateToQueue)[name] for name in ("generate_to_queue", "_run_engine_to_queue")
+    }
 
 
 def _vllm_version() -> str:
