@@ -125,7 +125,7 @@ def build_roles(
     groups = dp_groups or {}
     offload = cfg.placement_config.ref_reward_offload  # not for ZeRO-3: it is partitioned
     roles: dict = {}
-    for name in names:
+    for name in map(Role, names):
         if name == Role.ACTOR or (name == Role.CRITIC and mc.critic is not None):
             actor = name == Role.ACTOR
             mcfg = mc.policy if actor else mc.critic
@@ -134,7 +134,7 @@ def build_roles(
                 mcfg.model_path,
                 mcfg.trainer_config.torch_dtype,
                 mcfg.trust_remote_code,
-                Role(name).config_key,
+                name.config_key,
             )
             if mcfg.trainer_config.enable_lora:
                 model = lora.apply_lora(model, mcfg.trainer_config, cfg.source, name.config_key)
