@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_pipe.protocols import Role
+
 # Busy stages in the timeline, and the three pipeline stages of the bound built from them.
 TIMELINE_STAGES = ("generate", "forward", "advantage", "train", "optimizer")
 BOUND_STAGES = {
@@ -71,7 +73,7 @@ RUN_KEYS = (
     "device_efficiency",
 )
 # The one-process bench: every role on one device.
-ONE_DEVICE = {"device 0": ("rollout", "actor", "critic", "reference", "reward")}
+ONE_DEVICE = {"device 0": tuple(Role)}
 STREAM_KEYS = (
     "backend",
     "ratio",
@@ -119,7 +121,7 @@ def _role_spans(timeline) -> dict[str, list[tuple[float, float]]]:
 
     spans: dict[str, list[tuple[float, float]]] = {}
     for name, _, t0, t1 in timeline:
-        role = "rollout" if name == "generate" else role_of(name)
+        role = Role.ROLLOUT if name == "generate" else role_of(name)
         if role:
             spans.setdefault(role, []).append((t0, t1))
     return spans
@@ -129,7 +131,7 @@ def busy_by_role(timeline) -> dict[str, float]:
     """Busy seconds per model role: the union of its calls' intervals (forward and train calls
     of one role may overlap in one process; they are counted once)."""
     spans = _role_spans(timeline)
-    spans.pop("rollout", None)  # the generate stage's row already says it
+    spans.pop(Role.ROLLOUT, None)  # the generate stage's row already says it
     return {role: _union_s(intervals) for role, intervals in spans.items()}
 
 

@@ -65,17 +65,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 from rlhf_pipe.config import GeneratorConfig, RunConfig, reward_has_model, reward_scorers
+from rlhf_pipe.protocols import TRAINING_ROLES, Role
 
-ROLES = ("rollout", "actor", "critic", "reference", "reward")
-# The model_configs entry behind each role.
-MODEL_OF = {
-    "rollout": "policy",
-    "actor": "policy",
-    "critic": "critic",
-    "reference": "reference",
-    "reward": "reward",
-}
-TRAINING_ROLES = ("actor", "critic")
+ROLES = tuple(Role)  # placement order; Role.config_key is each role's model_configs entry
 GB = 1e9  # memory is reported in GB = 10^9 bytes
 
 # Memory-estimate constants (documented in docs/placement.md).
@@ -220,7 +212,7 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
     mc, pc = cfg.model_configs, cfg.placement_config
     problems, notes, specs = [], [], {}
     for role in ROLES:
-        name = MODEL_OF[role]
+        name = Role(role).config_key
         model = getattr(mc, name)
         if model is None:
             continue
@@ -610,7 +602,7 @@ def model_size(cfg: RunConfig, role: str) -> ModelSize:
     """Prefer the model folder's config.json, else the constant <MODEL>_PARAMS_B (billions),
     e.g. POLICY_PARAMS_B = 20 for the actor and rollout, CRITIC_PARAMS_B, REFERENCE_PARAMS_B,
     REWARD_PARAMS_B. A constant gives no shape, so activations then get a flat allowance."""
-    name = MODEL_OF[role]
+    name = Role(role).config_key
     model = getattr(cfg.model_configs, name)
     path = model.model_path if model is not None else None
     if name == "reward" and model is not None and not path:
@@ -737,7 +729,7 @@ def estimate_memory(placement: Placement, gpu_mem_gb: float = 80.0) -> MemoryEst
         if size.params is None:
             roles[role] = RoleMemory(role, size)
             continue
-        tc = getattr(cfg.model_configs, MODEL_OF[role]).trainer_config
+        tc = getattr(cfg.model_configs, Role(role).config_key).trainer_config
         if role == "rollout":
             if spec.generator == "hf":  # generates with the actor's own weights
                 roles[role] = RoleMemory(role, size, weights=0.0)
@@ -879,7 +871,7 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
         if size is None:  # no GPU, nothing to estimate
             params = "-"
         elif size.size.params is None:
-            params = f"? (no config.json and no {MODEL_OF[role].upper()}_PARAMS_B)"
+            params = f"? (no config.json and no {Role(role).config_key.upper()}_PARAMS_B)"
         else:
             params = f"{_params(size.size.params)} from {size.size.source}"
         lines.append(f"  {role:<10} {own:>5}  {spec.parallel_text():<28} {where:<12} {params}")

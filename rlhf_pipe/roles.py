@@ -11,6 +11,7 @@ per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,19 @@ def warmup_schedule(opt, warmup_steps: int):
     )
 
 
-class _Trainable:
+class _InProcess:
+    def take_call_seconds(self) -> None:
+        """None: the role runs in this process, there are no calls to time
+        (rlhf_pipe.protocols.RoleBase)."""
+        return None
+
+
+class _Trainable(_InProcess):
+    """`packed`: chunks go to the model as PackedBatch (see choose_packing). `dp_group`: the
+    process group of the role's data-parallel ranks (None: one rank), for the gradient
+    all-reduce."""
+
     model: nn.Module
-    packed = False  # chunks as PackedBatch (see choose_packing); set by the builder
 
     def __init__(
         self,
@@ -91,6 +102,8 @@ class _Trainable:
         max_grad_norm,
         infer_micro_bs: int,
         train_micro_bs: int,
+        packed: bool = False,
+        dp_group=None,
         logit_chunk_tokens: int = 0,
     ):
         self.pad_id, self.infer_micro_bs, self.train_micro_bs = (
@@ -100,7 +113,7 @@ class _Trainable:
         )
         # Log-probs from hidden states this many tokens at a time (models.response_logprobs).
         self.logit_chunk_tokens = logit_chunk_tokens
-        self.dp_group = None  # set by the distributed runner when the role has > 1 rank
+        self.packed, self.dp_group = packed, dp_group
         self.model = model
         if not lora.has_lora(model):  # a LoRA model keeps its base frozen
             self.model.requires_grad_(True)
@@ -200,9 +213,12 @@ class _Trainable:
 
 
 class PolicyRole(_Trainable):
-    """The actor: log-probs for the Forward stage, PPO (and PTX) updates for the Train stage."""
+    """The actor: log-probs for the Forward stage, PPO (and PTX) updates for the Train stage.
+    `lora_sync`: with LoRA, what named_weights sends, 'merged' or 'adapter'."""
 
-    lora_sync = "merged"  # with LoRA, what named_weights sends: 'merged' or 'adapter'
+    def __init__(self, model, pad_id: int, *, lora_sync: str = "merged", **kw):
+        super().__init__(model, pad_id, **kw)
+        self.lora_sync = lora_sync
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[Tensor]:
@@ -289,6 +305,9 @@ class PolicyRole(_Trainable):
             return iter(tensors.items())
         return ((name, p.detach()) for name, p in self.model.state_dict().items())
 
+    def join_weights(self) -> None:
+        """Nothing to join: the weights are whole on this rank (see rlhf_pipe.zero)."""
+
     # NCCL weight sync, GPU to GPU (rlhf_pipe.rollout.nccl_sync); the controller drives it.
     def weight_sync_address(self):
         from rlhf_pipe.rollout.nccl_sync import free_address
@@ -346,11 +365,10 @@ class CriticRole(_Trainable):
         return sums.values
 
 
-class ReferenceRole:
+class ReferenceRole(_InProcess):
     """`offload`: the weights wait in host memory between calls (placement_config.
-    ref_reward_offload), so a GPU shared with training holds them only while they run."""
-
-    packed = False
+    ref_reward_offload), so a GPU shared with training holds them only while they run.
+    `packed`: see _Trainable."""
 
     def __init__(
         self,
@@ -358,9 +376,11 @@ class ReferenceRole:
         pad_id: int,
         infer_micro_bs: int,
         offload: bool = False,
+        packed: bool = False,
         logit_chunk_tokens: int = 0,
     ):
         self.model, self.pad_id, self.infer_micro_bs = model.eval(), pad_id, infer_micro_bs
+        self.packed = packed
         self.logit_chunk_tokens = logit_chunk_tokens
         self.model.requires_grad_(False)
         self.device = next(model.parameters()).device
@@ -406,22 +426,28 @@ class Scorer:
     impl: object
 
 
-class RewardRole:
+class RewardRole(_InProcess):
     """The reward: the weighted sum of its scorers.
 
     `scores` gives each sample a (1 + K,) tensor: the weighted total first, then the K scorers'
     own unweighted scores in `names` order (logged as reward/<name>). Clipping and
-    normalisation later apply to the total only.
+    normalisation later apply to the total only. `packed_scorers`: the learned scorers that
+    run on PackedBatch chunks.
     """
 
     def __init__(
-        self, scorers: list[Scorer], pad_id: int, infer_micro_bs: int, offload: bool = False
+        self,
+        scorers: list[Scorer],
+        pad_id: int,
+        infer_micro_bs: int,
+        offload: bool = False,
+        packed_scorers: Iterable[str] = (),
     ):
         if not scorers:
             raise ValueError("a reward role needs at least one scorer")
         self.scorers, self.pad_id, self.infer_micro_bs = list(scorers), pad_id, infer_micro_bs
         self.offload = offload  # learned scorers wait in host memory (see ReferenceRole)
-        self.packed_scorers: set[str] = set()  # learned scorers run on PackedBatch chunks
+        self.packed_scorers: frozenset[str] = frozenset(packed_scorers)
         self._devices = {}
         for sc in self.scorers:
             if sc.kind == "model":

@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rlhf_pipe.protocols import MODEL_ROLES
+
 # Row of each timeline stage, top to bottom. gen_mb bars sit on the generate row, over the
 # grey bar of the whole generation; the optimizer step sits on the train row.
 ROWS = ("generate", "forward", "advantage", "train/optimizer")
 ROW_OF = {"generate": 0, "gen_mb": 0, "forward": 1, "advantage": 2, "train": 3, "optimizer": 3}
-ROLE_ROWS = ("actor", "critic", "reference", "reward")
+ROLE_ROWS = MODEL_ROLES
 WHOLE_BATCH = -1
 
 

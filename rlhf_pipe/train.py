@@ -18,7 +18,7 @@ import os
 import sys
 from datetime import timedelta
 
-LOCAL_ROLES = ("actor", "critic", "reference", "reward")
+from rlhf_pipe.protocols import MODEL_ROLES, Role
 
 
 def _parse(argv):
@@ -46,9 +46,9 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def _role_ranks(placement) -> dict[str, list[int]]:
+def _role_ranks(placement) -> dict[Role, list[int]]:
     out = {}
-    for role in LOCAL_ROLES:
+    for role in MODEL_ROLES:
         try:
             ranks = placement.ranks_of(role)
         except ValueError:
@@ -89,7 +89,7 @@ def run(args) -> int:
             )
     engine_leaders = [group[0] for group in placement.engines[1:]]
     for leader in engine_leaders:
-        if any(r in LOCAL_ROLES for r in placement.roles_of(leader)):
+        if any(r in MODEL_ROLES for r in placement.roles_of(leader)):
             raise _UserError(
                 f"{args.config}: placement: rank {leader} leads a vLLM engine and "
                 f"hosts {placement.roles_of(leader)}; colocating roles with "
@@ -157,21 +157,27 @@ def run(args) -> int:
 def _run_controller(
     cfg, args, placement, role_ranks, controller, groups, engine_leaders, dp_groups
 ) -> None:
-    from rlhf_pipe.distributed.remote import Connection, RemoteRole, RemoteRoleGroup
+    from rlhf_pipe.distributed.remote import (
+        Connection,
+        GlooTransport,
+        remote_role,
+        remote_role_group,
+    )
     from rlhf_pipe.models import load_tokenizer
     from rlhf_pipe.trainer import RLHFTrainer, build_roles, build_vllm_engine
 
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
     conns = {
-        peer: Connection(peer, group, placement.roles_of(peer)) for peer, group in groups.items()
+        peer: Connection(GlooTransport(peer, group), peer, placement.roles_of(peer))
+        for peer, group in groups.items()
     }
-    local = [r for r in LOCAL_ROLES if r not in role_ranks or role_ranks[r] == [controller]]
+    local = [r for r in MODEL_ROLES if r not in role_ranks or role_ranks[r] == [controller]]
     roles = build_roles(cfg, local, pad_id, _device(cfg, placement), dp_groups=dp_groups)
     t = cfg.train_config
     for role, ranks in role_ranks.items():
         if len(ranks) > 1:
-            roles[role] = RemoteRoleGroup(
+            roles[role] = remote_role_group(
                 [conns[r] for r in ranks],
                 role,
                 t.infer_micro_bs,
@@ -179,7 +185,7 @@ def _run_controller(
                 _zero_stages(cfg).get(role),
             )
         elif ranks != [controller]:
-            roles[role] = RemoteRole(conns[ranks[0]], role)
+            roles[role] = remote_role(conns[ranks[0]], role)
     bucket = cfg.train_config.weight_bucket_mb * 2**20
     nccl = _nccl_weight_sync(cfg, placement, role_ranks)
     engines = [
@@ -203,13 +209,20 @@ def _run_controller(
         engine = EnginePool(engines)
     else:
         engine = engines[0]
-    trainer = RLHFTrainer(cfg, roles=roles, engine=engine, in_process_engine=False)
+    weight_sync = None
     if nccl:
         from rlhf_pipe.distributed.weight_sync import NcclWeightSync
 
-        trainer.weight_sync = NcclWeightSync(
-            roles["actor"], engines, [len(g) for g in placement.engines], bucket, t.stage_timeout_s
+        weight_sync = NcclWeightSync(
+            roles[Role.ACTOR],
+            engines,
+            [len(g) for g in placement.engines],
+            bucket,
+            t.stage_timeout_s,
         )
+    trainer = RLHFTrainer(
+        cfg, roles=roles, engine=engine, in_process_engine=False, weight_sync=weight_sync
+    )
     print(f"rlhf_pipe weight sync: {'nccl' if nccl else 'gloo'}", file=sys.stderr, flush=True)
     try:
         if args.resume:
@@ -399,40 +412,36 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
 
 def _run_engine(cfg, placement, rank, controller, group) -> None:
     from rlhf_pipe.distributed import guard
-    from rlhf_pipe.distributed.remote import serve_engine
+    from rlhf_pipe.distributed.remote import GlooTransport, serve
     from rlhf_pipe.trainer import build_vllm_engine
 
     guard.start()  # the engine core must not outlive this rank
     index = [g[0] for g in placement.engines].index(rank)
     role_ranks = _role_ranks(placement)
-    serve_engine(
-        build_vllm_engine(
-            cfg,
-            index,
-            in_process=False,
-            nccl_weight_sync=_nccl_weight_sync(cfg, placement, role_ranks),
-            visible_devices=_engine_gpus(cfg, placement, rank),
-        ),
-        controller,
-        group,
+    engine = build_vllm_engine(
+        cfg,
+        index,
+        in_process=False,
+        nccl_weight_sync=_nccl_weight_sync(cfg, placement, role_ranks),
+        visible_devices=_engine_gpus(cfg, placement, rank),
     )
+    # Weights come as host buckets, laid out by the controller: no bucket size here.
+    serve({Role.ROLLOUT: engine}, GlooTransport(controller, group), bucket_bytes=0)
 
 
 def _run_roles(cfg, placement, rank, controller, group, dp_groups) -> None:
-    from rlhf_pipe.distributed.remote import serve
+    from rlhf_pipe.distributed.remote import GlooTransport, serve
     from rlhf_pipe.models import load_tokenizer
     from rlhf_pipe.trainer import build_roles, seed_everything
 
     seed_everything(cfg.train_config.seed)
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
     pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
-    mine = [r for r in placement.roles_of(rank) if r in LOCAL_ROLES]
+    mine = [r for r in placement.roles_of(rank) if r in MODEL_ROLES]
     serve(
         build_roles(cfg, mine, pad_id, _device(cfg, placement), dp_groups=dp_groups),
-        controller,
-        group,
+        GlooTransport(controller, group),
         cfg.train_config.weight_bucket_mb * 2**20,
-        dp_groups,
     )
 
 
@@ -441,8 +450,8 @@ def _zero_stages(cfg) -> dict[str, int]:
     from rlhf_pipe.zero import zero_stage
 
     out = {}
-    for role, key in zip(LOCAL_ROLES, ("policy", "critic", "reference", "reward")):
-        model = getattr(cfg.model_configs, key)
+    for role in MODEL_ROLES:
+        model = getattr(cfg.model_configs, role.config_key)
         if model is not None and model.trainer_config.deepspeed_config:
             out[role] = zero_stage(model.trainer_config.deepspeed_config)
     return out

@@ -46,6 +46,7 @@ from rlhf_pipe.models import (
     load_value_model,
 )
 from rlhf_pipe.pipeline.stages import STAGES, AdvantageSettings, StepOutput, StepPipeline, StepPlan
+from rlhf_pipe.protocols import MODEL_ROLES, Role, WeightSync
 from rlhf_pipe.roles import (
     CriticRole,
     LossSettings,
@@ -113,14 +114,12 @@ def sampling_settings(r, evaluation: bool = False) -> SamplingSettings:
     )
 
 
-ROLE_NAMES = ("actor", "critic", "reference", "reward")
-
-
 def build_roles(
     cfg: RunConfig, names, pad_id: int, device, reward_fn=None, dp_groups: dict | None = None
 ) -> dict:
     """The named roles as models in this process (the ones the config has). A role with a
-    deepspeed_config runs under DeepSpeed (rlhf_pipe.zero) on its `dp_groups` group."""
+    deepspeed_config runs under DeepSpeed (rlhf_pipe.zero) on its `dp_groups` group; a plain
+    role on several ranks all-reduces its gradients on it."""
     t, mc = cfg.train_config, cfg.model_configs
     sizes = dict(
         infer_micro_bs=t.infer_micro_bs,
@@ -129,20 +128,24 @@ def build_roles(
     )
     groups = dp_groups or {}
     offload = cfg.placement_config.ref_reward_offload  # not for ZeRO-3: it is partitioned
-    roles = {}
-    for name in names:
-        if name == "actor" or (name == "critic" and mc.critic is not None):
-            actor = name == "actor"
-            mcfg, label = (mc.policy, "policy") if actor else (mc.critic, "critic")
+    roles: dict = {}
+    for name in map(Role, names):
+        if name == Role.ACTOR or (name == Role.CRITIC and mc.critic is not None):
+            actor = name == Role.ACTOR
+            mcfg = mc.policy if actor else mc.critic
             loader = load_causal_lm if actor else load_value_model
             model = loader(
-                mcfg.model_path, mcfg.trainer_config.torch_dtype, mcfg.trust_remote_code, label
+                mcfg.model_path,
+                mcfg.trainer_config.torch_dtype,
+                mcfg.trust_remote_code,
+                name.config_key,
             )
             if mcfg.trainer_config.enable_lora:
-                model = lora.apply_lora(model, mcfg.trainer_config, cfg.source, label)
+                model = lora.apply_lora(model, mcfg.trainer_config, cfg.source, name.config_key)
             role_cls, zero_cls = (
                 (PolicyRole, "ZeroPolicyRole") if actor else (CriticRole, "ZeroCriticRole")
             )
+            extra = {"lora_sync": lora.sync_mode(cfg) or "merged"} if actor else {}
             roles[name] = _trained_role(
                 role_cls,
                 zero_cls,
@@ -152,14 +155,15 @@ def build_roles(
                 sizes,
                 device,
                 groups.get(name),
+                packed=choose_packing(model, t.pack_sequences, name, cfg.source),
+                **extra,
             )
-            if actor:
-                roles[name].lora_sync = lora.sync_mode(cfg) or "merged"
-        elif name == "reference" and mc.reference is not None:
+        elif name == Role.REFERENCE and mc.reference is not None:
             ref = mc.reference
             model = load_causal_lm(
                 ref.model_path, ref.trainer_config.torch_dtype, ref.trust_remote_code, "reference"
             ).to(device)
+            packed = choose_packing(model, t.pack_sequences, name, cfg.source)
             ds = _deepspeed(ref.trainer_config, t, device, groups.get(name), trained=False)
             if ds is None:
                 roles[name] = ReferenceRole(
@@ -167,28 +171,23 @@ def build_roles(
                     pad_id,
                     t.infer_micro_bs,
                     offload=offload,
+                    packed=packed,
                     logit_chunk_tokens=t.logit_chunk_tokens,
                 )
             else:
                 from rlhf_pipe.zero import ZeroReferenceRole
 
                 roles[name] = ZeroReferenceRole(
-                    model, pad_id, t.infer_micro_bs, ds_config=ds, dp_group=groups.get(name)
+                    model,
+                    pad_id,
+                    t.infer_micro_bs,
+                    ds_config=ds,
+                    dp_group=groups.get(name),
+                    packed=packed,
                 )
-        elif name == "reward":
+        elif name == Role.REWARD:
             scorers = build_scorers(cfg, device)
-            ds = _deepspeed(mc.reward.trainer_config, t, device, groups.get(name), trained=False)
-            if ds is None:
-                roles[name] = RewardRole(scorers, pad_id, t.infer_micro_bs, offload=offload)
-            else:
-                from rlhf_pipe.zero import ZeroRewardRole
-
-                roles[name] = ZeroRewardRole(
-                    scorers, pad_id, t.infer_micro_bs, ds_config=ds, dp_group=groups.get(name)
-                )
-            if reward_fn is not None:
-                roles[name].set_function(reward_fn)
-            roles[name].packed_scorers = {
+            packed_scorers = {
                 sc.name
                 for sc in scorers
                 if sc.kind == "model"
@@ -196,9 +195,22 @@ def build_roles(
                     sc.impl, t.pack_sequences, f"reward scorer {sc.name}", cfg.source
                 )
             }
-            continue
-        if name in roles:
-            roles[name].packed = choose_packing(model, t.pack_sequences, name, cfg.source)
+            ds = _deepspeed(mc.reward.trainer_config, t, device, groups.get(name), trained=False)
+            if ds is None:
+                roles[name] = RewardRole(scorers, pad_id, t.infer_micro_bs, offload, packed_scorers)
+            else:
+                from rlhf_pipe.zero import ZeroRewardRole
+
+                roles[name] = ZeroRewardRole(
+                    scorers,
+                    pad_id,
+                    t.infer_micro_bs,
+                    ds_config=ds,
+                    dp_group=groups.get(name),
+                    packed_scorers=packed_scorers,
+                )
+            if reward_fn is not None:
+                roles[name].set_function(reward_fn)
     return roles
 
 
@@ -215,7 +227,8 @@ def _deepspeed(tc, t, device, dp_group, trained: bool) -> dict | None:
     return zero.engine_config(tc.deepspeed_config, tc, t.train_micro_bs, dp, trained)
 
 
-def _trained_role(plain_cls, zero_cls: str, model, pad_id, tc, sizes, device, dp_group):
+def _trained_role(plain_cls, zero_cls: str, model, pad_id, tc, sizes, device, dp_group, **extra):
+    """`extra`: the role class's own arguments (packed, lora_sync)."""
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     kw = dict(
@@ -225,14 +238,16 @@ def _trained_role(plain_cls, zero_cls: str, model, pad_id, tc, sizes, device, dp
         weight_decay=tc.weight_decay,
         warmup_steps=tc.lr_warmup_steps,
         max_grad_norm=tc.max_grad_norm,
+        dp_group=dp_group,
         **sizes,
+        **extra,
     )
     ds = _deepspeed(tc, SimpleNamespace(**sizes), device, dp_group, trained=True)
     if ds is None:
         return plain_cls(model, pad_id, **kw)
     from rlhf_pipe import zero
 
-    return getattr(zero, zero_cls)(model, pad_id, ds_config=ds, dp_group=dp_group, **kw)
+    return getattr(zero, zero_cls)(model, pad_id, ds_config=ds, **kw)
 
 
 def build_scorers(cfg: RunConfig, device) -> list[Scorer]:
@@ -309,6 +324,7 @@ class RLHFTrainer:
         console: bool = True,
         roles: dict | None = None,
         in_process_engine: bool = True,
+        weight_sync: WeightSync | None = None,
     ):
         self.cfg = cfg
         t, mc = cfg.train_config, cfg.model_configs
@@ -346,13 +362,12 @@ class RLHFTrainer:
                 t.relay_sample_fn, f"{cfg.source}: train_config.relay_sample_fn"
             )
         if roles is None:
-            roles = build_roles(cfg, ROLE_NAMES, self.pad_id, self.device, reward_fn)
+            roles = build_roles(cfg, MODEL_ROLES, self.pad_id, self.device, reward_fn)
         elif reward_fn is not None:
             roles["reward"].set_function(reward_fn)
         self.actor, self.critic = roles["actor"], roles.get("critic")
         self.reference, self.reward = roles.get("reference"), roles["reward"]
-        actor_model = getattr(self.actor, "model", None)
-        self.engine = engine or self._build_engine(actor_model, in_process_engine)
+        self.engine = engine or self._build_engine(in_process_engine)
         self.ptx = self._build_ptx()
         self.eval_prompts = None
         if cfg.eval_dataset_config is not None:
@@ -377,7 +392,9 @@ class RLHFTrainer:
         )
         self.version = 0
         self.step_index = 0
-        self.weight_sync = None  # the distributed runner may set an NCCL sync (dist.weight_sync)
+        # None: the actor's named_weights into engine.load_weights; else the NCCL broadcast.
+        self.weight_sync = weight_sync
+        self.last_sync: dict = {}  # the last weight sync's {seconds, bytes, gbps}
         self.work_dir = Path(t.work_dir)
         self.logger = MetricsLogger(self.work_dir, t.tensorboard, console)
         self.history: list[dict] = []
@@ -432,19 +449,17 @@ class RLHFTrainer:
     def reward_names(self) -> list[str]:
         """Scorer names in the order of Sample.score_parts (a remote reward role has the
         configured ones)."""
-        names = getattr(self.reward, "names", None)
-        if isinstance(names, list):
-            return names
-        return list(reward_scorers(self.cfg.model_configs.reward))
+        return list(self.reward.names)
 
     # ------------------------------------------------------------------ building
 
-    def _build_engine(self, actor_model, in_process: bool = True):
+    def _build_engine(self, in_process: bool = True):
         mc = self.cfg.model_configs
         gen = mc.policy.generator_config
         if gen.generator_type == "hf":
             from rlhf_pipe.rollout.hf_engine import HFEngine
 
+            actor_model = self.actor.model  # the hf engine lives beside the actor (placement)
             # A LoRA actor's copy is merged: this engine then loads merged weights by HF name.
             model = (
                 lora.merged_copy(actor_model)
@@ -740,20 +755,15 @@ class RLHFTrainer:
         m["samples_per_s"] = len(samples) / step_s
         m["gen_tokens_per_s"] = tokens / max(busy["generate"], 1e-9)
         m["sync/seconds"] = sync_s
-        if getattr(self.engine, "last_sync", None):
-            m["sync/gbps"] = self.engine.last_sync["gbps"]
-            m["sync/bytes"] = self.engine.last_sync["bytes"]
-        for name, role in (
-            ("actor", self.actor),
-            ("critic", self.critic),
-            ("reference", self.reference),
-            ("reward", self.reward),
-        ):
-            take = getattr(role, "take_call_seconds", None)  # roles on other ranks only
-            if take is not None:
-                # Their calls since the last step's metrics (the weight sync's among them):
-                # seconds seen from here, and of those, seconds inside the method on its rank.
-                m[f"remote/{name}/call_s"], m[f"remote/{name}/on_rank_s"] = take()
+        if self.last_sync:
+            m["sync/gbps"] = self.last_sync["gbps"]
+            m["sync/bytes"] = self.last_sync["bytes"]
+        for name, role in zip(MODEL_ROLES, (self.actor, self.critic, self.reference, self.reward)):
+            # Roles on other ranks: their calls since the last step's metrics (the weight
+            # sync's among them), seconds seen from here and, of those, inside the method.
+            seconds = role.take_call_seconds() if role is not None else None
+            if seconds is not None:
+                m[f"remote/{name}/call_s"], m[f"remote/{name}/on_rank_s"] = seconds
         m["skipped_prompts"] = sum(self.prompts.skipped.values())
         m["samples"] = len(samples)
         m["relay_samples"] = len(plan.relay)
@@ -879,9 +889,9 @@ class RLHFTrainer:
     def _sync_weights(self) -> None:
         """The actor's current weights into every engine, stamped with `self.version`."""
         if self.weight_sync is not None:
-            self.engine.last_sync = self.weight_sync(self.version)
+            self.last_sync = self.weight_sync(self.version)
         else:
-            self.engine.load_weights(self.actor.named_weights(), self.version)
+            self.last_sync = self.engine.load_weights(self.actor.named_weights(), self.version)
 
     def close(self) -> None:
         self.pipeline.close()

@@ -334,7 +334,8 @@ class _ZeroTrainable:
     a DeepSpeed engine. See the module docstring for the normaliser."""
 
     def __init__(self, model, pad_id, *, ds_config: dict, dp_group=None, **kw):
-        super().__init__(model, pad_id, **kw)  # builds torch AdamW + the warm-up schedule
+        # builds torch AdamW + the warm-up schedule
+        super().__init__(model, pad_id, dp_group=dp_group, **kw)
         if offloads_optimizer(ds_config):
             self._use_cpu_adam(kw)
         self.stage = zero_stage(ds_config)
@@ -660,8 +661,10 @@ def _zero3_inference(model, ds_config: dict, dp_group):
 
 
 class ZeroReferenceRole(ReferenceRole):
-    def __init__(self, model, pad_id, infer_micro_bs, *, ds_config, dp_group=None):
-        super().__init__(_zero3_inference(model, ds_config, dp_group), pad_id, infer_micro_bs)
+    def __init__(self, model, pad_id, infer_micro_bs, *, ds_config, dp_group=None, packed=False):
+        super().__init__(
+            _zero3_inference(model, ds_config, dp_group), pad_id, infer_micro_bs, packed=packed
+        )
 
     def logprobs(self, samples, pad_to: int = 0):
         out = super().logprobs(samples)
@@ -674,11 +677,13 @@ class ZeroReferenceRole(ReferenceRole):
 class ZeroRewardRole(RewardRole):
     """The reward's learned scorers partitioned by ZeRO-3; remote and rule scorers as usual."""
 
-    def __init__(self, scorers, pad_id, infer_micro_bs, *, ds_config, dp_group=None):
+    def __init__(
+        self, scorers, pad_id, infer_micro_bs, *, ds_config, dp_group=None, packed_scorers=()
+    ):
         for sc in scorers:
             if sc.kind == "model":
                 sc.impl = _zero3_inference(sc.impl, ds_config, dp_group)
-        super().__init__(scorers, pad_id, infer_micro_bs)
+        super().__init__(scorers, pad_id, infer_micro_bs, packed_scorers=packed_scorers)
 
     def scores(self, samples, pad_to: int = 0):
         out = super().scores(samples)

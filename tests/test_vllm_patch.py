@@ -633,3 +633,27 @@ def test_patched_copy_reverts_byte_for_byte_and_refuses_edits(patched_copy, caps
     code, _, err = run_tool(capsys, "--vllm-path", str(vllm_dir))
     assert code == 2 and "differs" in err
     assert llm_py.read_bytes() == edited
+
+
+def test_the_patch_writes_the_code_of_the_importable_module():
+    """One source: the V1 block the tool inserts is the text of
+    rlhf_pipe/vllm_patch/generate_to_queue.py, and the method added at run time is that
+    module's function (no source string compiled with exec)."""
+    import ast
+    import inspect
+
+    from rlhf_pipe.rollout.vllm_engine import _runtime_methods
+    from rlhf_pipe.vllm_patch.generate_to_queue import GenerateToQueue
+
+    patched = patching.patch_text(installed_pristine(), LINES["v1-common-offline"])
+    llm = next(
+        n for n in ast.parse(patched).body if isinstance(n, ast.ClassDef) and n.name == "LLM"
+    )
+    in_vllm = {n.name: n for n in llm.body if isinstance(n, ast.FunctionDef)}
+    for name, fn in _runtime_methods().items():
+        assert fn is vars(GenerateToQueue)[name]
+        source = textwrap.dedent(inspect.getsource(fn))
+        assert source in textwrap.dedent(LINES["v1-common-offline"].block)
+        # ... and vLLM's class LLM now holds that function, line for line.
+        theirs = ast.get_source_segment(patched, in_vllm[name], padded=True)
+        assert textwrap.dedent(theirs).rstrip() == source.rstrip()

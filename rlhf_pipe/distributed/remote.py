@@ -1,74 +1,171 @@
-"""Roles on other ranks: a proxy on the controller, a command loop on the role's rank.
+"""Roles and engines on other ranks: a proxy on the controller, a serve loop on their rank.
 
 The controller (the rank of vLLM engine 0) runs the unchanged StepPipeline. Each rank that
-hosts roles shares a private two-rank gloo group with it. A call is one request and one reply
-on that group, under a lock, so calls to the roles of one rank run strictly in order (the
-Forward and Train stages take turns on the actor: infer(i), train(i), infer(i+1), ...), while
-different ranks work at the same time. Errors travel back as replies and are raised on the
-controller, naming the rank and role.
+hosts roles or an engine shares a private two-rank gloo group with it. A call is one `Message`
+and its `Reply` on that group, under a lock, so calls to the roles of one rank run strictly in
+order (the Forward and Train stages take turns on the actor: infer(i), train(i), infer(i+1),
+...), while different ranks work at the same time. Errors travel back as replies and are
+raised on the controller, naming the rank and role.
 
-Weights leave the actor in flat buckets (`bucket_mb`), one tensor send per bucket, never one
-message per parameter.
+What a rank answers, and how a role on several ranks dispatches a call, is derived from the
+protocols (rlhf_pipe.protocols): the proxies below are generated from them. Weights travel in
+flat buckets (`bucket_mb`, rlhf_pipe.distributed.buckets), one tensor send per bucket, never
+one message per parameter. The transport is gloo between ranks, or `LoopbackTransport` (both
+ends in one process, for tests).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
+import pickle
+import queue
 import threading
 import time
-import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
-# Methods a remote role answers; anything else is an AttributeError on the proxy, so that
-# `getattr(role, "model", None)` and the like behave as for a missing attribute.
-REMOTE_METHODS = frozenset(
-    {
-        "logprobs",
-        "values",
-        "scores",
-        "train",
-        "ptx",
-        "prepare_step",
-        "apply_step",
-        "drop_grads",
-        "divide_grads",
-        "save",
-        "training_state",
-        "load_training_state",
-        "load_weights_from",
-        "weight_sync_address",
-        "init_weight_sender",
-        "weight_layout",
-        "broadcast_weights",
-        "join_weights",
-    }
+from rlhf_pipe.distributed import buckets
+from rlhf_pipe.protocols import (
+    MODEL_ROLES,
+    PROTOCOLS,
+    Dispatch,
+    Member,
+    Role,
+    members,
+    remote_methods,
 )
-_SEND_WEIGHTS = "__send_weights__"
+
+logger = logging.getLogger(__name__)
+
+# What a serving rank answers, per role (and Role.ROLLOUT: an engine).
+REMOTE_METHODS: dict[Role, frozenset[str]] = {r: remote_methods(p) for r, p in PROTOCOLS.items()}
 
 
 class RemoteRoleError(RuntimeError):
     pass
 
 
-def _send(obj, peer: int, group) -> None:
-    dist.send_object_list([obj], dst=peer, group=group)
+# ----------------------------------------------------------------------------- messages
 
 
-def _recv(peer: int, group):
-    box = [None]
-    dist.recv_object_list(box, src=peer, group=group)
-    return box[0]
+@dataclass(frozen=True)
+class Message:
+    """A request: `method` of `target` (a role, or Role.ROLLOUT for an engine). `buckets`:
+    flat tensors that follow the message, unpacked into named tensors as the first argument.
+    An empty target is the stop message."""
+
+    target: str
+    method: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    buckets: tuple[buckets.Bucket, ...] = ()
+
+
+STOP = Message("", "stop")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to a Message. `error`: the method raised (its type and message). `item`: one
+    put of a streaming method; more replies follow. `buckets`: the value is named tensors,
+    sent as flat tensors after the reply. `on_rank_s`: seconds inside the method."""
+
+    value: Any = None
+    error: str | None = None
+    on_rank_s: float = 0.0
+    item: bool = False
+    buckets: tuple[buckets.Bucket, ...] = ()
+
+
+# ----------------------------------------------------------------------------- transports
+
+
+class Transport(Protocol):
+    def send(self, obj: Message | Reply) -> None: ...
+    def recv(self) -> Any: ...
+    def send_tensor(self, t: torch.Tensor) -> None: ...
+    def recv_tensor(self, t: torch.Tensor) -> None:
+        """Receive into `t` (its size and dtype are known from the message)."""
+        ...
+
+
+class GlooTransport:
+    """One end of a private two-rank process group."""
+
+    def __init__(self, peer: int, group):
+        self.peer, self.group = peer, group
+
+    def send(self, obj) -> None:
+        import torch.distributed as dist
+
+        dist.send_object_list([obj], dst=self.peer, group=self.group)
+
+    def recv(self):
+        import torch.distributed as dist
+
+        box = [None]
+        dist.recv_object_list(box, src=self.peer, group=self.group)
+        return box[0]
+
+    def send_tensor(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.send(t, dst=self.peer, group=self.group)
+
+    def recv_tensor(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.recv(t, src=self.peer, group=self.group)
+
+
+class LoopbackTransport:
+    """Both ends of a connection in one process: messages are pickled as gloo pickles them,
+    tensors copied, so the serve loop and the proxies run unchanged in tests. A peer that says
+    nothing for `timeout_s` is a RuntimeError, as a gloo timeout is."""
+
+    def __init__(self, inbox: queue.Queue, outbox: queue.Queue, timeout_s: float):
+        self._inbox, self._outbox, self.timeout_s = inbox, outbox, timeout_s
+
+    @classmethod
+    def pair(cls, timeout_s: float = 60.0) -> tuple[LoopbackTransport, LoopbackTransport]:
+        a: queue.Queue = queue.Queue()
+        b: queue.Queue = queue.Queue()
+        return cls(a, b, timeout_s), cls(b, a, timeout_s)
+
+    def _get(self):
+        try:
+            return self._inbox.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise RuntimeError(f"loopback peer sent nothing for {self.timeout_s:.0f} s") from None
+
+    def send(self, obj) -> None:
+        self._outbox.put(pickle.dumps(obj))
+
+    def recv(self):
+        return pickle.loads(self._get())
+
+    def send_tensor(self, t: torch.Tensor) -> None:
+        self._outbox.put(t.detach().clone())
+
+    def recv_tensor(self, t: torch.Tensor) -> None:
+        t.copy_(self._get())
+
+
+# ----------------------------------------------------------------------------- controller end
 
 
 class Connection:
-    """The controller's end of one role rank's private group."""
+    """The controller's end of one rank's transport."""
 
-    def __init__(self, peer: int, group, roles: tuple[str, ...]):
-        self.peer, self.group, self.roles = peer, group, roles
+    def __init__(self, transport: Transport, peer: int, roles: tuple[str, ...]):
+        self.transport, self.peer, self.roles = transport, peer, roles
         self.lock = threading.Lock()
-        # role -> [seconds of its calls here, seconds of them spent in the method on the
+        # target -> [seconds of its calls here, seconds of them spent in the method on the
         # peer]: the difference is transport (pickle, gloo, host copies) and waiting.
         self._seconds: dict[str, list[float]] = {}
 
@@ -84,92 +181,56 @@ class Connection:
             f"{' '.join(str(e).split())[:300]}"
         )
 
-    def call(self, role: str, method: str, args=(), kwargs=None):
+    def call(
+        self,
+        target: str,
+        method: str,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        tensors: Sequence[tuple[buckets.Bucket, torch.Tensor]] = (),
+        sink=None,
+        what: str | None = None,
+    ):
+        """One request and its reply; returns the reply's value (a list of named tensors when
+        it came in buckets). `tensors`: packed buckets sent after the message. `sink`: takes
+        each item a streaming method puts. `what` names the target in errors."""
         with self.lock:
             start = time.perf_counter()
             try:
-                _send((role, method, args, kwargs or {}), self.peer, self.group)
-                status, value, on_rank_s = _recv(self.peer, self.group)
+                self.transport.send(
+                    Message(target, method, tuple(args), kwargs or {}, tuple(b for b, _ in tensors))
+                )
+                for _, flat in tensors:
+                    self.transport.send_tensor(flat)
+                reply = self.transport.recv()
+                while reply.item and reply.error is None:
+                    sink.put(reply.value)
+                    reply = self.transport.recv()
+                value = reply.value
+                if reply.error is None and reply.buckets:
+                    value = []
+                    for bucket in reply.buckets:
+                        flat = buckets.empty(bucket)
+                        self.transport.recv_tensor(flat)
+                        value.extend(buckets.unpack(bucket, flat))
             except RuntimeError as e:  # gloo: peer closed the connection, or timed out
-                raise self._unreachable(e) from e
-            seconds = self._seconds.setdefault(role, [0.0, 0.0])
-            seconds[0] += time.perf_counter() - start
-            seconds[1] += on_rank_s
-        if status != "ok":
-            raise RemoteRoleError(f"rank {self.peer} ({role}): {value}")
-        return value
-
-    def fetch_weights(self, role: str) -> list[tuple[str, torch.Tensor]]:
-        with self.lock:
-            try:
-                _send((role, _SEND_WEIGHTS, (), {}), self.peer, self.group)
-                status, meta = _recv(self.peer, self.group)
-                if status != "ok":
-                    raise RemoteRoleError(f"rank {self.peer} ({role}): {meta}")
-                out = []
-                for dtype, entries, numel in meta:
-                    flat = torch.empty(numel, dtype=dtype)
-                    dist.recv(flat, src=self.peer, group=self.group)
-                    for name, shape, offset, size in entries:
-                        out.append((name, flat[offset : offset + size].view(shape)))
-            except RuntimeError as e:
                 if isinstance(e, RemoteRoleError):
                     raise
                 raise self._unreachable(e) from e
-        return out
+            seconds = self._seconds.setdefault(target, [0.0, 0.0])
+            seconds[0] += time.perf_counter() - start
+            seconds[1] += reply.on_rank_s
+        if reply.error is not None:
+            raise RemoteRoleError(f"rank {self.peer} ({what or target}): {reply.error}")
+        return value
 
     def close(self) -> None:
         with self.lock:
-            _send(None, self.peer, self.group)
+            self.transport.send(STOP)
 
 
-class RemoteRole:
-    """Stands in for a role object of rlhf_pipe.roles living on another rank."""
-
-    def __init__(self, conn: Connection, name: str):
-        self._conn, self._name = conn, name
-
-    def __getattr__(self, method: str):
-        if method not in REMOTE_METHODS:
-            raise AttributeError(method)
-        return lambda *args, **kwargs: self._conn.call(self._name, method, args, kwargs)
-
-    def named_weights(self):
-        return iter(self._conn.fetch_weights(self._name))
-
-    def take_call_seconds(self) -> tuple[float, float]:
-        return self._conn.take_seconds(self._name)
-
-    def __repr__(self) -> str:
-        return f"RemoteRole({self._name} on rank {self._conn.peer})"
-
-
-def buckets(named_tensors, bucket_bytes: int):
-    """Group tensors into flat same-dtype buckets of at most `bucket_bytes` (a tensor larger
-    than that gets a bucket of its own). Returns [(meta, flat)], meta = (dtype, entries,
-    numel), entries = [(name, shape, offset, numel)]."""
-    out, current, size, dtype = [], [], 0, None
-
-    def flush():
-        if current:
-            flat = torch.cat([t.reshape(-1) for _, t in current])
-            entries, offset = [], 0
-            for name, t in current:
-                entries.append((name, tuple(t.shape), offset, t.numel()))
-                offset += t.numel()
-            out.append(((dtype, entries, flat.numel()), flat))
-
-    for name, t in named_tensors:
-        t = t.detach().contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        if current and (t.dtype != dtype or size + nbytes > bucket_bytes):
-            flush()
-            current, size = [], 0
-        current.append((name, t))
-        size += nbytes
-        dtype = t.dtype
-    flush()
-    return out
+# ----------------------------------------------------------------------------- serving end
 
 
 def _to_cpu(obj):
@@ -183,40 +244,135 @@ def _to_cpu(obj):
     return obj
 
 
-def serve(
-    roles: dict, controller: int, group, bucket_bytes: int, dp_groups: dict | None = None
-) -> None:
-    """Answer the controller's calls until it says stop (None). `dp_groups` maps a role to
-    the process group of its data-parallel ranks, for the gradient all-reduce."""
-    for role, dp_group in (dp_groups or {}).items():
-        roles[role].dp_group = dp_group
+class _Stream:
+    """The sink a streaming method gets on the serving rank: each put is one reply."""
+
+    def __init__(self, transport: Transport):
+        self.transport = transport
+
+    def put(self, item) -> None:
+        self.transport.send(Reply(item, item=True))
+
+
+def serve(targets: dict[str, Any], transport: Transport, bucket_bytes: int) -> None:
+    """Answer the controller's calls on `targets` (role name -> role object, or Role.ROLLOUT
+    -> an engine) until it sends STOP. Only members of each target's protocol are answered."""
+    allowed = {name: members(PROTOCOLS[Role(name)]) for name in targets}
     while True:
-        msg = _recv(controller, group)
-        if msg is None:
+        msg = transport.recv()
+        if not msg.target:
             return
-        role, method, args, kwargs = msg
+        # Tensors that came with the message are taken first, so a refused call leaves the
+        # transport in step.
+        named = []
+        for bucket in msg.buckets:
+            flat = buckets.empty(bucket)
+            transport.recv_tensor(flat)
+            named.extend(buckets.unpack(bucket, flat))
         try:
-            if method == _SEND_WEIGHTS:
-                packed = buckets(roles[role].named_weights(), bucket_bytes)
-                _send(("ok", [meta for meta, _ in packed]), controller, group)
-                for _, flat in packed:
-                    dist.send(flat, dst=controller, group=group)
-                continue
-            if method not in REMOTE_METHODS:
-                raise AttributeError(f"{role} has no remote method {method!r}")
-            start = time.perf_counter()
-            # _to_cpu waits for the device, so the seconds include the method's GPU work.
-            value = _to_cpu(getattr(roles[role], method)(*args, **kwargs))
-            reply = ("ok", value, time.perf_counter() - start)
+            member = allowed.get(msg.target, {}).get(msg.method)
+            if member is None or member.remote.dispatch == Dispatch.LOCAL:
+                raise AttributeError(f"{msg.target} has no remote method {msg.method!r}")
+            _answer(targets[msg.target], member, msg, named, transport, bucket_bytes)
         except Exception as e:  # reported on the controller, which stops the run
-            traceback.print_exc()
-            reply = ("error", f"{type(e).__name__}: {e}", 0.0)
-        _send(reply, controller, group)
+            logger.exception("%s.%s failed", msg.target, msg.method)
+            transport.send(Reply(error=f"{type(e).__name__}: {e}"))
+
+
+def _answer(obj, member: Member, msg: Message, named: list, transport, bucket_bytes) -> None:
+    args = ([named] if msg.buckets else []) + list(msg.args)
+    if member.remote.streams:
+        args.append(_Stream(transport))
+    start = time.perf_counter()
+    value = getattr(obj, msg.method)
+    if member.kind == "method":
+        value = value(*args, **msg.kwargs)
+    if member.remote.tensors_out:
+        packed = buckets.pack(value, bucket_bytes)
+        transport.send(
+            Reply(buckets=tuple(b for b, _ in packed), on_rank_s=time.perf_counter() - start)
+        )
+        for _, flat in packed:
+            transport.send_tensor(flat)
+        return
+    # _to_cpu waits for the device, so the seconds include the method's GPU work.
+    value = _to_cpu(value)
+    transport.send(Reply(value, on_rank_s=time.perf_counter() - start))
+
+
+# ----------------------------------------------------------------------------- role proxies
+
+
+def _proxy_member(name: str, member: Member, send: Callable[..., Any]):
+    """A proxy's method (or property) for one protocol member: `send(self, name, args,
+    kwargs)` does the call. It has the protocol's signature and docstring."""
+    if member.kind == "property":
+        return property(lambda self: send(self, name, (), {}), doc=member.fn.__doc__)
+
+    def method(self, *args, **kwargs):
+        value = send(self, name, args, kwargs)
+        return iter(value) if member.remote.tensors_out else value
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = member.fn.__doc__
+    method.__signature__ = inspect.signature(member.fn)  # type: ignore[attr-defined]
+    return method
+
+
+def _proxy_class(base: type, protocol: type, dispatches: dict[Dispatch, Callable]) -> type:
+    """`base` plus one member per protocol member whose dispatch is in `dispatches`."""
+    ns = {
+        name: _proxy_member(name, m, dispatches[m.remote.dispatch])
+        for name, m in members(protocol).items()
+        if m.remote.dispatch in dispatches and name not in vars(base)
+    }
+    return type(f"{base.__name__}[{protocol.__name__}]", (base,), ns)
+
+
+class RemoteRole:
+    """Stands in for a role object of rlhf_pipe.roles living on another rank: every member of
+    its protocol is a call on that rank (see `remote_role`)."""
+
+    def __init__(self, conn: Connection, name: Role):
+        self._conn, self._name = conn, name
+
+    def _send(self, method: str, args: tuple, kwargs: dict):
+        return self._conn.call(self._name, method, args, kwargs)
+
+    def take_call_seconds(self) -> tuple[float, float]:
+        return self._conn.take_seconds(self._name)
+
+    def __repr__(self) -> str:
+        return f"RemoteRole({self._name} on rank {self._conn.peer})"
+
+
+def _no_function(self, fn) -> None:
+    raise TypeError(
+        f"{self!r}: a Python reward function cannot go to another rank; name it in "
+        "model_configs.reward instead"
+    )
+
+
+class _RemoteReward(RemoteRole):
+    set_function = _no_function
+
+
+_ONE_RANK = {d: RemoteRole._send for d in (Dispatch.GROUP, Dispatch.ALL, Dispatch.FIRST)}
+_ONE_RANK[Dispatch.PEER] = RemoteRole._send
+REMOTE_ROLE_CLASSES: dict[Role, type] = {
+    role: _proxy_class(
+        _RemoteReward if role == Role.REWARD else RemoteRole, PROTOCOLS[role], _ONE_RANK
+    )
+    for role in MODEL_ROLES
+}
+
+
+def remote_role(conn: Connection, role: Role) -> RemoteRole:
+    """The proxy of `role` on the rank behind `conn`."""
+    return REMOTE_ROLE_CLASSES[Role(role)](conn, Role(role))
 
 
 # ----------------------------------------------------------------------------- engines
-
-_END = "__end__"
 
 
 class RemoteEngine:
@@ -228,98 +384,26 @@ class RemoteEngine:
         self.version = 0
         self.last_sync: dict = {}
 
+    def _call(self, method: str, args: tuple, **kw):
+        what = f"rollout engine {self.engine_index}"
+        return self._conn.call(Role.ROLLOUT, method, args, what=what, **kw)
+
     def generate(self, prompt_ids, prompt_indices, settings, seeds, sink) -> None:
-        conn = self._conn
-        with conn.lock:
-            try:
-                _send(
-                    ("generate", (prompt_ids, prompt_indices, settings, seeds)),
-                    conn.peer,
-                    conn.group,
-                )
-                while True:
-                    status, item = _recv(conn.peer, conn.group)
-                    if status == "error":
-                        raise RemoteRoleError(
-                            f"rank {conn.peer} (rollout engine {self.engine_index}): {item}"
-                        )
-                    if item == _END:
-                        return
-                    sink.put(item)
-            except RuntimeError as e:
-                if isinstance(e, RemoteRoleError):
-                    raise
-                raise conn._unreachable(e) from e
+        self._call("generate", (prompt_ids, prompt_indices, settings, seeds), sink=sink)
 
-    def load_weights(self, named_tensors, version: int) -> None:
-        packed = buckets(named_tensors, self._bucket_bytes)
-        self.last_sync = self._exchange(
-            ("load_weights", ([meta for meta, _ in packed], version)), [flat for _, flat in packed]
-        )
+    def load_weights(self, named_tensors, version: int) -> dict:
+        packed = buckets.pack(named_tensors, self._bucket_bytes)
+        self.last_sync = self._call("load_weights", (version,), tensors=packed)
         self.version = version
+        return self.last_sync
 
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int):
-        self._exchange(("call", ("init_weight_group", (host, port, rank_offset, world_size))))
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        self._call("init_weight_group", (host, port, rank_offset, world_size))
 
-    def receive_weights(self, layout, version: int) -> None:
-        self.last_sync = self._exchange(("call", ("receive_weights", (layout, version))))
+    def receive_weights(self, layout, version: int) -> dict:
+        self.last_sync = self._call("receive_weights", (layout, version))
         self.version = version
-
-    def _exchange(self, message, tensors=()):
-        """One command (and its tensors) to the engine's rank; returns the reply's value, the
-        engine's last_sync."""
-        conn = self._conn
-        with conn.lock:
-            try:
-                _send(message, conn.peer, conn.group)
-                for flat in tensors:
-                    dist.send(flat, dst=conn.peer, group=conn.group)
-                status, value = _recv(conn.peer, conn.group)
-            except RuntimeError as e:
-                raise conn._unreachable(e) from e
-        if status != "ok":
-            raise RemoteRoleError(f"rank {conn.peer} (rollout engine {self.engine_index}): {value}")
-        return value
-
-
-_ENGINE_CALLS = frozenset({"init_weight_group", "receive_weights"})
-
-
-def serve_engine(engine, controller: int, group) -> None:
-    """An engine rank: generate and load weights for the controller until it says stop."""
-
-    class Stream:
-        def put(self, completion):
-            _send(("ok", completion), controller, group)
-
-    while True:
-        msg = _recv(controller, group)
-        if msg is None:
-            return
-        command, payload = msg
-        try:
-            if command == "generate":
-                engine.generate(*payload, Stream())
-                reply = ("ok", _END)
-            elif command == "load_weights":
-                metas, version = payload
-                named = []
-                for dtype, entries, numel in metas:
-                    flat = torch.empty(numel, dtype=dtype)
-                    dist.recv(flat, src=controller, group=group)
-                    named += [(n, flat[o : o + k].view(shape)) for n, shape, o, k in entries]
-                engine.load_weights(named, version)
-                reply = ("ok", engine.last_sync)
-            elif command == "call" and payload[0] in _ENGINE_CALLS:
-                method, args = payload
-                getattr(engine, method)(*args)
-                reply = ("ok", engine.last_sync)
-            else:
-                raise ValueError(f"unknown engine command {command!r}")
-        except Exception as e:
-            traceback.print_exc()
-            reply = ("error", f"{type(e).__name__}: {e}")
-        _send(reply, controller, group)
+        return self.last_sync
 
 
 def run_all(fns, timeout_s: float | None = None, what: str = "") -> list:
@@ -374,7 +458,7 @@ class EnginePool:
             share,
         )
 
-    def load_weights(self, named_tensors, version: int) -> None:
+    def load_weights(self, named_tensors, version: int) -> dict:
         named = list(named_tensors)
         self._each(lambda e, _: e.load_weights(named, version), [None] * len(self.engines))
         seconds = max(e.last_sync.get("seconds", 0.0) for e in self.engines)
@@ -384,6 +468,7 @@ class EnginePool:
             "bytes": nbytes,
             "gbps": nbytes / max(seconds, 1e-9) / 1e9,
         }
+        return self.last_sync
 
     def _each(self, fn, parts) -> None:
         run_all([lambda e=e, p=p: fn(e, p) for e, p in zip(self.engines, parts)])
@@ -401,11 +486,10 @@ class RemoteRoleGroup:
     Under DeepSpeed (`zero_stage` set) every rank joins every train call, and under ZeRO-3
     every forward and weight gather too, with `pad_to` zero-weight passes for the ranks with
     fewer chunks: ZeRO's collectives run inside those calls (rlhf_pipe.zero). Its optimizer
-    state is partitioned, so every rank joins training_state's gathers."""
+    state is partitioned, so every rank joins training_state's gathers.
 
-    _ALL = ("drop_grads", "divide_grads", "apply_step", "load_training_state", "load_weights_from")
-    # The NCCL weight sync talks to the first rank only (rlhf_pipe.distributed.weight_sync).
-    _FIRST = ("weight_sync_address", "init_weight_sender", "weight_layout", "broadcast_weights")
+    The methods here are the protocols' Dispatch.GROUP members; those marked ALL or FIRST are
+    generated (`remote_role_group`)."""
 
     def __init__(
         self,
@@ -490,10 +574,6 @@ class RemoteRoleGroup:
         )
         return _sum_metrics(self._parallel(calls))
 
-    def prepare_step(self, grad_divisor):
-        # Every rank joins the gradient all-reduce; the norms are then equal.
-        return self._parallel([(c, "prepare_step", (grad_divisor,)) for c in self._conns])[0]
-
     def training_state(self):
         if self._zero is None:
             return self._conns[0].call(self._name, "training_state")
@@ -505,16 +585,19 @@ class RemoteRoleGroup:
         conns = self._conns if self._zero == 3 else self._conns[:1]
         self._parallel([(c, "save", (out_dir,)) for c in conns])
 
-    def __getattr__(self, method: str):
-        if method in self._ALL:
-            return lambda *args: self._parallel([(c, method, args) for c in self._conns])[0]
-        if method in self._FIRST:
-            return lambda *args: self._conns[0].call(self._name, method, args)
-        raise AttributeError(method)
+    def _on_all(self, method: str, args: tuple, kwargs: dict):
+        # e.g. prepare_step: every rank joins the gradient all-reduce; the norms are then equal.
+        return self._parallel([(c, method, args, kwargs) for c in self._conns])[0]
+
+    def _on_first(self, method: str, args: tuple, kwargs: dict):
+        return self._conns[0].call(self._name, method, args, kwargs)
+
+    def join_weights(self) -> None:
+        """Nothing to do from here: the ranks join inside `named_weights`."""
 
     def named_weights(self):
         if self._zero != 3:
-            return iter(self._conns[0].fetch_weights(self._name))
+            return iter(self._conns[0].call(self._name, "named_weights"))
         # ZeRO-3: the other ranks join each gather while the first sends the weights.
         out, errors = [], []
 
@@ -529,13 +612,40 @@ class RemoteRoleGroup:
             for t in joins:
                 t.start()
             try:
-                out = self._conns[0].fetch_weights(self._name)
+                out = self._conns[0].call(self._name, "named_weights")
             finally:
                 for t in joins:
                     t.join()
         if errors:
             raise errors[0]
         return iter(out)
+
+
+class _RemoteRewardGroup(RemoteRoleGroup):
+    set_function = _no_function
+
+
+_GROUP_DISPATCH = {Dispatch.ALL: RemoteRoleGroup._on_all, Dispatch.FIRST: RemoteRoleGroup._on_first}
+REMOTE_GROUP_CLASSES: dict[Role, type] = {
+    role: _proxy_class(
+        _RemoteRewardGroup if role == Role.REWARD else RemoteRoleGroup,
+        PROTOCOLS[role],
+        _GROUP_DISPATCH,
+    )
+    for role in MODEL_ROLES
+}
+
+
+def remote_role_group(
+    conns: list[Connection],
+    role: Role,
+    infer_micro_bs: int,
+    train_micro_bs: int,
+    zero_stage: int | None = None,
+) -> RemoteRoleGroup:
+    """The proxy of `role` on several data-parallel ranks."""
+    cls = REMOTE_GROUP_CLASSES[Role(role)]
+    return cls(conns, Role(role), infer_micro_bs, train_micro_bs, zero_stage)
 
 
 def _sum_metrics(parts: list[dict]) -> dict:

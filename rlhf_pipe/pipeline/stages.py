@@ -28,6 +28,7 @@ from rlhf_pipe.pipeline.batch import MicroBatch, Sample, pad_field, unpad_into
 from rlhf_pipe.pipeline.channel import END, Channel, PipelineAborted, StageTimeout
 from rlhf_pipe.ppo import core
 from rlhf_pipe.ppo import group as group_algos
+from rlhf_pipe.roles import LossSettings
 from rlhf_pipe.roles import grad_divisor as _grad_divisor
 from rlhf_pipe.rollout.types import Completion, SamplingSettings
 
@@ -70,7 +71,7 @@ class StepPlan:
     pipe_micro_bs: int
     samples_per_step: int
     advantage: AdvantageSettings
-    loss: object  # roles.LossSettings
+    loss: LossSettings
     update_actor: bool
     ppo_epochs: int = 1
     num_mini_batches: int = 1
@@ -311,7 +312,7 @@ class StepPipeline:
     ) -> None:
         R = max(max(s.num_actions for s in samples), 1)
         mask = pad_field_mask(samples, R)
-        scores = torch.stack([s.score for s in samples]).float()  # (b,)
+        scores = torch.stack([_filled(s.score, "score") for s in samples]).float()  # (b,)
         bad = [s.sample_id for s, ok in zip(samples, torch.isfinite(scores)) if not ok]
         if bad and a.on_nonfinite == "stop":
             raise NonFiniteError(
@@ -365,7 +366,7 @@ class StepPipeline:
         out = torch.empty(len(samples))
         for prompt_index in {s.prompt_index for s in samples}:
             members = sorted(groups[prompt_index], key=lambda s: s.sample_id)
-            scores = torch.stack([s.shaped_score for s in members])
+            scores = torch.stack([_filled(s.shaped_score, "shaped_score") for s in members])
             ids = torch.zeros(len(members), dtype=torch.long)
             adv = (
                 group_algos.grpo_advantages(scores, ids, unbiased=a.group_std == "unbiased")
@@ -410,7 +411,7 @@ class StepPipeline:
         result["metrics"] = metrics
 
     def _train_on(self, samples, plan: StepPlan, num_samples: int, run: _Run, index: int) -> dict:
-        metrics = {}
+        metrics: dict = {}
         if plan.update_actor:
             start = time.perf_counter()
             _merge(metrics, self.actor.train(samples, plan.loss, num_samples))
@@ -494,18 +495,25 @@ class StepPipeline:
         )
 
 
+def _filled(value: torch.Tensor | None, name: str) -> torch.Tensor:
+    """A Sample field an earlier stage fills; None here is a bug in the stage order."""
+    if value is None:
+        raise RuntimeError(f"Sample.{name} is not set yet")
+    return value
+
+
 def _shape_scores(samples: list[Sample], a: AdvantageSettings, batch_norm: bool) -> None:
     """Sets each sample's grpo/rloo score: clipped, with batch_norm normalised over `samples`
     (the whole batch, sorted by sample id, as _advantages normalises PPO scores), then minus
     the summed KL when KL is in the reward. The group baseline is taken from these."""
-    scores = torch.stack([s.score for s in samples]).float()  # (b,)
+    scores = torch.stack([_filled(s.score, "score") for s in samples]).float()  # (b,)
     if a.clip_reward_min is not None or a.clip_reward_max is not None:
         scores = scores.clamp(min=a.clip_reward_min, max=a.clip_reward_max)
     if batch_norm:
         scores = core.normalize(scores, scores.mean(), scores.std(unbiased=False))
     for s, score in zip(samples, scores):
         if a.kl_mode == "reward" and a.kl_coeff and s.ref_logp is not None:
-            kl = core.kl_penalty(s.old_logp, s.ref_logp, a.kl_estimator).sum()
+            kl = core.kl_penalty(_filled(s.old_logp, "old_logp"), s.ref_logp, a.kl_estimator).sum()
             score = score - a.kl_coeff * kl
         s.shaped_score = score
 

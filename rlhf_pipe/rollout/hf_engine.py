@@ -1,4 +1,4 @@
-"""Plain transformers `generate` behind the RolloutEngine interface (machines without vLLM).
+"""Plain transformers `generate`, a protocols.RolloutEngine for machines without vLLM.
 
 It has no continuous batching, so requests finish chunk by chunk; within a chunk they are put
 in order of their answer length (shortest first), imitating completion order.
@@ -26,7 +26,7 @@ class HFEngine:
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.chunk_size, self.engine_index = chunk_size, engine_index
         self.version = 0
-        self.last_sync = {}
+        self.last_sync: dict = {}
 
     @torch.no_grad()
     def generate(self, prompt_ids, prompt_indices, settings: SamplingSettings, seeds, sink):
@@ -81,7 +81,7 @@ class HFEngine:
             for c in sorted(done, key=lambda c: len(c.response_ids)):
                 sink.put(c)
 
-    def load_weights(self, named_tensors, version: int) -> None:
+    def load_weights(self, named_tensors, version: int) -> dict:
         start = time.perf_counter()
         state = dict(named_tensors)
         self.model.load_state_dict(state, strict=True)
@@ -93,3 +93,4 @@ class HFEngine:
             "bytes": nbytes,
             "gbps": nbytes / max(seconds, 1e-9) / 1e9,
         }
+        return self.last_sync

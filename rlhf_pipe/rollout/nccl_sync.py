@@ -18,27 +18,12 @@ import socket
 
 import torch
 
-# (dtype name, [(name, shape, offset, numel)], bucket numel): the same on both ends.
-BucketLayout = list[tuple[str, list[tuple[str, tuple[int, ...], int, int]], int]]
+from rlhf_pipe.distributed.buckets import Bucket, bucket_layout, empty, flatten, unpack
+
+BucketLayout = list[Bucket]  # the same on both ends
+__all__ = ["BucketLayout", "WeightReceiver", "WeightSender", "bucket_layout", "free_address"]
 
 RECEIVER_CLS = "rlhf_pipe.rollout.nccl_sync.WeightReceiver"
-
-
-def bucket_layout(named_tensors, bucket_bytes: int) -> BucketLayout:
-    """Group tensors (in order) into same-dtype buckets of at most `bucket_bytes`; a tensor
-    larger than that gets a bucket of its own."""
-    layout, entries, size, dtype = [], [], 0, None
-    for name, t in named_tensors:
-        nbytes = t.numel() * t.element_size()
-        if entries and (t.dtype != dtype or size + nbytes > bucket_bytes):
-            layout.append((str(dtype).removeprefix("torch."), entries, size // dtype.itemsize))
-            entries, size = [], 0
-        entries.append((name, tuple(t.shape), size // t.element_size(), t.numel()))
-        size += nbytes
-        dtype = t.dtype
-    if entries:
-        layout.append((str(dtype).removeprefix("torch."), entries, size // dtype.itemsize))
-    return layout
 
 
 def free_address() -> tuple[str, int]:
@@ -70,13 +55,8 @@ class WeightSender:
         tensors = dict(named_tensors)
         stream = torch.cuda.current_stream(self.device)
         nbytes = 0
-        for dtype_name, entries, numel in layout:
-            # One copy per bucket on the GPU; the broadcast then moves it in one call.
-            flat = torch.cat([tensors[name].reshape(-1) for name, _, _, _ in entries])
-            if flat.numel() != numel or str(flat.dtype) != f"torch.{dtype_name}":
-                raise RuntimeError(
-                    f"actor weights do not match the sync layout at {entries[0][0]!r}"
-                )
+        for bucket in layout:
+            flat = flatten(tensors, bucket)  # one copy per bucket on the GPU, one broadcast
             self.comm.broadcast(flat, src=0, stream=stream)
             nbytes += flat.numel() * flat.element_size()
         stream.synchronize()
@@ -98,11 +78,8 @@ class WeightReceiver:
     def rlhf_pipe_receive_weights(self, layout: BucketLayout) -> None:
         model = self.model_runner.model
         stream = torch.cuda.current_stream(self.device)
-        for dtype_name, entries, numel in layout:
-            flat = torch.empty(numel, dtype=getattr(torch, dtype_name), device=self.device)
+        for bucket in map(Bucket._make, layout):  # the RPC may turn it into plain lists
+            flat = empty(bucket, self.device)
             self._rlhf_pipe_comm.broadcast(flat, src=0, stream=stream)
-            model.load_weights(
-                (name, flat[offset : offset + size].view(shape))
-                for name, shape, offset, size in entries
-            )
+            model.load_weights(unpack(bucket, flat))
         stream.synchronize()

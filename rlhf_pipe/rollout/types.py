@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -53,23 +52,3 @@ class Completion:
     # With prompt_logprobs=k: one entry per prompt token, {token id: log-prob} holding the
     # prompt's own token and the top k; None for the first token (nothing to condition on).
     prompt_logprobs: list[dict[int, float] | None] | None = None
-
-
-class CompletionSink(Protocol):
-    def put(self, item: Completion) -> None: ...
-
-
-class RolloutEngine(Protocol):
-    version: int
-
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        prompt_indices: list[int],
-        settings: SamplingSettings,
-        seeds: list[int],
-        sink: CompletionSink,
-    ) -> None:
-        """Generate for every prompt; `sink.put` each Completion as soon as it is finished."""
-
-    def load_weights(self, named_tensors, version: int) -> None: ...

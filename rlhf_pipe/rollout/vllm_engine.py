@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from rlhf_pipe.rollout.types import Completion, CompletionSink, SamplingSettings, drawn_length
+from rlhf_pipe.protocols import CompletionSink
+from rlhf_pipe.rollout.types import Completion, SamplingSettings, drawn_length
+
+logger = logging.getLogger(__name__)
 
 # torchrun's variables: a vLLM engine built while they are set talks to torchrun's store and
 # hangs at start (measured, see docs/architecture.md), so they are hidden during construction.
@@ -48,19 +51,13 @@ def ensure_generate_to_queue(llm_cls) -> str:
 
 
 def _runtime_methods() -> dict:
-    """The patch tool's V1 block (rlhf_pipe.vllm_patch.methods), compiled against the names of
-    vLLM's own `llm` module: the method added at run time is the patched method, line for
-    line, so one text is tested for both."""
-    import textwrap
+    """The methods of rlhf_pipe.vllm_patch.generate_to_queue: the code the patch tool writes
+    into vLLM, so one text is tested for both."""
+    from rlhf_pipe.vllm_patch.generate_to_queue import GenerateToQueue
 
-    import vllm.entrypoints.llm as llm_module
-
-    from rlhf_pipe.vllm_patch.methods import V1_BLOCK
-
-    code = compile(textwrap.dedent(V1_BLOCK), "<rlhf_pipe generate_to_queue>", "exec")
-    namespace: dict = {}
-    exec(code, dict(vars(llm_module)), namespace)
-    return {name: namespace[name] for name in ("generate_to_queue", "_run_engine_to_queue")}
+    return {
+        name: vars(GenerateToQueue)[name] for name in ("generate_to_queue", "_run_engine_to_queue")
+    }
 
 
 def _vllm_version() -> str:
@@ -187,10 +184,10 @@ class VLLMEngine:
         self.patch_kind = ensure_generate_to_queue(LLM)
         self.dropped_settings = unsupported_engine_settings(engine_kwargs or {})
         for name in self.dropped_settings:
-            print(
-                f"warning: rollout_config.engine_kwargs.{name}: not a setting of the installed "
-                f"vLLM {_vllm_version()}; ignored",
-                file=sys.stderr,
+            logger.warning(
+                "rollout_config.engine_kwargs.%s: not a setting of the installed vLLM %s; ignored",
+                name,
+                _vllm_version(),
             )
         kwargs = dict(
             model=model_path,
@@ -332,9 +329,10 @@ class VLLMEngine:
         except Exception:  # best effort on an engine that is already failing
             pass
 
-    def load_weights(self, named_tensors, version: int) -> None:
+    def load_weights(self, named_tensors, version: int) -> dict:
         """Load new actor weights (HF names) into the running engine, in process; or, on an
-        engine built with `lora`, a LoRA adapter (peft names), served from then on."""
+        engine built with `lora`, a LoRA adapter (peft names), served from then on. Returns
+        the sync's stats (also kept as last_sync)."""
         start = time.perf_counter()
         tensors = list(named_tensors)
         nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
@@ -355,6 +353,7 @@ class VLLMEngine:
             "bytes": nbytes,
             "gbps": nbytes / max(seconds, 1e-9) / 1e9,
         }
+        return self.last_sync
 
     # ------------------------------------------------------------------ NCCL sync (GPU)
 
@@ -365,11 +364,13 @@ class VLLMEngine:
             "rlhf_pipe_init_weight_group", args=(host, port, rank_offset, world_size)
         )
 
-    def receive_weights(self, layout, version: int) -> None:
+    def receive_weights(self, layout, version: int) -> dict:
         """Receive one sync broadcast by the actor; blocks until every bucket is loaded."""
         start = time.perf_counter()
         self.llm.collective_rpc("rlhf_pipe_receive_weights", args=(layout,))
-        nbytes = sum(numel * _itemsize(dtype) for dtype, _, numel in layout)
+        from rlhf_pipe.distributed.buckets import nbytes as layout_bytes
+
+        nbytes = layout_bytes(layout)
         seconds = time.perf_counter() - start
         self.version = version
         self.last_sync = {
@@ -377,6 +378,7 @@ class VLLMEngine:
             "bytes": nbytes,
             "gbps": nbytes / max(seconds, 1e-9) / 1e9,
         }
+        return self.last_sync
 
     # ------------------------------------------------------------------ LoRA ('adapter' sync)
 
@@ -458,9 +460,3 @@ class VLLMEngine:
             except Exception as e:  # try the next API; report all if none works
                 errors.append(f"{method.__name__}: {type(e).__name__}: {e}")
         raise RuntimeError("could not load weights into vLLM: " + "; ".join(errors))
-
-
-def _itemsize(dtype_name: str) -> int:
-    import torch
-
-    return getattr(torch, dtype_name).itemsize

@@ -1,4 +1,5 @@
-"""The block inserted into vLLM's `class LLM`, one per API line.
+"""The block inserted into vLLM's `class LLM`, one per API line (V1's is importable Python:
+rlhf_pipe/vllm_patch/generate_to_queue.py).
 
 Each block starts with MARKER and ends with END_MARKER plus one blank line, and goes right in
 front of the `def` of its line's anchor method. It only uses names that the target
@@ -14,6 +15,7 @@ Contract kept from the original hand edit:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 MARKER = "# rlhf_pipe: generate_to_queue patch"
 END_MARKER = "# rlhf_pipe: end of generate_to_queue patch"
@@ -86,79 +88,21 @@ LEGACY_0_3_BLOCK = '''\
 # vLLM 0.20-0.33 (V1 engine): prompts go in through the public `enqueue` (which renders them
 # and calls the inherited `_add_request`), then the same step loop as `_run_engine`, wherever
 # that loop lives (llm.py, entrypoints/offline_utils.py or entrypoints/common/offline.py).
-V1_BLOCK = '''\
-    # rlhf_pipe: generate_to_queue patch
-    # Added by `rlhf-pipe apply-vllm-patch` for the vLLM V1 API; `--revert` removes it.
-    def generate_to_queue(
-        self,
-        prompts: str | list[str] | None = None,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        prompt_token_ids: list[list[int]] | None = None,
-        use_tqdm: bool | Callable[..., tqdm] = True,
-        lora_request: LoRARequest | None = None,
-        queue=None,
-    ) -> list[RequestOutput]:
-        """Like `generate`, and `queue.put(output)` as soon as each request finishes.
+# The block is the code of rlhf_pipe/vllm_patch/generate_to_queue.py, read as text (importing
+# this module imports neither that one nor vLLM).
+V1_SOURCE = Path(__file__).with_name("generate_to_queue.py")
 
-        `prompts` are strings; `prompt_token_ids` are token id lists, sent as
-        `TokensPrompt` dicts (paired with `prompts` when both are given).
-        `sampling_params` is one `SamplingParams` or one per prompt.
-        Returns all finished outputs sorted by request id, as `generate` does.
-        """
-        if prompts is None and prompt_token_ids is None:
-            raise ValueError("Either prompts or prompt_token_ids must be provided.")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if prompt_token_ids is None:
-            engine_prompts = list(prompts)
-        elif prompts is None:
-            engine_prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
-        elif len(prompts) != len(prompt_token_ids):
-            raise ValueError(
-                "The lengths of prompts and prompt_token_ids must be the same."
-            )
-        else:
-            engine_prompts = [
-                {"prompt": text, "prompt_token_ids": ids}
-                for text, ids in zip(prompts, prompt_token_ids)
-            ]
-        if sampling_params is None:
-            sampling_params = self.get_default_sampling_params()
 
-        self.enqueue(
-            engine_prompts, sampling_params, lora_request=lora_request, use_tqdm=False
-        )
-        return self._run_engine_to_queue(use_tqdm, queue)
+def marked_block(text: str) -> str:
+    """The lines from MARKER to END_MARKER (both included) of `text`, and the blank line that
+    ends an inserted block."""
+    lines = text.split("\n")
+    stripped = [line.strip() for line in lines]
+    start, end = stripped.index(MARKER), stripped.index(END_MARKER)
+    return "\n".join(lines[start : end + 1]) + "\n\n"
 
-    def _run_engine_to_queue(
-        self, use_tqdm: bool | Callable[..., tqdm] = True, queue=None
-    ) -> list[RequestOutput]:
-        # `_run_engine`, plus one `queue.put` per request when it finishes.
-        pbar = None
-        if use_tqdm:
-            tqdm_func = use_tqdm if callable(use_tqdm) else tqdm
-            pbar = tqdm_func(
-                total=self.llm_engine.get_num_unfinished_requests(),
-                desc="Processed prompts",
-                dynamic_ncols=True,
-            )
-        outputs: list[RequestOutput] = []
-        while self.llm_engine.has_unfinished_requests():
-            for output in self.llm_engine.step():
-                if output.finished:
-                    outputs.append(output)
-                    if queue is not None:
-                        queue.put(output)
-                    if pbar is not None:
-                        pbar.update(1)
-        if pbar is not None:
-            pbar.close()
-        # Requests finish out of order; the request id is the submission counter
-        # (`enqueue` returns it with a suffix, `RequestOutput.request_id` without).
-        return sorted(outputs, key=lambda output: int(output.request_id))
-    # rlhf_pipe: end of generate_to_queue patch
 
-'''
+V1_BLOCK = marked_block(V1_SOURCE.read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)
