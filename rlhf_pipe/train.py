@@ -213,11 +213,7 @@ def _run_controller(
     print(f"rlhf_pipe weight sync: {'nccl' if nccl else 'gloo'}", file=sys.stderr, flush=True)
     try:
         if args.resume:
-            from rlhf_pipe.checkpoint import resolve_resume
-
-            found = resolve_resume(args.resume, cfg.train_config.work_dir)
-            if found is not None:
-                trainer.resume(found)
+            trainer.resume(args.resume)
         if args.bench:
             _bench(args, trainer, placement)
             return
