@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from datetime import timedelta
 
@@ -96,6 +97,11 @@ def run(args) -> int:
                 f"engines other than engine 0 is not supported yet"
             )
     roles_here = placement.roles_of(rank)
+    _CURRENT.update(placement=placement, controller=controller, world=world)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        from rlhf_pipe.distributed import guard
+
+        guard.exit_with_agent(f"rank {rank} ({'+'.join(roles_here) or 'no role'})")
     if rank == controller:
         # torchrun's failure summary names a dead rank by number; this line gives its role.
         print(
@@ -451,6 +457,28 @@ class _UserError(Exception):
 _CURRENT: dict = {"roles": ()}
 
 
+def _lost_node(rank: int, message: str) -> str:
+    """On several nodes: ', lost node K (rank r role, ...)' for the peer a failure lost
+    touch with, so the line on a surviving node names the node that went away. The
+    controller's calls name the peer (remote.py: 'rank R (...) unreachable'); the other ranks
+    only ever talk to the controller. Ranks are numbered node by node (torchrun)."""
+    placement, world = _CURRENT.get("placement"), _CURRENT.get("world", 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if placement is None or local_world >= world:
+        return ""
+    found = re.search(r"rank (\d+) \([^)]*\) unreachable", message)
+    if found:
+        peer = int(found[1])
+    elif rank != _CURRENT["controller"] and "unreachable" not in message:
+        peer = _CURRENT["controller"]
+    else:
+        return ""
+    node = peer // local_world
+    ranks = range(node * local_world, min((node + 1) * local_world, world))
+    named = ", ".join(f"rank {r} {'+'.join(placement.roles_of(r)) or 'no role'}" for r in ranks)
+    return f"; lost node {node} ({named})"
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlhf_pipe.cli import _user_errors
 
@@ -464,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         roles = "+".join(_CURRENT["roles"]) or "no role"
         first = " ".join(f"{type(e).__name__}: {e}".split())
-        print(f"error: rank {rank} ({roles}) failed: {first}", file=sys.stderr, flush=True)
+        lost = _lost_node(int(rank), first)
+        print(f"error: rank {rank} ({roles}) failed: {first}{lost}", file=sys.stderr, flush=True)
         return 1
 
 
