@@ -101,7 +101,10 @@ def run(args) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         from rlhf_pipe.distributed import guard
 
-        guard.exit_with_agent(f"rank {rank} ({'+'.join(roles_here) or 'no role'})")
+        what = f"rank {rank} ({'+'.join(roles_here) or 'no role'})"
+        guard.exit_with_agent(what)
+        if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:  # several nodes
+            guard.sigterm_grace(what)
     if rank == controller:
         # torchrun's failure summary names a dead rank by number; this line gives its role.
         print(
@@ -474,6 +477,8 @@ def _lost_node(rank: int, message: str) -> str:
     else:
         return ""
     node = peer // local_world
+    if node == rank // local_world:
+        return ""  # a peer of this node: its own line says what happened to it
     ranks = range(node * local_world, min((node + 1) * local_world, world))
     named = ", ".join(f"rank {r} {'+'.join(placement.roles_of(r)) or 'no role'}" for r in ranks)
     return f"; lost node {node} ({named})"
@@ -491,6 +496,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         roles = "+".join(_CURRENT["roles"]) or "no role"
+        # The first error, not one that clean-up (closing a dead peer's link) raised after it;
+        # an explicit `raise ... from` is a wrapper that already says it all.
+        while (
+            isinstance(e.__context__, Exception)
+            and e.__cause__ is None
+            and not e.__suppress_context__
+        ):
+            e = e.__context__
         first = " ".join(f"{type(e).__name__}: {e}".split())
         lost = _lost_node(int(rank), first)
         print(f"error: rank {rank} ({roles}) failed: {first}{lost}", file=sys.stderr, flush=True)

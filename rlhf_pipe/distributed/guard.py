@@ -50,6 +50,23 @@ def exit_with_agent(what: str, poll_s: float = 0.5) -> threading.Thread:
     return thread
 
 
+def sigterm_grace(what: str, grace_s: float = 5.0) -> None:
+    """On SIGTERM, exit only after `grace_s` (code 1, one line). A node's agent that loses
+    the rendezvous store (its host was the node that died) stops its ranks at once, before
+    they see their dead peers; the grace lets a rank's own failure line, which names the
+    lost node, come out first. torchrun sends SIGKILL 30 s after SIGTERM in any case."""
+
+    def on_term(signum, frame):
+        def later():
+            time.sleep(grace_s)
+            print(f"error: {what}: stopped by torchrun (SIGTERM)", file=sys.stderr, flush=True)
+            os._exit(1)
+
+        threading.Thread(target=later, name="sigterm-grace", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def _descendants(pid: int) -> set[int]:
     import psutil
 
