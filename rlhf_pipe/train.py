@@ -506,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
             e = e.__context__
         first = " ".join(f"{type(e).__name__}: {e}".split())
         lost = _lost_node(int(rank), first)
-        print(f"error: rank {rank} ({roles}) failed: {first}{lost}", file=sys.stderr, flush=True)
+        from rlhf_pipe.distributed.guard import say
+
+        sys.stderr.flush()
+        say(f"error: rank {rank} ({roles}) failed: {first}{lost}")
         return 1
 
 

@@ -30,6 +30,12 @@ def start(parent_pid: int | None = None) -> subprocess.Popen:
     )
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write: the ranks of a node share the agent's stderr, and
+    print() writes the text and its newline apart (unbuffered), so lines interleave."""
+    os.write(2, (line + "\n").encode(errors="replace"))
+
+
 def exit_with_agent(what: str, poll_s: float = 0.5) -> threading.Thread:
     """Exit this process (code 1, one line on stderr) soon after its parent is gone. `what`
     names this process in the line, e.g. 'rank 2 (critic)'."""
@@ -38,11 +44,7 @@ def exit_with_agent(what: str, poll_s: float = 0.5) -> threading.Thread:
     def body():
         while os.getppid() == agent:
             time.sleep(poll_s)
-        print(
-            f"error: {what}: its torchrun agent (pid {agent}) is gone; exiting",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"error: {what}: its torchrun agent (pid {agent}) is gone; exiting")
         os._exit(1)  # no clean-up: the peers it would wait for may be gone too
 
     thread = threading.Thread(target=body, name="agent-watch", daemon=True)
@@ -59,7 +61,7 @@ def sigterm_grace(what: str, grace_s: float = 5.0) -> None:
     def on_term(signum, frame):
         def later():
             time.sleep(grace_s)
-            print(f"error: {what}: stopped by torchrun (SIGTERM)", file=sys.stderr, flush=True)
+            say(f"error: {what}: stopped by torchrun (SIGTERM)")
             os._exit(1)
 
         threading.Thread(target=later, name="sigterm-grace", daemon=True).start()
