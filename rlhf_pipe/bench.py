@@ -561,7 +561,6 @@ def measure_pipes(
                 f"pipeline {history[-1]['pipeline_s']:.3f} s, step {history[-1]['step_s']:.3f} s"
                 f", sync {history[-1]['sync/seconds']:.4f} s"
             )
-        trainer.logger.close()
         measured = history[warmup:]
         runs[m] = summarize_run(
             m, measured, cfg.samples_per_step, devices=devices, device_roles=device_roles

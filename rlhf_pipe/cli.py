@@ -42,11 +42,8 @@ def cmd_train(args) -> int:
 
     trainer = RLHFTrainer(cfg)
     if args.resume:
-        from rlhf_pipe.checkpoint import resolve_resume
-
-        checkpoint = resolve_resume(args.resume, cfg.train_config.work_dir)
+        checkpoint = trainer.resume(args.resume)
         if checkpoint is not None:
-            trainer.resume(checkpoint)
             print(f"resumed from {checkpoint} (step {trainer.step_index})")
         else:
             print(f"--resume auto: no checkpoint in {cfg.train_config.work_dir}; starting fresh")

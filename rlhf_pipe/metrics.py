@@ -25,7 +25,13 @@ CONSOLE_KEYS = (
 
 
 class MetricsLogger:
-    def __init__(self, work_dir: str | Path, tensorboard: bool = True, console: bool = True):
+    def __init__(
+        self,
+        work_dir: str | Path,
+        tensorboard: bool = True,
+        console: bool = True,
+        purge_step: int | None = None,
+    ):
         self.dir = Path(work_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.dir / "metrics.jsonl"
@@ -35,7 +41,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+                # purge_step: a resumed run's new event file hides the killed run's later steps.
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge_step)
             except ImportError:
                 print(
                     "warning: tensorboard is not installed; metrics go to JSONL only",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from datetime import timedelta
 
@@ -96,6 +97,14 @@ def run(args) -> int:
                 f"engines other than engine 0 is not supported yet"
             )
     roles_here = placement.roles_of(rank)
+    _CURRENT.update(placement=placement, controller=controller, world=world)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        from rlhf_pipe.distributed import guard
+
+        what = f"rank {rank} ({'+'.join(roles_here) or 'no role'})"
+        guard.exit_with_agent(what)
+        if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:  # several nodes
+            guard.sigterm_grace(what)
     if rank == controller:
         # torchrun's failure summary names a dead rank by number; this line gives its role.
         print(
@@ -226,11 +235,7 @@ def _run_controller(
     print(f"rlhf_pipe weight sync: {'nccl' if nccl else 'gloo'}", file=sys.stderr, flush=True)
     try:
         if args.resume:
-            from rlhf_pipe.checkpoint import resolve_resume
-
-            found = resolve_resume(args.resume, cfg.train_config.work_dir)
-            if found is not None:
-                trainer.resume(found)
+            trainer.resume(args.resume)
         if args.bench:
             _bench(args, trainer, placement)
             return
@@ -464,6 +469,30 @@ class _UserError(Exception):
 _CURRENT: dict = {"roles": ()}
 
 
+def _lost_node(rank: int, message: str) -> str:
+    """On several nodes: ', lost node K (rank r role, ...)' for the peer a failure lost
+    touch with, so the line on a surviving node names the node that went away. The
+    controller's calls name the peer (remote.py: 'rank R (...) unreachable'); the other ranks
+    only ever talk to the controller. Ranks are numbered node by node (torchrun)."""
+    placement, world = _CURRENT.get("placement"), _CURRENT.get("world", 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if placement is None or local_world >= world:
+        return ""
+    found = re.search(r"rank (\d+) \([^)]*\) unreachable", message)
+    if found:
+        peer = int(found[1])
+    elif rank != _CURRENT["controller"] and "unreachable" not in message:
+        peer = _CURRENT["controller"]
+    else:
+        return ""
+    node = peer // local_world
+    if node == rank // local_world:
+        return ""  # a peer of this node: its own line says what happened to it
+    ranks = range(node * local_world, min((node + 1) * local_world, world))
+    named = ", ".join(f"rank {r} {'+'.join(placement.roles_of(r)) or 'no role'}" for r in ranks)
+    return f"; lost node {node} ({named})"
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlhf_pipe.cli import _user_errors
 
@@ -476,8 +505,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         roles = "+".join(_CURRENT["roles"]) or "no role"
+        # The first error, not one that clean-up (closing a dead peer's link) raised after it;
+        # an explicit `raise ... from` is a wrapper that already says it all.
+        while (
+            isinstance(e.__context__, Exception)
+            and e.__cause__ is None
+            and not e.__suppress_context__
+        ):
+            e = e.__context__
         first = " ".join(f"{type(e).__name__}: {e}".split())
-        print(f"error: rank {rank} ({roles}) failed: {first}", file=sys.stderr, flush=True)
+        lost = _lost_node(int(rank), first)
+        from rlhf_pipe.distributed.guard import say
+
+        sys.stderr.flush()
+        say(f"error: rank {rank} ({roles}) failed: {first}{lost}")
         return 1
 
 

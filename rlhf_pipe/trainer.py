@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from rlhf_pipe import lora
-from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, write_checkpoint
+from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, resolve_resume, write_checkpoint
 from rlhf_pipe.config import ConfigError, RunConfig, reward_scorers
 from rlhf_pipe.data import (
     DataError,
@@ -57,6 +57,7 @@ from rlhf_pipe.roles import (
     choose_packing,
 )
 from rlhf_pipe.rollout.types import Completion, SamplingSettings
+from rlhf_pipe.run_dir import RunDir
 
 
 def seed_everything(seed: int) -> None:
@@ -396,7 +397,13 @@ class RLHFTrainer:
         self.weight_sync = weight_sync
         self.last_sync: dict = {}  # the last weight sync's {seconds, bytes, gbps}
         self.work_dir = Path(t.work_dir)
-        self.logger = MetricsLogger(self.work_dir, t.tensorboard, console)
+        # The folder is claimed (rlhf_pipe/run_dir.py) when the run first writes to it, in
+        # learn() or save(): a trainer that only runs steps (the bench) leaves it alone, and
+        # resume(), called before, tells the claim which run this continues.
+        self._console = console
+        self._resumed: tuple[int, Path | None] | None = None  # (step, checkpoint)
+        self.run_dir: RunDir | None = None
+        self.logger: MetricsLogger | None = None  # opened with the claim
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ Python API
@@ -811,6 +818,7 @@ class RLHFTrainer:
     def learn(self, max_steps: int | None = None) -> list[dict]:
         t = self.cfg.train_config
         total = max_steps if max_steps is not None else t.max_train_step
+        self._claim_work_dir()
         try:
             while self.step_index < total:
                 metrics = self.train_step()
@@ -829,7 +837,21 @@ class RLHFTrainer:
             self.logger.close()
         return self.history
 
+    def _claim_work_dir(self) -> None:
+        """Take work_dir for this run, once: refused if it holds another run, unless resume()
+        continued that one (then the killed run's lines after the checkpoint go)."""
+        if self.run_dir is not None:
+            return
+        t = self.cfg.train_config
+        step, checkpoint = self._resumed if self._resumed is not None else (None, None)
+        self.run_dir = RunDir(self.work_dir, step, checkpoint)
+        self.logger = MetricsLogger(
+            self.work_dir, t.tensorboard, self._console, purge_step=self.run_dir.purge_step
+        )
+
     def save(self, step: int) -> Path:
+        self._claim_work_dir()
+
         def write(tmp: Path) -> None:
             self.actor.save(str(tmp / "actor"))
             self.tokenizer.save_pretrained(tmp / "actor")
@@ -860,9 +882,17 @@ class RLHFTrainer:
             state["critic"] = self.critic.training_state()
         return state
 
-    def resume(self, checkpoint: str | Path) -> None:
-        """Load a checkpoint written by `save`; the next step continues exactly."""
-        path = Path(checkpoint)
+    def resume(self, checkpoint: str | Path) -> Path | None:
+        """Continue a run: 'auto' takes the newest complete checkpoint in work_dir (none there:
+        the run starts again at step 0), a path that checkpoint. Call it before learn(); the
+        next step continues exactly, and metrics.jsonl keeps one line per step. Returns the
+        checkpoint loaded, or None."""
+        if self.run_dir is not None:
+            raise CheckpointError("resume: call it before learn() or save()")
+        path = resolve_resume(str(checkpoint), self.work_dir)
+        if path is None:
+            self._resumed = (0, None)
+            return None
         state = torch.load(path / STATE_FILE, weights_only=False)
         for part, role in (("actor", self.actor), ("critic", self.critic)):
             if role is None:
@@ -885,6 +915,8 @@ class RLHFTrainer:
         torch.set_rng_state(state["rng"]["torch"])
         self.step_index, self.version = state["step"], state["version"]
         self._sync_weights()
+        self._resumed = (self.step_index, path)
+        return path
 
     def _sync_weights(self) -> None:
         """The actor's current weights into every engine, stamped with `self.version`."""
@@ -895,3 +927,7 @@ class RLHFTrainer:
 
     def close(self) -> None:
         self.pipeline.close()
+        if self.logger is not None:
+            self.logger.close()
+        if self.run_dir is not None:
+            self.run_dir.close()
