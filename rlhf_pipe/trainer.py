@@ -27,7 +27,7 @@ import torch
 
 from rlhf_pipe import lora
 from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, write_checkpoint
-from rlhf_pipe.config import ConfigError, RunConfig, reward_scorers
+from rlhf_pipe.config import ConfigError, RunConfig, metric_loggers, reward_scorers
 from rlhf_pipe.data import (
     DataError,
     PromptSource,
@@ -369,7 +369,7 @@ class RLHFTrainer:
         self.step_index = 0
         self.weight_sync = None  # the distributed runner may set an NCCL sync (dist.weight_sync)
         self.work_dir = Path(t.work_dir)
-        self.logger = MetricsLogger(self.work_dir, t.tensorboard, console)
+        self.logger = MetricsLogger(self.work_dir, metric_loggers(t), console, t.wandb)
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ Python API
