@@ -510,7 +510,9 @@ def _check_loggers(src: str, t: TrainConfig) -> None:
         for key, value in t.wandb.items():
             if key not in WANDB_KEYS:
                 _fail(
-                    src, f"train_config.wandb.{key}", f"unknown key (known: {', '.join(WANDB_KEYS)})"
+                    src,
+                    f"train_config.wandb.{key}",
+                    f"unknown key (known: {', '.join(WANDB_KEYS)})",
                 )
             ok = isinstance(value, str) or value is None
             if key == "tags":

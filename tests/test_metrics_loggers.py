@@ -83,9 +83,7 @@ def test_bad_logger_settings_name_the_key(tmp_path, overrides, message):
 
 
 def test_bad_logger_setting_exits_2_with_one_line(tmp_path, capsys):
-    code = main(
-        ["train", str(TINY_CONFIG), "--cfg-options", "train_config.loggers=[jsonl,mlflow]"]
-    )
+    code = main(["train", str(TINY_CONFIG), "--cfg-options", "train_config.loggers=[jsonl,mlflow]"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err == (

