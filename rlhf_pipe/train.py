@@ -61,6 +61,12 @@ def _role_ranks(placement) -> dict[str, list[int]]:
 def run(args) -> int:
     """The one launcher path: `rlhf-pipe train` calls this in its own process (WORLD_SIZE 1),
     and torchrun (directly, or through `rlhf-pipe train --nproc`) on every rank."""
+    # First, before the config loads: this imports multiprocessing.util, whose exit hook
+    # (join every child) must be registered before weakref.finalize's (vLLM's engine shutdown).
+    # Hooks run last-in first-out; the other order leaves a torchrun rank waiting at exit for
+    # its engine core forever.
+    import torch.distributed  # noqa: F401
+
     from rlhf_pipe.console import quiet_console
     from rlhf_pipe.run_args import load_run_config
     from rlhf_pipe.versions import warn_untested_vllm
