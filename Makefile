@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m rlhf_pipe train examples/rlhf/tiny_pipe_cpu.py
+	$(PY) -m rlhf_pipe report work_dirs/tiny_pipe_cpu --out work_dirs/tiny_pipe_cpu/report.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

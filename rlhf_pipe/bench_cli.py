@@ -1,4 +1,4 @@
-"""`rlhf-pipe bench CONFIG --pipe 1,2,4 --steps N [--warmup W] [--out DIR] [--set K=V ...]`.
+"""`rlhf-pipe bench CONFIG --pipe 1,2,4 --steps N [--warmup W] [--out DIR] [--cfg-options K=V ...]`.
 
 Runs the config once per PIPE_MICRO_BATCH_NUM in one process, with one vLLM engine, and writes
 bench.json, report.md, timeline_pipe{M}.png, trace_pipe{M}.json and timeline.png into DIR
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
+
+from rlhf_pipe.run_args import add_config_arguments, add_verbose_argument
 
 
 def _pipes(text: str) -> list[int]:
@@ -41,7 +43,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="time one config at several PIPE_MICRO_BATCH_NUM values: "
         "stage busy/idle, ideal bound, timelines",
     )
-    p.add_argument("config")
+    add_config_arguments(p)
     p.add_argument(
         "--pipe",
         type=_pipes,
@@ -63,12 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default=3,
         help="A B B A rounds of the streaming-overhead measurement (default 3)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. train_config.work_dir=/tmp/b",
-    )
+    add_verbose_argument(p)
     p.set_defaults(fn=cmd_bench)
     return p
 
@@ -89,28 +86,32 @@ def _command(args) -> str:
         parts += ["--streaming-rounds", str(args.streaming_rounds)]
     if args.out:
         parts += ["--out", args.out]
-    for s in args.set or []:
-        parts += ["--set", s]
+    for flag, text in args.overrides:
+        parts += [flag, text]
     return shlex.join(parts)
 
 
 def cmd_bench(args, *, engine=None) -> int:
     """Run the bench and print where the outputs are. A bad config raises ConfigError."""
     from rlhf_pipe.bench import run_bench
-    from rlhf_pipe.config import parse_override
+    from rlhf_pipe.console import quiet_console
+    from rlhf_pipe.run_args import load_run_config, overrides
+    from rlhf_pipe.versions import warn_untested_vllm
 
-    overrides = dict(parse_override(s) for s in args.set or [])
-    result = run_bench(
-        args.config,
-        args.pipe,
-        args.steps,
-        args.warmup,
-        args.out,
-        overrides,
-        engine=engine,
-        command=_command(args),
-        streaming_rounds=args.streaming_rounds,
-    )
+    work_dir = load_run_config(args).train_config.work_dir  # checks the config first, too
+    with quiet_console(work_dir, 0, args.verbose):
+        warn_untested_vllm()
+        result = run_bench(
+            args.config,
+            args.pipe,
+            args.steps,
+            args.warmup,
+            args.out,
+            overrides(args),
+            engine=engine,
+            command=_command(args),
+            streaming_rounds=args.streaming_rounds,
+        )
     for m, run in result["runs"].items():
         print(
             f"pipe {m}: pipeline {run['pipeline_s']:.3f} s, step {run['step_s']:.3f} s, "

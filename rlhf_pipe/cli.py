@@ -1,4 +1,4 @@
-"""`rlhf-pipe` command line: train, plan, bench, apply-vllm-patch.
+"""`rlhf-pipe` command line: train, export, report, plan, bench, apply-vllm-patch.
 
 Errors a user can fix (a bad config, a bad data file, a missing model folder) print one line
 and exit with code 2, without a traceback.
@@ -9,57 +9,37 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rlhf_pipe.run_args import add_run_arguments
+
 USAGE_ERROR = 2
 
 
-def _user_errors():
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a mistake the user can fix: one line, exit code 2."""
     from rlhf_pipe.checkpoint import CheckpointError
     from rlhf_pipe.config import ConfigError
     from rlhf_pipe.data import DataError
     from rlhf_pipe.models import ModelLoadError
+    from rlhf_pipe.train import _UserError
 
-    return (ConfigError, DataError, ModelLoadError, CheckpointError)
-
-
-def _load(args):
-    from rlhf_pipe.config import load_config, parse_override
-
-    overrides = dict(parse_override(s) for s in args.set or [])
-    if getattr(args, "pipe", None) is not None:
-        overrides["PIPE_MICRO_BATCH_NUM"] = args.pipe
-    if getattr(args, "work_dir", None):
-        overrides["train_config.work_dir"] = args.work_dir
-    if getattr(args, "max_steps", None) is not None:
-        overrides["train_config.max_train_step"] = args.max_steps
-    return load_config(args.config, overrides)
+    return (ConfigError, DataError, ModelLoadError, CheckpointError, _UserError)
 
 
 def cmd_train(args) -> int:
     if args.nproc:
         return _launch_torchrun(args)
-    cfg = _load(args)
-    from rlhf_pipe.trainer import RLHFTrainer
+    from rlhf_pipe.train import run
 
-    trainer = RLHFTrainer(cfg)
-    if args.resume:
-        checkpoint = trainer.resume(args.resume)
-        if checkpoint is not None:
-            print(f"resumed from {checkpoint} (step {trainer.step_index})")
-        else:
-            print(f"--resume auto: no checkpoint in {cfg.train_config.work_dir}; starting fresh")
-    history = trainer.learn()
-    trainer.close()
-    rewards = [h["reward"] for h in history]
-    if not rewards:
-        print("nothing to train: max_train_step already reached")
-        return 0
-    k = min(5, len(rewards) // 2) or 1
-    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
-    print(
-        f"mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} "
-        f"({'+' if last >= first else ''}{last - first:.4f})"
-    )
-    print(f"metrics: {trainer.logger.jsonl_path}")
+    return run(args)
+
+
+def cmd_report(args) -> int:
+    from rlhf_pipe.report import write_report
+
+    out, lines = write_report(args.work_dir, args.out)
+    for line in lines:
+        print(line)
+    print(f"report: {out}")
     return 0
 
 
@@ -73,35 +53,18 @@ def cmd_export(args) -> int:
 
 def _launch_torchrun(args) -> int:
     """One node: `torchrun --nproc-per-node N -m rlhf_pipe.train CONFIG ...`, N from the
-    placement when --nproc auto."""
+    placement when --nproc auto. rlhf_pipe.train then runs the same `run` as one process."""
     import subprocess
+
+    from rlhf_pipe.run_args import forward_argv, load_run_config
 
     nproc = args.nproc
     if nproc == "auto":
         from rlhf_pipe.placement import make_placement
 
-        nproc = str(make_placement(_load(args)).world_size)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        nproc,
-        "-m",
-        "rlhf_pipe.train",
-        args.config,
-    ]
-    for item in args.set or []:
-        cmd += ["--set", item]
-    for flag, value in (
-        ("train_config.work_dir", args.work_dir),
-        ("train_config.max_train_step", args.max_steps),
-        ("PIPE_MICRO_BATCH_NUM", args.pipe),
-    ):
-        if value is not None:
-            cmd += ["--set", f"{flag}={value}"]
-    if args.resume:
-        cmd += ["--resume", args.resume]
+        nproc = str(make_placement(load_run_config(args)).world_size)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc]
+    cmd += ["-m", "rlhf_pipe.train", *forward_argv(args)]
     print("running:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -115,28 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-pipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a config (one process; torchrun for many)")
-    p.add_argument("config")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. train_config.max_train_step=3",
-    )
-    p.add_argument("--pipe", type=int, help="PIPE_MICRO_BATCH_NUM")
-    p.add_argument("--work-dir")
-    p.add_argument("--max-steps", type=int)
+    add_run_arguments(p)
     p.add_argument(
         "--nproc",
         metavar="N|auto",
         help="launch torchrun with N processes on this node (auto: as the placement "
         "needs), roles on their own ranks; default: every role in this process",
     )
-    p.add_argument(
-        "--resume",
-        metavar="auto|PATH",
-        help="continue from the newest checkpoint in the work dir, or from PATH",
-    )
-    p.set_defaults(fn=cmd_train)
+    p.set_defaults(fn=cmd_train, bench=None)  # bench: only `-m rlhf_pipe.train` has --bench
     p = sub.add_parser(
         "export", help="copy a checkpoint's actor (or critic) out as a plain HF folder"
     )
@@ -144,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--part", choices=("actor", "critic"), default="actor")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("report", help="plot a run's metrics.jsonl into a PNG, print a summary")
+    p.add_argument("work_dir", metavar="WORK_DIR")
+    p.add_argument("--out", metavar="FILE.png", help="default: WORK_DIR/report.png")
+    p.set_defaults(fn=cmd_report)
     from rlhf_pipe.bench_cli import add_parser as add_bench_parser
     from rlhf_pipe.plan_cli import add_parser as add_plan_parser
 
@@ -156,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
 

@@ -295,7 +295,13 @@ class TrainConfig:
     # at a time, so the (tokens, vocabulary) logits are never held whole (rlhf_pipe.ppo.
     # fused_head; Llama/Qwen/Mistral heads, not under ZeRO-3). 0: the full logits, as before.
     logit_chunk_tokens: int = field(default=4096, metadata=_ge(0))
-    tensorboard: bool = True
+    tensorboard: bool = True  # kept: without `loggers`, False leaves TensorBoard out
+    # Metric trackers, each getting the same names: 'jsonl' (metrics.jsonl; required, the
+    # report and resume read it), 'tensorboard', 'wandb'. None: jsonl + tensorboard, minus
+    # tensorboard when `tensorboard` is False (rlhf_pipe.config.metric_loggers).
+    loggers: Optional[list] = None
+    # W&B run settings: project, name, tags, entity, group, notes (passed to wandb.init).
+    wandb: Optional[dict] = None
     progress_bar: bool = True
     # ChatLearn's StreamDataset and relay buffer (README "Stream data and the relay buffer").
     # 'fixed': every step trains on samples_each_epoch x n samples (replayed ones take the place
@@ -486,10 +492,64 @@ def _fail(src, key, msg):
     raise ConfigError(f"{src}: {key}: {msg}")
 
 
+METRIC_LOGGERS = ("jsonl", "tensorboard", "wandb")
+WANDB_KEYS = ("entity", "group", "name", "notes", "project", "tags")
+
+
+def metric_loggers(t: TrainConfig) -> tuple[str, ...]:
+    """The trackers a run logs to, from train_config.loggers and the older `tensorboard`."""
+    if t.loggers is None:
+        return ("jsonl", "tensorboard") if t.tensorboard else ("jsonl",)
+    return tuple(t.loggers)
+
+
+def _check_loggers(src: str, t: TrainConfig) -> None:
+    if t.loggers is not None:
+        for name in t.loggers:
+            if name not in METRIC_LOGGERS:
+                _fail(
+                    src,
+                    "train_config.loggers",
+                    f"unknown logger {name!r} (known: {', '.join(METRIC_LOGGERS)})",
+                )
+        if "jsonl" not in t.loggers:
+            _fail(src, "train_config.loggers", "must include 'jsonl' (report and resume read it)")
+        if "tensorboard" in t.loggers and not t.tensorboard:
+            _fail(
+                src,
+                "train_config.tensorboard",
+                "False, but train_config.loggers names 'tensorboard'; drop one of them",
+            )
+    if t.wandb is not None:
+        for key, value in t.wandb.items():
+            if key not in WANDB_KEYS:
+                _fail(
+                    src,
+                    f"train_config.wandb.{key}",
+                    f"unknown key (known: {', '.join(WANDB_KEYS)})",
+                )
+            ok = isinstance(value, str) or value is None
+            if key == "tags":
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            if not ok:
+                want = "a list of strings" if key == "tags" else "a string"
+                _fail(src, f"train_config.wandb.{key}", f"expected {want}, got {value!r}")
+    if "wandb" in metric_loggers(t):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            _fail(
+                src,
+                "train_config.loggers",
+                "'wandb' needs the wandb package: pip install 'rlhf_pipe[wandb]'",
+            )
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """All divisibility, range and presence checks that span keys. Fills derived sizes."""
     src, t, r = cfg.source, cfg.train_config, cfg.rollout_config
     m = cfg.pipe_micro_batch_num
+    _check_loggers(src, t)
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
         _fail(src, "PIPE_MICRO_BATCH_NUM", f"expected an int >= 1, got {m!r}")
     prompts = cfg.prompt_dataset_config.samples_each_epoch

@@ -1,13 +1,18 @@
-"""Per-step metrics to the console, a JSONL file and TensorBoard; a live progress bar."""
+"""Per-step metrics to the console and the trackers (metrics.jsonl, TensorBoard, W&B); a live
+progress bar. Every tracker gets the same metric names: the keys of metrics.jsonl."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CONSOLE_KEYS = (
     "reward",
@@ -25,11 +30,15 @@ CONSOLE_KEYS = (
 
 
 class MetricsLogger:
+    """`loggers`: 'jsonl' (always written), 'tensorboard', 'wandb'. `wandb`: the keyword
+    arguments of wandb.init (project, name, tags, ...); the run's files go under work_dir."""
+
     def __init__(
         self,
         work_dir: str | Path,
-        tensorboard: bool = True,
+        loggers: Sequence[str] = ("jsonl", "tensorboard"),
         console: bool = True,
+        wandb: dict | None = None,
         purge_step: int | None = None,
     ):
         self.dir = Path(work_dir)
@@ -37,17 +46,23 @@ class MetricsLogger:
         self.jsonl_path = self.dir / "metrics.jsonl"
         self.console = console
         self._tb = None
-        if tensorboard:
+        self._wandb = None
+        if "tensorboard" in loggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step: a resumed run's new event file hides the killed run's later steps.
                 self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge_step)
             except ImportError:
-                print(
-                    "warning: tensorboard is not installed; metrics go to JSONL only",
-                    file=sys.stderr,
-                )
+                logger.warning("tensorboard is not installed; metrics go to JSONL only")
+        if "wandb" in loggers:
+            import wandb as wandb_module  # an optional extra; config validation checked it
+
+            self._wandb = wandb_module.init(
+                dir=str(self.dir),
+                settings=wandb_module.Settings(quiet=True),
+                **(wandb or {}),
+            )
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -55,11 +70,17 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())  # a crash must not lose the steps already reported
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
+        }
         if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
         if self.console:
             shown = " ".join(f"{_short(k)}={_fmt(record[k])}" for k in CONSOLE_KEYS if k in record)
             print(f"step {step}: {shown}", flush=True)
@@ -67,6 +88,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def _plain(v):

@@ -13,6 +13,8 @@ import os
 import sys
 from contextlib import contextmanager
 
+from rlhf_pipe.run_args import add_config_arguments
+
 USAGE_ERROR = 2
 SKIP_PATHS = "RLHF_PIPE_SKIP_PATH_CHECKS"
 
@@ -32,7 +34,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plan", help="rank/GPU map, memory per GPU and placement checks (no GPU needed)"
     )
-    p.add_argument("config")
+    add_config_arguments(p)
     p.add_argument("--nnodes", type=_positive_int, help="nodes of the run: checks the world size")
     p.add_argument(
         "--gpus-per-node", type=_positive_int, help="default: placement_config.gpus_per_node"
@@ -42,12 +44,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=float,
         default=80.0,
         help="memory of one GPU in GB (10^9 bytes); larger estimates warn (default 80)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. placement_config.colocate_all=True",
     )
     p.set_defaults(fn=cmd_plan)
     return p
@@ -76,11 +72,10 @@ def load_for_plan(path, overrides: dict | None = None):
 
 def cmd_plan(args) -> int:
     """Print the plan; 0 if every check passes, else 2. A bad config raises ConfigError."""
-    from rlhf_pipe.config import parse_override
     from rlhf_pipe.placement import check, errors, estimate_memory, format_plan, make_placement
+    from rlhf_pipe.run_args import load_run_config
 
-    overrides = dict(parse_override(s) for s in getattr(args, "set", None) or [])
-    cfg = load_for_plan(args.config, overrides)
+    cfg = load_run_config(args, check_paths=False)
     world = os.environ.get("WORLD_SIZE")
     if world is not None and not world.strip().isdigit():
         print(f"error: WORLD_SIZE: expected an int, got {world!r}", file=sys.stderr)

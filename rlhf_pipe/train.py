@@ -23,10 +23,10 @@ from rlhf_pipe.protocols import MODEL_ROLES, Role
 
 
 def _parse(argv):
+    from rlhf_pipe.run_args import add_run_arguments
+
     p = argparse.ArgumentParser(prog="python -m rlhf_pipe.train")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[])
-    p.add_argument("--resume", metavar="auto|PATH")
+    add_run_arguments(p)
     # The distributed form of `rlhf-pipe bench` (see rlhf_pipe/bench.py): one launch, the
     # roles built once, each PIPE_MICRO_BATCH_NUM run in turn on the same ranks.
     p.add_argument("--bench", metavar="M1,M2,...", help="bench these PIPE_MICRO_BATCH_NUM values")
@@ -60,22 +60,65 @@ def _role_ranks(placement) -> dict[Role, list[int]]:
 
 
 def run(args) -> int:
+    """The one launcher path: `rlhf-pipe train` calls this in its own process (WORLD_SIZE 1),
+    and torchrun (directly, or through `rlhf-pipe train --nproc`) on every rank."""
+    # First, before the config loads: this imports multiprocessing.util, whose exit hook
+    # (join every child) must be registered before weakref.finalize's (vLLM's engine shutdown).
+    # Hooks run last-in first-out; the other order leaves a torchrun rank waiting at exit for
+    # its engine core forever.
+    import torch.distributed  # noqa: F401
+
+    from rlhf_pipe.console import quiet_console
+    from rlhf_pipe.run_args import load_run_config
+    from rlhf_pipe.versions import warn_untested_vllm
+
+    cfg = load_run_config(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world == 1 and args.bench:
+        raise _UserError("--bench: needs torchrun; in one process use `rlhf-pipe bench`")
+    deepspeed = bool(_zero_stages(cfg))
+    with quiet_console(cfg.train_config.work_dir, rank, args.verbose, deepspeed) as log_file:
+        if rank == 0:
+            warn_untested_vllm()
+        if world == 1:
+            return _run_one_process(cfg, args, log_file)
+        return _run_ranks(cfg, args, world, rank)
+
+
+def _run_one_process(cfg, args, log_file) -> int:
+    from rlhf_pipe.report import summary_lines
+    from rlhf_pipe.run_args import apply_resume
+    from rlhf_pipe.trainer import RLHFTrainer
+
+    trainer = RLHFTrainer(cfg)
+    try:
+        _report_resume(args.resume, apply_resume(trainer, args.resume), trainer)
+        history = trainer.learn()
+    finally:
+        trainer.close()
+    if not history:
+        print("nothing to train: max_train_step already reached")
+        return 0
+    for line in summary_lines(history):
+        print(line)
+    print(f"metrics: {trainer.logger.jsonl_path} (plots: rlhf-pipe report {trainer.work_dir})")
+    print(f"logs: {log_file}")
+    return 0
+
+
+def _report_resume(spec, checkpoint, trainer) -> None:
+    if checkpoint is not None:
+        print(f"resumed from {checkpoint} (step {trainer.step_index})", flush=True)
+    elif spec:
+        print(f"--resume auto: no checkpoint in {trainer.work_dir}; starting fresh", flush=True)
+
+
+def _run_ranks(cfg, args, world, rank) -> int:
     import torch.distributed as dist
 
-    from rlhf_pipe.config import load_config, parse_override
     from rlhf_pipe.placement import check, errors, make_placement
 
-    cfg = load_config(args.config, dict(parse_override(s) for s in args.set))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        from rlhf_pipe.cli import main as cli_main
-
-        return cli_main(
-            ["train", args.config]
-            + sum((["--set", s] for s in args.set), [])
-            + (["--resume", args.resume] if args.resume else [])
-        )
-    rank = int(os.environ["RANK"])
     placement = make_placement(cfg)
     problems = errors(placement, check(placement, world))
     if problems:
@@ -234,18 +277,23 @@ def _run_controller(
     )
     print(f"rlhf_pipe weight sync: {'nccl' if nccl else 'gloo'}", file=sys.stderr, flush=True)
     try:
-        if args.resume:
-            trainer.resume(args.resume)
+        from rlhf_pipe.run_args import apply_resume
+
+        _report_resume(args.resume, apply_resume(trainer, args.resume), trainer)
         if args.bench:
             _bench(args, trainer, placement)
             return
         history = trainer.learn()
         if history:
+            from rlhf_pipe.report import summary_lines
+
             print(
                 f"rank {controller}: trained to step {trainer.step_index}, last reward "
                 f"{history[-1]['reward']:.4f}",
                 flush=True,
             )
+            for line in summary_lines(history):
+                print(line, flush=True)
     finally:
         trainer.close()
         for conn in conns.values():
@@ -265,9 +313,10 @@ def _bench(args, trainer, placement) -> None:
         write_bench,
     )
     from rlhf_pipe.bench_cli import _pipes
-    from rlhf_pipe.config import parse_override
+    from rlhf_pipe.run_args import overrides as run_overrides
 
-    overrides = dict(parse_override(s) for s in args.set)
+    # The run's own flags (--work-dir, --max-steps) are kept; --pipe is the bench's to vary.
+    overrides = {k: v for k, v in run_overrides(args).items() if k != "PIPE_MICRO_BATCH_NUM"}
     pipes = _with_serial(_pipes(args.bench), print)
 
     def trainer_for(cfg):
@@ -494,13 +543,13 @@ def _lost_node(rank: int, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_pipe.cli import _user_errors
+    from rlhf_pipe.cli import user_errors
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     rank = os.environ.get("RANK", "0")
     try:
         return run(args)
-    except (_UserError, *_user_errors()) as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:

@@ -27,7 +27,7 @@ import torch
 
 from rlhf_pipe import lora
 from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, resolve_resume, write_checkpoint
-from rlhf_pipe.config import ConfigError, RunConfig, reward_scorers
+from rlhf_pipe.config import ConfigError, RunConfig, metric_loggers, reward_scorers
 from rlhf_pipe.data import (
     DataError,
     PromptSource,
@@ -846,7 +846,11 @@ class RLHFTrainer:
         step, checkpoint = self._resumed if self._resumed is not None else (None, None)
         self.run_dir = RunDir(self.work_dir, step, checkpoint)
         self.logger = MetricsLogger(
-            self.work_dir, t.tensorboard, self._console, purge_step=self.run_dir.purge_step
+            self.work_dir,
+            metric_loggers(t),
+            self._console,
+            t.wandb,
+            purge_step=self.run_dir.purge_step,
         )
 
     def save(self, step: int) -> Path:
