@@ -48,6 +48,17 @@ def run_traces(work_dir: Path) -> list[str]:
     return found
 
 
+def refuse_a_fresh_run(work_dir: str | Path) -> None:
+    """A fresh run (no --resume) into a folder that holds another run: one line, exit 2. The
+    CLI calls it before any model is built, the claim again when the run first writes."""
+    traces = run_traces(Path(work_dir))
+    if traces:
+        raise RunDirError(
+            f"{work_dir} holds another run ({', '.join(traces)}): continue it with --resume "
+            f"auto, or give a new folder (--work-dir, train_config.work_dir)"
+        )
+
+
 class RunDir:
     """The claim of one work dir by one trainer; `close()` releases it."""
 
@@ -69,22 +80,18 @@ class RunDir:
         self.purge_step = None if continue_from is None else continue_from + 1
 
     def _check(self, continue_from: int | None, checkpoint: Path | None) -> None:
+        if continue_from is None:
+            refuse_a_fresh_run(self.dir)
+            return
         traces = run_traces(self.dir)
         same_dir = checkpoint is not None and checkpoint.resolve().parent == (
             (self.dir / CHECKPOINT_DIR).resolve()
         )
-        if traces and (continue_from is None or (checkpoint is not None and not same_dir)):
-            how = (
-                f"it is not the run of {checkpoint}"
-                if continue_from is not None
-                else "continue it with --resume auto"
-            )
+        if traces and checkpoint is not None and not same_dir:
             raise RunDirError(
-                f"{self.dir} holds another run ({', '.join(traces)}): {how}, or give a new "
-                f"folder (--work-dir, train_config.work_dir)"
+                f"{self.dir} holds another run ({', '.join(traces)}): it is not the run of "
+                f"{checkpoint}, or give a new folder (--work-dir, train_config.work_dir)"
             )
-        if continue_from is None:
-            return
         later = [
             p.name
             for p in complete_checkpoints(self.dir)

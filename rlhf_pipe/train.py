@@ -77,6 +77,10 @@ def run(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if world == 1 and args.bench:
         raise _UserError("--bench: needs torchrun; in one process use `rlhf-pipe bench`")
+    if not args.resume and not args.bench:
+        from rlhf_pipe.run_dir import refuse_a_fresh_run
+
+        refuse_a_fresh_run(cfg.train_config.work_dir)  # before 20 s of building models
     deepspeed = bool(_zero_stages(cfg))
     with quiet_console(cfg.train_config.work_dir, rank, args.verbose, deepspeed) as log_file:
         if rank == 0:

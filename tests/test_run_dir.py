@@ -137,3 +137,27 @@ def test_second_run_is_refused_and_resume_continues_without_duplicates(tmp_path,
     assert _steps(work) == [1, 2, 3, 4]
     assert len(list((work / "tensorboard").iterdir())) == 2  # a new event file...
     assert _tensorboard_steps(work) == [1, 2, 3, 4]  # ...that hides the old file's step 3
+
+
+def test_the_cli_refuses_a_used_folder_before_building_anything(tmp_path):
+    """`rlhf-pipe train` into another run's folder: one line, exit 2, and nothing built or
+    written first (not even the log folder that the console set-up makes)."""
+    from tests.conftest import TINY_CONFIG
+
+    work = tmp_path / "used"
+    work.mkdir()
+    (work / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = sorted(p.name for p in work.iterdir())
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_pipe", "train", str(TINY_CONFIG), "--work-dir", str(work)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {work} holds another run (metrics.jsonl): continue it with --resume auto, "
+        f"or give a new folder (--work-dir, train_config.work_dir)"
+    ]
+    assert sorted(p.name for p in work.iterdir()) == before
