@@ -448,7 +448,7 @@ class _ZeroTrainable:
     @_serial
     def drop_grads(self) -> None:
         """Forget the accumulated gradients without updating anything: the start of ZeRO's
-        own step() and its overflow branch (deepspeed 0.19.8; tests/pipeline/test_zero.py
+        own step() and its overflow branch (deepspeed 0.19.8; tests/test_zero.py
         covers ZeRO-2, ZeRO-2 offload and ZeRO-3 offload)."""
         z = self.zero
         if self.stage == 3:
