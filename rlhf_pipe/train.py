@@ -14,12 +14,15 @@ rank exits non-zero; torchrun then stops the others. Every collective has a time
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
 from datetime import timedelta
 
 from rlhf_pipe.protocols import MODEL_ROLES, Role
+
+logger = logging.getLogger(__name__)
 
 
 def _parse(argv):
@@ -154,11 +157,9 @@ def _run_ranks(cfg, args, world, rank) -> int:
             guard.sigterm_grace(what)
     if rank == controller:
         # torchrun's failure summary names a dead rank by number; this line gives its role.
-        print(
-            "rlhf_pipe placement: "
-            + ", ".join(f"rank {r} {'+'.join(placement.roles_of(r))}" for r in range(world)),
-            file=sys.stderr,
-            flush=True,
+        logger.info(
+            "rlhf_pipe placement: %s",
+            ", ".join(f"rank {r} {'+'.join(placement.roles_of(r))}" for r in range(world)),
         )
     timeout = timedelta(seconds=cfg.train_config.stage_timeout_s)
     # vLLM's workers must be spawned, not forked, once CUDA is initialised (DESIGN.md).
@@ -279,7 +280,7 @@ def _run_controller(
     trainer = RLHFTrainer(
         cfg, roles=roles, engine=engine, in_process_engine=False, weight_sync=weight_sync
     )
-    print(f"rlhf_pipe weight sync: {'nccl' if nccl else 'gloo'}", file=sys.stderr, flush=True)
+    logger.info("rlhf_pipe weight sync: %s", "nccl" if nccl else "gloo")
     try:
         from rlhf_pipe.run_args import apply_resume
 

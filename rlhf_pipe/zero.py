@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import socket
@@ -39,6 +40,8 @@ from rlhf_pipe.checkpoint import CheckpointError
 from rlhf_pipe.models import save_hf
 from rlhf_pipe.pipeline.batch import chunks
 from rlhf_pipe.roles import CriticRole, PolicyRole, ReferenceRole, RewardRole, warmup_schedule
+
+logger = logging.getLogger(__name__)
 
 # Keys rlhf_pipe sets itself (from trainer_config / train_config); a user value would be ignored.
 _OWNED_KEYS = (
@@ -362,10 +365,11 @@ class _ZeroTrainable:
                 adamw_mode=True,
             )
         except Exception as e:  # no compiler: torch's AdamW gives the same update, slower
-            print(
-                f"rlhf_pipe: DeepSpeedCPUAdam unavailable ({type(e).__name__}: {e}); "
-                f"stepping the offloaded optimizer with torch.optim.AdamW",
-                flush=True,
+            logger.warning(
+                "DeepSpeedCPUAdam unavailable (%s: %s); "
+                "stepping the offloaded optimizer with torch.optim.AdamW",
+                type(e).__name__,
+                e,
             )
             return
         self.optimizer, self.scheduler = opt, warmup_schedule(opt, kw["warmup_steps"])
@@ -444,7 +448,7 @@ class _ZeroTrainable:
     @_serial
     def drop_grads(self) -> None:
         """Forget the accumulated gradients without updating anything: the start of ZeRO's
-        own step() and its overflow branch (deepspeed 0.19.8; tests/pipeline/test_zero.py
+        own step() and its overflow branch (deepspeed 0.19.8; tests/test_zero.py
         covers ZeRO-2, ZeRO-2 offload and ZeRO-3 offload)."""
         z = self.zero
         if self.stage == 3:

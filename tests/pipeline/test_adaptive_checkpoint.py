@@ -9,7 +9,7 @@ from rlhf_pipe import optim_state
 from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError
 from rlhf_pipe.trainer import RLHFTrainer
 from tests.conftest import tiny_config
-from tests.pipeline.test_zero import TOL, _both, _ds, _max_diff, _weights
+from tests.test_zero import TOL, _both, _ds, _max_diff, _weights
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ import pytest
 from rlhf_pipe.vllm_patch import fingerprints, patching, sources, tool
 from rlhf_pipe.vllm_patch.methods import END_MARKER, LINES, MARKER
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INSTALLED = Path(list(importlib.util.find_spec("vllm").submodule_search_locations)[0])
 INSTALLED_LLM_PY = INSTALLED / "entrypoints" / "llm.py"
 
