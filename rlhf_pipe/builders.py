@@ -13,7 +13,14 @@ import torch
 
 from rlhf_pipe import lora
 from rlhf_pipe.config import ConfigError, ModelConfig, RunConfig, reward_scorers
-from rlhf_pipe.models import enable_gradient_checkpointing, load_causal_lm, load_value_model
+from rlhf_pipe.data import PromptSource, parse_dataset_spec
+from rlhf_pipe.models import (
+    check_tokenizer_matches,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    load_value_model,
+)
 from rlhf_pipe.protocols import Role
 from rlhf_pipe.roles import (
     CriticRole,
@@ -268,3 +275,41 @@ def build_engine(cfg: RunConfig, actor, tokenizer, in_process: bool = True):
             chunk_size=cfg.train_config.infer_micro_bs,
         )
     return build_vllm_engine(cfg, 0, in_process)
+
+
+def build_tokenizer(cfg: RunConfig):
+    """The policy's tokenizer, checked against the policy model."""
+    policy, tc = cfg.model_configs.policy, cfg.tokenizer_config
+    tok_path = tc.tokenizer_path or policy.model_path
+    tokenizer = load_tokenizer(tok_path, tc.trust_remote_code)
+    check_tokenizer_matches(policy.model_path, tok_path, "policy", tc.trust_remote_code, tokenizer)
+    return tokenizer
+
+
+def build_prompt_source(cfg: RunConfig, tokenizer) -> PromptSource:
+    pd = cfg.prompt_dataset_config
+    return PromptSource(
+        [parse_dataset_spec(s, cfg.constants) for s in pd.message_datasets],
+        tokenizer,
+        pd.samples_each_epoch,
+        pd.max_len,
+        pd.prompt_key,
+        pd.shuffle,
+        pd.seed,
+        min_len=cfg.model_configs.policy.generator_config.batch_generation.min_prompt_length,
+    )
+
+
+def build_eval_source(cfg: RunConfig, tokenizer) -> PromptSource | None:
+    ed = cfg.eval_dataset_config
+    if ed is None:
+        return None
+    return PromptSource(
+        [parse_dataset_spec(s, cfg.constants) for s in ed.message_datasets],
+        tokenizer,
+        ed.samples_each_epoch,
+        ed.max_len,
+        ed.prompt_key,
+        False,
+        ed.seed,
+    )

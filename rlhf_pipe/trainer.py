@@ -25,8 +25,11 @@ import torch
 
 from rlhf_pipe.builders import (
     build_engine,
+    build_eval_source,
+    build_prompt_source,
     build_roles,
     build_scorers,
+    build_tokenizer,
     build_vllm_engine,
     pick_device,
     resolve_function,
@@ -36,7 +39,6 @@ from rlhf_pipe.checkpoint import CheckpointError, resolve_resume
 from rlhf_pipe.config import RunConfig
 from rlhf_pipe.data import PromptSource, RelayBuffer, parse_dataset_spec
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
-from rlhf_pipe.models import check_tokenizer_matches, load_tokenizer
 from rlhf_pipe.pipeline.stages import StepPipeline
 from rlhf_pipe.protocols import MODEL_ROLES, WeightSync
 from rlhf_pipe.run_dir import RunDir
@@ -90,11 +92,11 @@ class RLHFTrainer:
         t = cfg.train_config
         seed_everything(t.seed)
         self.device = pick_device(cfg.placement_config.device)
-        self.tokenizer = self._tokenizer(cfg)
+        self.tokenizer = build_tokenizer(cfg)
         self.pad_id = self.tokenizer.pad_token_id
         # Data first: a bad prompt file is reported before any model or engine is built.
         self.batch_generation = cfg.model_configs.policy.generator_config.batch_generation
-        self.prompts = self._prompt_source(cfg)
+        self.prompts = build_prompt_source(cfg, self.tokenizer)
         self.relay = RelayBuffer(t.max_relay_episode, t.relay_episode_offset)
         self.relay_sample_fn = None
         if t.relay_sample_fn:
@@ -111,7 +113,7 @@ class RLHFTrainer:
         self.ptx = build_ptx(
             cfg.pretrain_dataset_config, t.pretrain_loss_weight, self.tokenizer, cfg.constants
         )
-        self.eval_prompts = self._eval_source(cfg)
+        self.eval_prompts = build_eval_source(cfg, self.tokenizer)
         self.pipeline = StepPipeline(
             self.engine,
             self.actor,
@@ -129,43 +131,6 @@ class RLHFTrainer:
         self.work_dir = Path(t.work_dir)
         self.folder = RunFolder(self.work_dir, t, console)
         self.history: list[dict] = []
-
-    @staticmethod
-    def _tokenizer(cfg: RunConfig):
-        policy, tc = cfg.model_configs.policy, cfg.tokenizer_config
-        tok_path = tc.tokenizer_path or policy.model_path
-        tokenizer = load_tokenizer(tok_path, tc.trust_remote_code)
-        check_tokenizer_matches(
-            policy.model_path, tok_path, "policy", tc.trust_remote_code, tokenizer
-        )
-        return tokenizer
-
-    def _prompt_source(self, cfg: RunConfig) -> PromptSource:
-        pd = cfg.prompt_dataset_config
-        return PromptSource(
-            [parse_dataset_spec(s, cfg.constants) for s in pd.message_datasets],
-            self.tokenizer,
-            pd.samples_each_epoch,
-            pd.max_len,
-            pd.prompt_key,
-            pd.shuffle,
-            pd.seed,
-            min_len=self.batch_generation.min_prompt_length,
-        )
-
-    def _eval_source(self, cfg: RunConfig) -> PromptSource | None:
-        ed = cfg.eval_dataset_config
-        if ed is None:
-            return None
-        return PromptSource(
-            [parse_dataset_spec(s, cfg.constants) for s in ed.message_datasets],
-            self.tokenizer,
-            ed.samples_each_epoch,
-            ed.max_len,
-            ed.prompt_key,
-            False,
-            ed.seed,
-        )
 
     @property
     def planner(self) -> StepPlanner:
