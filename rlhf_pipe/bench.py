@@ -438,7 +438,7 @@ def _streaming_for(trainer, rounds: int = 3) -> dict:
             type(engine).__name__,
             "skipped: streaming overhead is measured for the vLLM backend only",
         )
-    plan = trainer._plan(trainer.step_index)
+    plan = trainer.planner.plan(trainer.step_index, trainer.version)
     params = [
         engine._sampling_params(plan.sampling, seed, len(ids))
         for seed, ids in zip(plan.seeds, plan.prompt_ids)

@@ -9,20 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhf_pipe.run_args import add_run_arguments
+from rlhf_pipe.run_args import add_run_arguments, user_errors
 
 USAGE_ERROR = 2
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean a mistake the user can fix: one line, exit code 2."""
-    from rlhf_pipe.checkpoint import CheckpointError
-    from rlhf_pipe.config import ConfigError
-    from rlhf_pipe.data import DataError
-    from rlhf_pipe.models import ModelLoadError
-    from rlhf_pipe.train import _UserError
-
-    return (ConfigError, DataError, ModelLoadError, CheckpointError, _UserError)
 
 
 def cmd_train(args) -> int:

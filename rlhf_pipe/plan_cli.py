@@ -14,6 +14,7 @@ import sys
 from contextlib import contextmanager
 
 from rlhf_pipe.run_args import add_config_arguments
+from rlhf_pipe.run_args import overrides as run_overrides
 
 USAGE_ERROR = 2
 SKIP_PATHS = "RLHF_PIPE_SKIP_PATH_CHECKS"
@@ -73,9 +74,8 @@ def load_for_plan(path, overrides: dict | None = None):
 def cmd_plan(args) -> int:
     """Print the plan; 0 if every check passes, else 2. A bad config raises ConfigError."""
     from rlhf_pipe.placement import check, errors, estimate_memory, format_plan, make_placement
-    from rlhf_pipe.run_args import load_run_config
 
-    cfg = load_run_config(args, check_paths=False)
+    cfg = load_for_plan(args.config, run_overrides(args))
     world = os.environ.get("WORLD_SIZE")
     if world is not None and not world.strip().isdigit():
         print(f"error: WORLD_SIZE: expected an int, got {world!r}", file=sys.stderr)

@@ -24,6 +24,20 @@ class _Override(argparse.Action):
         setattr(namespace, self.dest, pairs)
 
 
+class UserError(Exception):
+    """A launch mistake the user can fix (a flag, a placement that does not fit the world)."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a mistake the user can fix: one line, exit code 2."""
+    from rlhf_pipe.checkpoint import CheckpointError
+    from rlhf_pipe.config import ConfigError
+    from rlhf_pipe.data import DataError
+    from rlhf_pipe.models import ModelLoadError
+
+    return (ConfigError, DataError, ModelLoadError, CheckpointError, UserError)
+
+
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """CONFIG, --set and --cfg-options."""
     p.add_argument("config")
@@ -91,14 +105,10 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def load_run_config(args: argparse.Namespace, *, check_paths: bool = True):
+def load_run_config(args: argparse.Namespace):
     from rlhf_pipe.config import load_config
 
-    if check_paths:
-        return load_config(args.config, overrides(args))
-    from rlhf_pipe.plan_cli import load_for_plan
-
-    return load_for_plan(args.config, overrides(args))
+    return load_config(args.config, overrides(args))
 
 
 def forward_argv(args: argparse.Namespace) -> list[str]:

@@ -21,6 +21,7 @@ import sys
 from datetime import timedelta
 
 from rlhf_pipe.protocols import MODEL_ROLES, Role
+from rlhf_pipe.run_args import UserError, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world == 1 and args.bench:
-        raise _UserError("--bench: needs torchrun; in one process use `rlhf-pipe bench`")
+        raise UserError("--bench: needs torchrun; in one process use `rlhf-pipe bench`")
     if not args.resume and not args.bench:
         from rlhf_pipe.run_dir import refuse_a_fresh_run
 
@@ -129,19 +130,19 @@ def _run_ranks(cfg, args, world, rank) -> int:
     placement = make_placement(cfg)
     problems = errors(placement, check(placement, world))
     if problems:
-        raise _UserError(problems[0])
+        raise UserError(problems[0])
     role_ranks = _role_ranks(placement)
     controller = placement.engines[0][0]
     for role, ranks in role_ranks.items():
         if len(ranks) > 1 and controller in ranks:
-            raise _UserError(
+            raise UserError(
                 f"{args.config}: placement: {role} has data-parallel size "
                 f"{len(ranks)} and shares the controller's rank; not supported"
             )
     engine_leaders = [group[0] for group in placement.engines[1:]]
     for leader in engine_leaders:
         if any(r in MODEL_ROLES for r in placement.roles_of(leader)):
-            raise _UserError(
+            raise UserError(
                 f"{args.config}: placement: rank {leader} leads a vLLM engine and "
                 f"hosts {placement.roles_of(leader)}; colocating roles with "
                 f"engines other than engine 0 is not supported yet"
@@ -418,7 +419,7 @@ def _gpu_of(cfg, rank: int):
         if len(mapping) != local_world or not all(
             type(g) is int and 0 <= g < max(count, 1) for g in mapping
         ):
-            raise _UserError(
+            raise UserError(
                 f"{cfg.source}: placement_config.local_rank_gpus: expected "
                 f"{local_world} GPU indices (one per local rank) below {count}, "
                 f"got {mapping!r}"
@@ -454,7 +455,7 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
         and _gpu_of(cfg, actor_rank) not in engine_gpus
     )
     if choice == "nccl" and not possible:
-        raise _UserError(
+        raise UserError(
             f"{cfg.source}: train_config.weight_sync_backend: 'nccl' needs the "
             f"actor (rank {actor_rank}) on a GPU that no vLLM engine uses"
         )
@@ -462,7 +463,7 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
     # runs on the first alone (not built), so such a run syncs through the controller.
     sharded = _zero_stages(cfg).get("actor") == 3 and len(role_ranks["actor"]) > 1
     if sharded and choice == "nccl":
-        raise _UserError(
+        raise UserError(
             f"{cfg.source}: train_config.weight_sync_backend: 'nccl' is not "
             f"built for a ZeRO-3 actor on several ranks; use 'gloo' or 'auto'"
         )
@@ -516,10 +517,6 @@ def _zero_stages(cfg) -> dict[str, int]:
     return out
 
 
-class _UserError(Exception):
-    pass
-
-
 _CURRENT: dict = {"roles": ()}
 
 
@@ -548,8 +545,6 @@ def _lost_node(rank: int, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_pipe.cli import user_errors
-
     args = _parse(sys.argv[1:] if argv is None else argv)
     rank = os.environ.get("RANK", "0")
     try:

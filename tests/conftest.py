@@ -68,3 +68,9 @@ def tiny_config(tmp_path, **overrides):
     }
     base.update(overrides)
     return load_config(TINY_CONFIG, base)
+
+
+def plan_step(trainer, step: int | None = None):
+    """The StepPlan train_step would run at `step` (default: the trainer's next step), from the
+    trainer's planner: it draws the prompts, relay and PTX texts, as the step itself does."""
+    return trainer.planner.plan(trainer.step_index if step is None else step, trainer.version)

@@ -202,6 +202,6 @@ def test_pretrain_texts_are_mixed_by_ratio(tmp_path, tiny_assets):
         },
     )
     trainer = RLHFTrainer(cfg, console=False)
-    drawn = [tok.decode(ids).split()[0] for _ in range(5) for ids in trainer._next_ptx()]
+    drawn = [tok.decode(ids).split()[0] for _ in range(5) for ids in trainer.ptx.take()]
     trainer.close()
     assert drawn.count("alpha") == 5 and drawn.count("beta") == 15

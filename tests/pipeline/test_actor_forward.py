@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_pipe.trainer import RLHFTrainer
-from tests.conftest import tiny_config
+from tests.conftest import plan_step, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def _run(tmp_path, engine, initial, steps=2, **over):
         part: {k: v.clone() for k, v in role.model.state_dict().items()}
         for part, role in (("actor", trainer.actor), ("critic", trainer.critic))
     }
-    plan = trainer._plan(trainer.step_index)
+    plan = plan_step(trainer)
     trainer.close()
     return weights, history, plan
 
@@ -44,7 +44,7 @@ def test_when_the_actor_forward_is_needed(tmp_path, fresh_engine):
             tiny_config(tmp_path / str(i), **over), engine=fresh_engine, console=False
         )
         try:
-            assert trainer._plan(0).actor_forward is needed, over
+            assert plan_step(trainer, 0).actor_forward is needed, over
         finally:
             trainer.close()
 

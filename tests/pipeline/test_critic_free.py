@@ -5,7 +5,7 @@ import torch
 
 from rlhf_pipe.ppo.group import grpo_advantages, rloo_advantages
 from rlhf_pipe.trainer import RLHFTrainer
-from tests.conftest import tiny_config
+from tests.conftest import plan_step, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_grpo_groups_split_across_micro_batches_match_hand_computation(
         },
     )
     unbiased = group_std != "population"  # the default is the (n - 1) std of verl, TRL, OpenRLHF
-    out = trainer.pipeline.run(trainer._plan(0))
+    out = trainer.pipeline.run(plan_step(trainer, 0))
     assert out.extra["advantage_waits"] > 0  # some micro-batch waited for a straddling group
     by_prompt = {}
     for s in out.samples:
@@ -108,7 +108,7 @@ def test_group_batch_norm_normalises_over_the_batch_before_the_baseline(tmp_path
             "repeater_config.norm_rewards": "batch",
         },
     )
-    out = trainer.pipeline.run(trainer._plan(0))
+    out = trainer.pipeline.run(plan_step(trainer, 0))
     trainer.close()
     every = sorted(out.samples, key=lambda s: s.sample_id)
     raw = torch.stack([s.score for s in every]).float().clamp(-5, 5)  # (24,)

@@ -7,7 +7,7 @@ import torch
 
 from rlhf_pipe.pipeline.stages import StageError
 from rlhf_pipe.trainer import RLHFTrainer
-from tests.conftest import tiny_config
+from tests.conftest import plan_step, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def test_advantage_whiten_batch_and_micro_batch_statistics(
             **{"repeater_config.norm_rewards": False, "repeater_config.advantage_whiten": mode},
         )
         trainer = RLHFTrainer(cfg, engine=vllm_engine, console=False)
-        out[mode] = trainer.pipeline.run(trainer._plan(0)).samples  # in micro-batch order
+        out[mode] = trainer.pipeline.run(plan_step(trainer, 0)).samples  # in micro-batch order
         trainer.close()
 
     def moments(samples):
@@ -126,7 +126,7 @@ def test_advantage_whiten_batch_and_micro_batch_statistics(
 def test_every_sample_once_with_version_and_metrics(tmp_path, fresh_engine):
     cfg = tiny_config(tmp_path)
     trainer = RLHFTrainer(cfg, engine=fresh_engine, console=False)
-    plan = trainer._plan(0)
+    plan = plan_step(trainer, 0)
     out = trainer.pipeline.run(plan)
     assert sorted(s.sample_id for s in out.samples) == list(range(16))
     assert {s.version for s in out.samples} == {0}

@@ -6,7 +6,7 @@ import torch
 
 from rlhf_pipe.config import ConfigError
 from rlhf_pipe.trainer import RLHFTrainer
-from tests.conftest import tiny_config
+from tests.conftest import plan_step, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def test_ranking_and_min_prompt_length_in_the_plan(tmp_path, fresh_engine, initi
     bg = "model_configs.policy.generator_config.batch_generation."
     plain = _trainer(tmp_path / "a", fresh_engine)
     ranked = _trainer(tmp_path / "b", fresh_engine, **{bg + "ranking": True})
-    p0, p1 = plain._plan(0), ranked._plan(0)
+    p0, p1 = plan_step(plain, 0), plan_step(ranked, 0)
     lengths = [len(ids) for ids in p1.prompt_ids]
     assert lengths == sorted(lengths) and lengths != [len(ids) for ids in p0.prompt_ids]
     assert sorted(p0.prompt_texts) == sorted(p1.prompt_texts)  # the same prompts, reordered
@@ -157,7 +157,7 @@ def test_ranking_and_min_prompt_length_in_the_plan(tmp_path, fresh_engine, initi
     fresh_engine.load_weights(initial_policy_weights.items(), version=0)  # a new run
     with pytest.warns(UserWarning, match="shorter than min_prompt_length=11 tokens"):
         short = _trainer(tmp_path / "c", fresh_engine, **{bg + "min_prompt_length": 11})
-    assert all(len(ids) >= 11 for ids in short._plan(0).prompt_ids)
+    assert all(len(ids) >= 11 for ids in plan_step(short, 0).prompt_ids)
     assert short.prompts.skipped["too_short"] > 0
     assert short.train_step()["skipped_prompts"] == sum(short.prompts.skipped.values())
     short.close()
@@ -177,7 +177,7 @@ def test_bad_relay_output_is_a_one_line_error(tmp_path, fresh_engine):
     ]:
         trainer.set_relay_sample_fn(fn)
         with pytest.raises(ValueError, match=message):
-            trainer._plan(1)
+            plan_step(trainer, 1)
     trainer.close()
     grpo = _trainer(
         tmp_path / "b",
@@ -194,5 +194,5 @@ def test_bad_relay_output_is_a_one_line_error(tmp_path, fresh_engine):
     with pytest.raises(
         ValueError, match="needs whole groups of n=2 answers per prompt, got a group of 1"
     ):
-        grpo._plan(1)
+        plan_step(grpo, 1)
     grpo.close()

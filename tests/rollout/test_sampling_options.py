@@ -11,6 +11,7 @@ import torch
 
 from rlhf_pipe.models import load_causal_lm
 from rlhf_pipe.rollout.types import SamplingSettings
+from tests.conftest import plan_step
 
 pytestmark = pytest.mark.slow
 
@@ -116,13 +117,13 @@ def test_beam_search_and_prompt_logprobs_through_the_pipeline(tmp_path, fresh_en
 
     cfg = tiny_config(tmp_path, PIPE_MICRO_BATCH_NUM=2, **{"rollout_config.use_beam_search": True})
     trainer = RLHFTrainer(cfg, engine=fresh_engine, console=False)
-    out = trainer.pipeline.run(trainer._plan(0))
+    out = trainer.pipeline.run(plan_step(trainer, 0))
     assert sorted(s.sample_id for s in out.samples) == list(range(16))
     assert sorted(mb for stage, mb, *_ in out.timeline if stage == "train") == [0, 1]
     trainer.close()
 
     cfg = tiny_config(tmp_path, **{"rollout_config.prompt_logprobs": 0})
     trainer = RLHFTrainer(cfg, engine=fresh_engine, console=False)
-    out = trainer.pipeline.run(trainer._plan(0))
+    out = trainer.pipeline.run(plan_step(trainer, 0))
     assert all(len(s.prompt_logprobs) == s.prompt_ids.numel() for s in out.samples)
     trainer.close()
