@@ -343,7 +343,7 @@ def _bench(args, trainer, placement) -> None:
         runs,
         timelines,
         skipped_streaming(
-            cfg.model_configs.policy.generator_config.generator_type,
+            cfg.plan.generator.generator_type,
             "skipped (--no-streaming)" if args.no_streaming else STREAMING_PENDING,
         ),
         args.out,
@@ -436,10 +436,8 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
     a GPU. 'auto' falls back to gloo (through host memory) otherwise."""
     import torch
 
-    from rlhf_pipe.lora import sync_mode
-
     choice = cfg.train_config.weight_sync_backend
-    if choice == "gloo" or sync_mode(cfg) == "adapter":  # an adapter goes as a LoRARequest
+    if choice == "gloo" or cfg.plan.lora_sync == "adapter":  # an adapter goes as a LoRARequest
         return False
     actor_rank = role_ranks["actor"][0]
     engine_gpus = {_gpu_of(cfg, r) for group in placement.engines for r in group}

@@ -27,7 +27,7 @@ import torch
 
 from rlhf_pipe import lora
 from rlhf_pipe.checkpoint import STATE_FILE, CheckpointError, resolve_resume, write_checkpoint
-from rlhf_pipe.config import ConfigError, RunConfig, metric_loggers, reward_scorers
+from rlhf_pipe.config import ConfigError, RunConfig
 from rlhf_pipe.data import (
     DataError,
     PromptSource,
@@ -142,11 +142,13 @@ def build_roles(
                 name.config_key,
             )
             if mcfg.trainer_config.enable_lora:
-                model = lora.apply_lora(model, mcfg.trainer_config, cfg.source, name.config_key)
+                model = lora.apply_lora(
+                    model, cfg.plan.lora[name.config_key].peft_kwargs(), cfg.source, name.config_key
+                )
             role_cls, zero_cls = (
                 (PolicyRole, "ZeroPolicyRole") if actor else (CriticRole, "ZeroCriticRole")
             )
-            extra = {"lora_sync": lora.sync_mode(cfg) or "merged"} if actor else {}
+            extra = {"lora_sync": cfg.plan.lora_sync or "merged"} if actor else {}
             roles[name] = _trained_role(
                 role_cls,
                 zero_cls,
@@ -252,12 +254,12 @@ def _trained_role(plain_cls, zero_cls: str, model, pad_id, tc, sizes, device, dp
 
 
 def build_scorers(cfg: RunConfig, device) -> list[Scorer]:
-    """The reward's scorers from model_configs.reward (see config.reward_scorers)."""
+    """The reward's scorers from the run plan (see validation.reward_scorers)."""
     from rlhf_pipe.rewards.http import HTTPRewardModel
 
     rw = cfg.model_configs.reward
     out = []
-    for name, sc in reward_scorers(rw).items():
+    for name, sc in cfg.plan.reward_scorers.items():
         if sc.model_path:
             what = "reward" if name == "model" and rw.scorers is None else f"reward scorer {name}"
             model = load_value_model(
@@ -295,7 +297,7 @@ def build_vllm_engine(
 ):
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
-    r, gen = cfg.rollout_config, cfg.model_configs.policy.generator_config
+    r, gen = cfg.rollout_config, cfg.plan.generator
     return VLLMEngine(
         cfg.model_configs.policy.model_path,
         dtype=r.dtype,
@@ -309,7 +311,7 @@ def build_vllm_engine(
         in_process=in_process,
         nccl_weight_sync=nccl_weight_sync,
         visible_devices=visible_devices,
-        lora=lora.engine_lora(cfg),
+        lora=lora.engine_lora(cfg.plan),
     )
 
 
@@ -345,7 +347,7 @@ class RLHFTrainer:
         # Data first: a bad prompt file is reported before any model or engine is built.
         pd = cfg.prompt_dataset_config
         specs = [parse_dataset_spec(s, cfg.constants) for s in pd.message_datasets]
-        self.batch_generation = mc.policy.generator_config.batch_generation
+        self.batch_generation = cfg.plan.generator.batch_generation
         self.prompts = PromptSource(
             specs,
             self.tokenizer,
@@ -411,7 +413,7 @@ class RLHFTrainer:
     @classmethod
     def from_config(cls, path: str, overrides: dict | None = None, **kwargs) -> RLHFTrainer:
         """`RLHFTrainer.from_config("cfg.py", {"train_config.max_train_step": 5}).learn()`."""
-        from rlhf_pipe.config import load_config
+        from rlhf_pipe.validation import load_config
 
         return cls(load_config(path, overrides), **kwargs)
 
@@ -461,8 +463,7 @@ class RLHFTrainer:
     # ------------------------------------------------------------------ building
 
     def _build_engine(self, in_process: bool = True):
-        mc = self.cfg.model_configs
-        gen = mc.policy.generator_config
+        gen = self.cfg.plan.generator
         if gen.generator_type == "hf":
             from rlhf_pipe.rollout.hf_engine import HFEngine
 
@@ -617,10 +618,10 @@ class RLHFTrainer:
         relay = self._relay_items()
         num_prompts = cfg.prompt_dataset_config.samples_each_epoch
         if relay and t.stream_data_loader_type == "fixed":
-            if len(relay) > cfg.samples_per_step or len(relay) % r.n:
+            if len(relay) > cfg.plan.samples_per_step or len(relay) % r.n:
                 raise ValueError(
                     f"relay_sample_fn returned {len(relay)} samples; a 'fixed' step holds "
-                    f"{cfg.samples_per_step} and replayed samples replace whole prompts of "
+                    f"{cfg.plan.samples_per_step} and replayed samples replace whole prompts of "
                     f"n={r.n} answers (or set train_config.stream_data_loader_type='dynamic' "
                     f"to add them on top)"
                 )
@@ -634,7 +635,7 @@ class RLHFTrainer:
             prompt_texts=[p.text for p in prompts] + relay_texts,
             seeds=[request_seed(r.seed, step, p.index) for p in prompts],
             sampling=sampling_settings(r),
-            pipe_micro_bs=t.pipe_micro_bs,
+            pipe_micro_bs=cfg.plan.pipe_micro_bs,
             samples_per_step=len(prompts) * r.n + len(replayed),
             relay=replayed,
             advantage=AdvantageSettings(
@@ -847,7 +848,7 @@ class RLHFTrainer:
         self.run_dir = RunDir(self.work_dir, step, checkpoint)
         self.logger = MetricsLogger(
             self.work_dir,
-            metric_loggers(t),
+            self.cfg.plan.metric_loggers,
             self._console,
             t.wandb,
             purge_step=self.run_dir.purge_step,
