@@ -406,6 +406,7 @@ def _local_gpus(cfg: RunConfig, local_ranks: int, problems: list) -> list[int]:
     mapping = cfg.placement_config.local_rank_gpus
     if mapping is None:
         return list(range(local_ranks))
+    # Not checked at load: the local rank count comes from the layout (--gpus-per-node, nnodes).
     if len(mapping) != local_ranks or not all(type(g) is int and g >= 0 for g in mapping):
         problems.append(
             (

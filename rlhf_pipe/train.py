@@ -120,6 +120,8 @@ def _run_ranks(cfg, args, world, rank) -> int:
     from rlhf_pipe.placement import check, errors, make_placement
 
     placement = make_placement(cfg)
+    # The layout checks need torchrun's WORLD_SIZE, so they run here, not at load
+    # (rlhf_pipe.validation's module docstring lists every check kept out of it).
     problems = errors(placement, check(placement, world))
     if problems:
         raise _UserError(problems[0])
@@ -409,7 +411,7 @@ def _gpu_of(cfg, rank: int):
     local = rank % local_world
     mapping = cfg.placement_config.local_rank_gpus
     if mapping:
-        count = torch.cuda.device_count()
+        count = torch.cuda.device_count()  # run-time facts: GPU count, LOCAL_WORLD_SIZE
         if len(mapping) != local_world or not all(
             type(g) is int and 0 <= g < max(count, 1) for g in mapping
         ):
@@ -446,6 +448,7 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
         and torch.cuda.is_available()
         and _gpu_of(cfg, actor_rank) not in engine_gpus
     )
+    # Run-time: which GPUs the actor and engines got. Not at load: one process never syncs.
     if choice == "nccl" and not possible:
         raise _UserError(
             f"{cfg.source}: train_config.weight_sync_backend: 'nccl' needs the "

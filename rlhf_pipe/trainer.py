@@ -69,7 +69,7 @@ def seed_everything(seed: int) -> None:
 def resolve_function(name: str, what: str = "reward_fn"):
     """'package.module:function' -> the function, with a one-line error if it is not there."""
     module_name, _, attr = name.partition(":")
-    try:
+    try:  # at build, not load: importing user code would run it in `rlhf-pipe plan` too
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{what} {name!r}: cannot import {module_name!r}: {e}") from None
@@ -82,7 +82,7 @@ def resolve_function(name: str, what: str = "reward_fn"):
 def _pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
+    if choice == "cuda" and not torch.cuda.is_available():  # run-time: the visible GPUs
         raise ConfigError("placement_config.device: 'cuda' asked for, but no GPU is visible")
     return torch.device(choice)
 
