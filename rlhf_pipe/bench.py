@@ -505,7 +505,7 @@ def run_bench(
         device_roles=ONE_DEVICE,
     )
     try:
-        backend = cfg.model_configs.policy.generator_config.generator_type
+        backend = cfg.plan.generator.generator_type
         result = write_bench(
             cfg_path,
             cfg,
@@ -544,7 +544,7 @@ def measure_pipes(
 ):
     """For each M: `trainer_for(cfg with PIPE_MICRO_BATCH_NUM=M)` gives a ready trainer, which
     runs warm-up + measured steps. Returns (runs, timelines, last cfg, last trainer)."""
-    from rlhf_pipe.config import load_config
+    from rlhf_pipe.validation import load_config
 
     base = {"train_config.progress_bar": False, "train_config.tensorboard": False}
     base.update(overrides or {})
@@ -563,7 +563,7 @@ def measure_pipes(
             )
         measured = history[warmup:]
         runs[m] = summarize_run(
-            m, measured, cfg.samples_per_step, devices=devices, device_roles=device_roles
+            m, measured, cfg.plan.samples_per_step, devices=devices, device_roles=device_roles
         )
         timelines[m] = measured[-1]["timeline"]
     return runs, timelines, cfg, trainer
@@ -614,8 +614,8 @@ def write_bench(
         "warmup": warmup,
         "devices": devices,
         "processes": processes,
-        "samples_per_step": cfg.samples_per_step,
-        "backend": cfg.model_configs.policy.generator_config.generator_type,
+        "samples_per_step": cfg.plan.samples_per_step,
+        "backend": cfg.plan.generator.generator_type,
         "serial_stage_times": serial_times,
         "runs": {str(m): r for m, r in runs.items()},
         "streaming": streaming,
@@ -630,7 +630,6 @@ def _add_utilisation(cfg, runs) -> dict:
     """Measure the GPU's matmul rate and bandwidth, then give each run its roles' MFU and the
     train and generate floors (rlhf_pipe.hardware). Nothing to measure on a CPU."""
     from rlhf_pipe import hardware
-    from rlhf_pipe.config import reward_scorers
 
     device = torch.device(
         "cuda" if torch.cuda.is_available() and cfg.placement_config.device != "cpu" else "cpu"
@@ -643,7 +642,7 @@ def _add_utilisation(cfg, runs) -> dict:
     if mc.critic is not None:
         params["critic"] = hardware.model_params(mc.critic.model_path, value_head=True)
     if mc.reward is not None:
-        paths = [sc.model_path for sc in reward_scorers(mc.reward).values() if sc.model_path]
+        paths = [sc.model_path for sc in cfg.plan.reward_scorers.values() if sc.model_path]
         if len(paths) == 1:
             params["reward"] = hardware.model_params(paths[0], value_head=True)
     params = {role: n for role, n in params.items() if n}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rlhf_pipe import lora
-from rlhf_pipe.config import ConfigError, ModelConfig, RunConfig, reward_scorers
+from rlhf_pipe.config import ConfigError, ModelConfig, RunConfig
 from rlhf_pipe.data import PromptSource, parse_dataset_spec
 from rlhf_pipe.models import (
     check_tokenizer_matches,
@@ -86,11 +86,13 @@ def build_roles(
                 name.config_key,
             )
             if mcfg.trainer_config.enable_lora:
-                model = lora.apply_lora(model, mcfg.trainer_config, cfg.source, name.config_key)
+                model = lora.apply_lora(
+                    model, cfg.plan.lora[name.config_key].peft_kwargs(), cfg.source, name.config_key
+                )
             role_cls, zero_cls = (
                 (PolicyRole, "ZeroPolicyRole") if actor else (CriticRole, "ZeroCriticRole")
             )
-            extra = {"lora_sync": lora.sync_mode(cfg) or "merged"} if actor else {}
+            extra = {"lora_sync": cfg.plan.lora_sync or "merged"} if actor else {}
             roles[name] = _trained_role(
                 role_cls,
                 zero_cls,
@@ -131,7 +133,7 @@ def build_roles(
                     packed=packed,
                 )
         elif name == Role.REWARD:
-            scorers = build_scorers(mc.reward, device)
+            scorers = build_scorers(mc.reward, cfg.plan.reward_scorers, device)
             packed_scorers = {
                 sc.name
                 for sc in scorers
@@ -195,12 +197,13 @@ def _trained_role(plain_cls, zero_cls: str, model, pad_id, tc, sizes, device, dp
     return getattr(zero, zero_cls)(model, pad_id, ds_config=ds, **kw)
 
 
-def build_scorers(rw: ModelConfig, device) -> list[Scorer]:
-    """The reward's scorers from model_configs.reward (see config.reward_scorers)."""
+def build_scorers(rw: ModelConfig, scorers: dict, device) -> list[Scorer]:
+    """The reward's scorers: `scorers` is the run plan's {name: RewardScorerConfig}
+    (validation.reward_scorers), `rw` the reward section they came from."""
     from rlhf_pipe.rewards.http import HTTPRewardModel
 
     out = []
-    for name, sc in reward_scorers(rw).items():
+    for name, sc in scorers.items():
         if sc.model_path:
             what = "reward" if name == "model" and rw.scorers is None else f"reward scorer {name}"
             model = load_value_model(
@@ -238,7 +241,7 @@ def build_vllm_engine(
 ):
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
-    r, gen = cfg.rollout_config, cfg.model_configs.policy.generator_config
+    r, gen = cfg.rollout_config, cfg.plan.generator
     return VLLMEngine(
         cfg.model_configs.policy.model_path,
         dtype=r.dtype,
@@ -252,13 +255,13 @@ def build_vllm_engine(
         in_process=in_process,
         nccl_weight_sync=nccl_weight_sync,
         visible_devices=visible_devices,
-        lora=lora.engine_lora(cfg),
+        lora=lora.engine_lora(cfg.plan),
     )
 
 
 def build_engine(cfg: RunConfig, actor, tokenizer, in_process: bool = True):
     """The generation engine: an HF copy of the actor beside it, or vLLM."""
-    if cfg.model_configs.policy.generator_config.generator_type == "hf":
+    if cfg.plan.generator.generator_type == "hf":
         from rlhf_pipe.rollout.hf_engine import HFEngine
 
         actor_model = actor.model  # the hf engine lives beside the actor (placement)
@@ -296,7 +299,7 @@ def build_prompt_source(cfg: RunConfig, tokenizer) -> PromptSource:
         pd.prompt_key,
         pd.shuffle,
         pd.seed,
-        min_len=cfg.model_configs.policy.generator_config.batch_generation.min_prompt_length,
+        min_len=cfg.plan.generator.batch_generation.min_prompt_length,
     )
 
 

@@ -1,41 +1,22 @@
-"""Typed run configuration, loaded from a Python config file and validated once at start.
+"""The typed run configuration: one dataclass per section, and the run plan derived from it.
 
 A config file is plain Python read with `mmengine.Config.fromfile`. Its top-level lowercase
 names are the sections below; UPPERCASE names are free constants (PIPE_MICRO_BATCH_NUM is read
 from there) and names starting with "_" are private helpers. Any other key is an error, so a
-typo never passes silently. Every check lives in this module and raises `ConfigError` with a
-single line: "<file>: <key>: expected ..., got ...".
+typo never passes silently. This module is the schema (keys, types, defaults, ranges in field
+metadata); `rlhf_pipe.validation` loads a file, checks it and returns the config as loaded
+with its `RunPlan` (the derived values) attached as `cfg.plan`. Every error is a
+`ConfigError` with a single line: "<file>: <key>: expected ..., got ...".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
-from rlhf_pipe.data import DataError, parse_dataset_spec
-
-
-class ConfigError(ValueError):
-    """A bad config value. `str(err)` is the whole one-line message. Any URL quoted in it
-    (e.g. a bad value's repr) is shown redacted: credentials never reach an error line."""
-
-    def __init__(self, message: str):
-        from rlhf_pipe.rewards.http import redact_url
-
-        super().__init__(
-            re.sub(
-                r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+",
-                lambda m: redact_url(m.group(0)),
-                str(message),
-            )
-        )
+from rlhf_pipe.errors import ConfigError as ConfigError  # re-exported
 
 
 def _ge(lo):
@@ -71,7 +52,7 @@ class TrainerConfig:
     deepspeed_config: Optional[dict] = None
     # LoRA through peft, ChatLearn's keys (policy and critic only). Base weights stay frozen;
     # the optimiser holds only the adapter (and the critic's value head). The other lora_*
-    # keys may only be set with enable_lora; `validate` fills their defaults.
+    # keys may only be set with enable_lora; the plan's LoraSettings fill their defaults.
     enable_lora: bool = False
     lora_dim: Optional[int] = field(default=None, metadata=_ge(1))  # rank r; default 8
     # Scaling is lora_alpha / lora_dim; default lora_dim (scaling 1, ChatLearn's default).
@@ -130,7 +111,7 @@ class GeneratorConfig:
     batch_generation: BatchGenerationConfig = field(default_factory=BatchGenerationConfig)
     # With a LoRA policy: 'merged' sends base + adapter merged under the base model's names;
     # 'adapter' sends only the adapter, served by vLLM's LoRA support (one LoRARequest per
-    # policy version); 'auto' is 'merged', measured faster (rlhf_pipe/lora.py: sync_mode).
+    # policy version); 'auto' is 'merged', measured faster (rlhf_pipe/validation.py: _lora_sync).
     lora_sync: Literal["auto", "merged", "adapter"] = "auto"
 
 
@@ -154,7 +135,7 @@ class RewardScorerConfig:
     token_env: Optional[str] = None
 
 
-_REMOTE_ONLY = ("batch_size", "timeout_s", "max_retries", "backoff_s", "token_env")
+REMOTE_ONLY_KEYS = ("batch_size", "timeout_s", "max_retries", "backoff_s", "token_env")
 
 
 @dataclass
@@ -353,9 +334,47 @@ class PretrainDatasetConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """A role's LoRA keys with their defaults filled (LORA_DEFAULTS; lora_alpha = lora_dim)."""
+
+    dim: int
+    alpha: float
+    dropout: float
+    layer: str
+
+    def peft_kwargs(self) -> dict:
+        """peft.LoraConfig's arguments (rlhf_pipe.lora.peft_config)."""
+        return dict(
+            r=self.dim,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=lora_target_modules(self.layer),
+        )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `rlhf_pipe.validation.validate` derives from a valid config; the config itself stays
+    as loaded. Read it as `cfg.plan`."""
+
+    pipe_micro_bs: int  # samples per pipeline micro-batch: samples_per_step / PIPE_MICRO_BATCH_NUM
+    samples_per_step: int  # prompt_dataset_config.samples_each_epoch x rollout_config.n
+    generator: GeneratorConfig  # model_configs.policy.generator_config, defaults when not given
+    lora: dict  # {model_configs role name: LoraSettings} for the roles with enable_lora
+    lora_sync: Optional[str]  # 'merged' or 'adapter' for a LoRA policy ('auto' resolved), else None
+    reward_scorers: dict  # {name: RewardScorerConfig}, in order (see validation.reward_scorers)
+    metric_loggers: tuple  # the trackers a run logs to (see metric_loggers)
+
+    @property
+    def reward_has_model(self) -> bool:
+        """Whether the reward role holds a learned model (and so needs ranks and a GPU)."""
+        return any(sc.model_path for sc in self.reward_scorers.values())
+
+
 @dataclass
 class RunConfig:
-    """The validated config. Derived sizes are filled in by `validate`."""
+    """The config as loaded; `plan` holds the values derived from it."""
 
     model_configs: ModelConfigs
     prompt_dataset_config: PromptDatasetConfig
@@ -369,10 +388,14 @@ class RunConfig:
     pipe_micro_batch_num: int = 1
     constants: dict = field(default_factory=dict)
     source: str = "<config>"
+    # Set by rlhf_pipe.validation.from_dict; read through `plan`.
+    _plan: Optional[RunPlan] = field(default=None, compare=False, repr=False)
 
     @property
-    def samples_per_step(self) -> int:
-        return self.prompt_dataset_config.samples_each_epoch * self.rollout_config.n
+    def plan(self) -> RunPlan:
+        if self._plan is None:
+            raise RuntimeError("no run plan: build the config with rlhf_pipe.validation")
+        return self._plan
 
     @property
     def uses_critic(self) -> bool:
@@ -382,114 +405,8 @@ class RunConfig:
 SECTIONS = {
     f.name: f
     for f in dataclasses.fields(RunConfig)
-    if f.name not in ("pipe_micro_batch_num", "constants", "source")
+    if f.name not in ("pipe_micro_batch_num", "constants", "source", "_plan")
 }
-
-
-# ----------------------------------------------------------------------------- typed building
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "None"
-    if dataclasses.is_dataclass(tp):
-        return "a dict"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value, tp, key: str, src: str):
-    """Return `value` checked against annotation `tp`, building nested dataclasses."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key, src)
-            except ConfigError as e:
-                errors.append(e)
-        for e in errors:  # a dict that failed inside a section: report the inner key
-            if str(e).startswith(f"{src}: {key}."):
-                raise e
-        raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        # bool is an int subclass, so compare types too: True must not match 1.
-        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
-            return value
-        raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{src}: {key}: expected None, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{src}: {key}: expected a dict, got {value!r}")
-        return build_section(tp, value, key, src)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp in (bool, str, dict, list):
-        if isinstance(value, tp) or (tp is list and isinstance(value, tuple)):
-            return list(value) if tp is list else value
-    else:
-        return value
-    raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _check_range(value, meta: dict, key: str, src: str) -> None:
-    if value is None or not meta:
-        return
-    lo, hi = meta.get("ge"), meta.get("le")
-    # A lower bound alone would let inf through (a learning rate of inf, a timeout that never
-    # fires): every ranged number must be finite.
-    if isinstance(value, float) and math.isinf(value):
-        raise ConfigError(f"{src}: {key}: expected a finite number, got {value!r}")
-    # Written as `not (in range)` so that NaN fails every range.
-    if lo is not None and not (value > lo if meta.get("lo_open") else value >= lo):
-        op = ">" if meta.get("lo_open") else ">="
-        raise ConfigError(f"{src}: {key}: expected a value {op} {lo}, got {value!r}")
-    if hi is not None and not value <= hi:
-        raise ConfigError(f"{src}: {key}: expected a value <= {hi}, got {value!r}")
-
-
-def build_section(cls, data: dict, prefix: str, src: str):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields), key=str)
-    if unknown:
-        name = unknown[0] if str(unknown[0]).isidentifier() else repr(unknown[0])
-        raise ConfigError(
-            f"{src}: {prefix}.{name}: unknown key (known: {', '.join(sorted(fields))})"
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}"
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{src}: {key}: required key is missing")
-            continue
-        value = _coerce(data[name], hints[name], key, src)
-        _check_range(value, f.metadata, key, src)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-# ----------------------------------------------------------------------------- cross checks
-
-
-def _fail(src, key, msg):
-    if not msg.isprintable():  # e.g. a path with a line break: keep the message one line
-        msg = msg.encode("unicode_escape").decode("ascii")
-    raise ConfigError(f"{src}: {key}: {msg}")
 
 
 METRIC_LOGGERS = ("jsonl", "tensorboard", "wandb")
@@ -501,623 +418,6 @@ def metric_loggers(t: TrainConfig) -> tuple[str, ...]:
     if t.loggers is None:
         return ("jsonl", "tensorboard") if t.tensorboard else ("jsonl",)
     return tuple(t.loggers)
-
-
-def _check_loggers(src: str, t: TrainConfig) -> None:
-    if t.loggers is not None:
-        for name in t.loggers:
-            if name not in METRIC_LOGGERS:
-                _fail(
-                    src,
-                    "train_config.loggers",
-                    f"unknown logger {name!r} (known: {', '.join(METRIC_LOGGERS)})",
-                )
-        if "jsonl" not in t.loggers:
-            _fail(src, "train_config.loggers", "must include 'jsonl' (report and resume read it)")
-        if "tensorboard" in t.loggers and not t.tensorboard:
-            _fail(
-                src,
-                "train_config.tensorboard",
-                "False, but train_config.loggers names 'tensorboard'; drop one of them",
-            )
-    if t.wandb is not None:
-        for key, value in t.wandb.items():
-            if key not in WANDB_KEYS:
-                _fail(
-                    src,
-                    f"train_config.wandb.{key}",
-                    f"unknown key (known: {', '.join(WANDB_KEYS)})",
-                )
-            ok = isinstance(value, str) or value is None
-            if key == "tags":
-                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-            if not ok:
-                want = "a list of strings" if key == "tags" else "a string"
-                _fail(src, f"train_config.wandb.{key}", f"expected {want}, got {value!r}")
-    if "wandb" in metric_loggers(t):
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            _fail(
-                src,
-                "train_config.loggers",
-                "'wandb' needs the wandb package: pip install 'rlhf_pipe[wandb]'",
-            )
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """All divisibility, range and presence checks that span keys. Fills derived sizes."""
-    src, t, r = cfg.source, cfg.train_config, cfg.rollout_config
-    m = cfg.pipe_micro_batch_num
-    _check_loggers(src, t)
-    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-        _fail(src, "PIPE_MICRO_BATCH_NUM", f"expected an int >= 1, got {m!r}")
-    prompts = cfg.prompt_dataset_config.samples_each_epoch
-    if prompts < 1:
-        _fail(src, "prompt_dataset_config.samples_each_epoch", "required, expected an int >= 1")
-    if not cfg.prompt_dataset_config.message_datasets:
-        _fail(src, "prompt_dataset_config.message_datasets", "expected at least one dataset")
-    for section in ("prompt_dataset_config", "pretrain_dataset_config"):
-        for i, spec in enumerate(getattr(getattr(cfg, section), "message_datasets", [])):
-            key = f"{section}.message_datasets[{i}]"
-            if not isinstance(spec, str):
-                _fail(src, key, f"expected a 'path::ratio[SYS]:name' string, got {spec!r}")
-            try:
-                parse_dataset_spec(spec)
-            except DataError as e:
-                _fail(src, key, str(e))
-    total = cfg.samples_per_step
-    if total % m:
-        _fail(
-            src,
-            "PIPE_MICRO_BATCH_NUM",
-            f"samples per step ({prompts} prompts x n={r.n} = {total}) must be divisible "
-            f"by PIPE_MICRO_BATCH_NUM={m}",
-        )
-    if t.pipe_micro_bs is None:
-        t.pipe_micro_bs = total // m
-    elif t.pipe_micro_bs * m != total:
-        _fail(
-            src,
-            "train_config.pipe_micro_bs",
-            f"expected samples per step / PIPE_MICRO_BATCH_NUM = {total}/{m} = {total // m}, "
-            f"got {t.pipe_micro_bs}",
-        )
-    for name in ("train_micro_bs", "infer_micro_bs"):
-        size = getattr(t, name)
-        if t.pipe_micro_bs % size:
-            _fail(
-                src,
-                f"train_config.{name}",
-                f"must divide pipe_micro_bs={t.pipe_micro_bs} (so micro-batch chunks are the "
-                f"same in pipelined and serial runs), got {size}",
-            )
-    if total % t.num_mini_batches:
-        _fail(
-            src,
-            "train_config.num_mini_batches",
-            f"must divide samples per step ({total}), got {t.num_mini_batches}",
-        )
-    if (total // t.num_mini_batches) % t.train_micro_bs:
-        _fail(
-            src,
-            "train_config.train_micro_bs",
-            f"must divide the mini-batch size {total // t.num_mini_batches}, "
-            f"got {t.train_micro_bs}",
-        )
-
-    lr = r.response_length_range
-    if lr is not None:
-        if (
-            len(lr) != 2
-            or not all(type(x) is int for x in lr)
-            or not 1 <= lr[0] <= lr[1]
-            or lr[1] > r.max_new_tokens
-        ):
-            _fail(
-                src,
-                "rollout_config.response_length_range",
-                f"expected [lo, hi] ints with 1 <= lo <= hi <= max_new_tokens "
-                f"({r.max_new_tokens}), got {lr!r}",
-            )
-        if not r.ignore_eos:
-            _fail(
-                src,
-                "rollout_config.response_length_range",
-                "needs rollout_config.ignore_eos = True (lengths are forced)",
-            )
-
-    mc = cfg.model_configs
-    if not mc.policy.model_path:
-        _fail(src, "model_configs.policy.model_path", "required key is missing")
-    if mc.policy.generator_config is None:
-        mc.policy.generator_config = GeneratorConfig()
-    if r.response_length_range is not None and mc.policy.generator_config.generator_type != "vllm":
-        _fail(
-            src,
-            "rollout_config.response_length_range",
-            "needs the vllm generator (model_configs.policy.generator_config.generator_type)",
-        )
-    reward = mc.reward
-    if reward is None or (
-        not reward.model_path and not reward.reward_fn and reward.scorers is None
-    ):
-        _fail(src, "model_configs.reward", "expected a model_path, a reward_fn or both")
-    if reward.reward_fn and ":" not in reward.reward_fn:
-        _fail(
-            src,
-            "model_configs.reward.reward_fn",
-            f"expected 'module:function', got {reward.reward_fn!r}",
-        )
-    # `rlhf-pipe plan` validates cluster configs on a machine without their model folders.
-    check_paths = os.environ.get("RLHF_PIPE_SKIP_PATH_CHECKS", "") not in ("1", "true", "yes")
-    if reward.scorers is not None:
-        reward.scorers = _check_scorers(reward, src, check_paths)
-    for role in ("policy", "critic", "reference"):
-        if getattr(mc, role) is not None and getattr(mc, role).scorers is not None:
-            _fail(src, f"model_configs.{role}.scorers", "only the reward model has scorers")
-    algo = cfg.repeater_config.algorithm
-    if mc.critic is None and algo == "ppo":
-        _fail(
-            src,
-            "model_configs.critic",
-            "algorithm 'ppo' needs a critic model (or set "
-            "repeater_config.algorithm to 'grpo', 'rloo' or 'reinforce_pp')",
-        )
-    if algo in ("grpo", "rloo") and cfg.rollout_config.n < 2:
-        _fail(
-            src,
-            "rollout_config.n",
-            f"algorithm {algo!r} needs n >= 2 answers per prompt, got {cfg.rollout_config.n}",
-        )
-    whiten = cfg.repeater_config.advantage_whiten
-    if whiten is not False and algo != "ppo":
-        _fail(
-            src,
-            "repeater_config.advantage_whiten",
-            f"applies to algorithm 'ppo' (GAE); {algo!r} normalises its own advantages, "
-            f"set it to False",
-        )
-    if whiten == "micro_batch" and cfg.repeater_config.norm_rewards == "batch":
-        _fail(
-            src,
-            "repeater_config.advantage_whiten",
-            "'micro_batch' with norm_rewards='batch' would whiten over the whole batch "
-            "(the Advantage stage waits for it): use 'batch'",
-        )
-    if mc.reference is None and cfg.repeater_config.kl_coeff > 0:
-        _fail(
-            src,
-            "model_configs.reference",
-            f"required when repeater_config.kl_coeff > 0 (got {cfg.repeater_config.kl_coeff})",
-        )
-    if mc.critic is not None and not mc.critic.model_path:
-        _fail(src, "model_configs.critic.model_path", "required key is missing")
-    if mc.reference is not None and not mc.reference.model_path:
-        _fail(src, "model_configs.reference.model_path", "required key is missing")
-    for role in ("policy", "critic", "reference", "reward"):
-        model = getattr(mc, role)
-        if model is None:
-            continue
-        if check_paths and model.model_path:
-            _check_model_folder(src, f"model_configs.{role}.model_path", model.model_path)
-        _validate_lora(src, role, model, t.weight_sync_backend)
-        betas = model.trainer_config.betas
-        if len(betas) != 2 or not all(type(b) in (int, float) for b in betas):
-            _fail(
-                src,
-                f"model_configs.{role}.trainer_config.betas",
-                f"expected two floats, got {betas!r}",
-            )
-        if model.trainer_config.deepspeed_config is not None:
-            from rlhf_pipe.zero import deepspeed_problem, zero_stage  # lazily: imports torch
-
-            if not (model.model_path or (role == "reward" and reward_has_model(model))):
-                _fail(
-                    src,
-                    f"model_configs.{role}.trainer_config.deepspeed_config",
-                    "set, but there is no model_path (a reward_fn runs no model)",
-                )
-            problem = deepspeed_problem(role, model.trainer_config)
-            if problem:
-                _fail(
-                    src,
-                    f"model_configs.{role}.trainer_config.deepspeed_config.{problem[0]}",
-                    problem[1],
-                )
-            if (
-                role == "policy"
-                and zero_stage(model.trainer_config.deepspeed_config) == 3
-                and mc.policy.generator_config.generator_type == "hf"
-            ):
-                _fail(
-                    src,
-                    "model_configs.policy.generator_config.generator_type",
-                    "'hf' generates with a copy of the actor's module, which ZeRO-3 "
-                    "partitions: use 'vllm', or ZeRO-2",
-                )
-        parallels = [("trainer_config", model.trainer_config.parallel)]
-        if model.generator_config is not None:
-            parallels.append(("generator_config", model.generator_config.parallel))
-        for where, par in parallels:
-            for axis in ("data", "tensor"):
-                size = getattr(par, axis).get("size", 1)
-                if type(size) is not int or size < 1:
-                    _fail(
-                        src,
-                        f"model_configs.{role}.{where}.parallel.{axis}.size",
-                        f"expected an int >= 1, got {size!r}",
-                    )
-    tok = cfg.tokenizer_config.tokenizer_path
-    if check_paths and tok and not os.path.isdir(tok):
-        _fail(src, "tokenizer_config.tokenizer_path", f"no such folder: {tok}")
-
-    _check_sampling(cfg)
-    if r.max_model_len is not None and r.max_model_len <= r.max_new_tokens:
-        _fail(
-            src,
-            "rollout_config.max_model_len",
-            f"must exceed max_new_tokens={r.max_new_tokens}, got {r.max_model_len}",
-        )
-    lo, hi = cfg.repeater_config.clip_reward_min, cfg.repeater_config.clip_reward_max
-    if lo is not None and hi is not None and lo >= hi:
-        _fail(
-            src, "repeater_config.clip_reward_min", f"must be below clip_reward_max={hi}, got {lo}"
-        )
-    if t.eval_interval and cfg.eval_dataset_config is None:
-        _fail(
-            src,
-            "train_config.eval_interval",
-            f"is {t.eval_interval}, but there is no eval_dataset_config",
-        )
-    if mc.critic is None and t.critic_warmup_step:
-        _fail(src, "train_config.critic_warmup_step", "set, but there is no critic model")
-    if t.relay_sample_fn is not None and ":" not in t.relay_sample_fn:
-        _fail(
-            src,
-            "train_config.relay_sample_fn",
-            f"expected 'module:function', got {t.relay_sample_fn!r}",
-        )
-    if t.relay_sample_fn is not None and t.max_relay_episode == 0:
-        _fail(
-            src,
-            "train_config.relay_sample_fn",
-            "set, but max_relay_episode is 0 (relay off); set it to -1 or a count >= 1",
-        )
-    min_len = mc.policy.generator_config.batch_generation.min_prompt_length
-    if min_len > cfg.prompt_dataset_config.max_len:
-        _fail(
-            src,
-            "model_configs.policy.generator_config.batch_generation.min_prompt_length",
-            f"exceeds prompt_dataset_config.max_len={cfg.prompt_dataset_config.max_len}, so "
-            f"no prompt could be used; got {min_len}",
-        )
-    return cfg
-
-
-def _check_sampling(cfg: RunConfig) -> None:
-    """use_beam_search, new_token_limit, prompt_logprobs against the rest of the config."""
-    src, r = cfg.source, cfg.rollout_config
-    generator = cfg.model_configs.policy.generator_config.generator_type
-    if r.use_beam_search:
-        if r.beam_width is not None and r.beam_width < r.n:
-            _fail(
-                src,
-                "rollout_config.beam_width",
-                f"must be >= n={r.n} (the n best beams are the answers), got {r.beam_width}",
-            )
-        if r.stop_token_list:
-            _fail(
-                src,
-                "rollout_config.use_beam_search",
-                "vLLM's beam search takes no stop "
-                "strings; remove stop_token_list or turn beam search off",
-            )
-        if r.prompt_logprobs is not None:
-            _fail(
-                src,
-                "rollout_config.use_beam_search",
-                "vLLM's beam search returns no "
-                "prompt log-probs; remove prompt_logprobs or turn beam search off",
-            )
-    elif r.beam_width is not None:
-        _fail(src, "rollout_config.beam_width", "set, but use_beam_search is False")
-    if generator == "hf":
-        if r.stop_token_list:
-            _fail(
-                src,
-                "rollout_config.stop_token_list",
-                "needs the vllm generator (model_configs.policy.generator_config."
-                "generator_type='vllm'); the hf generator has no stop strings",
-            )
-        for key in ("use_beam_search", "prompt_logprobs"):
-            if getattr(r, key) not in (False, None):
-                _fail(
-                    src,
-                    f"rollout_config.{key}",
-                    "needs the vllm generator "
-                    "(model_configs.policy.generator_config.generator_type='vllm')",
-                )
-    if not r.new_token_limit:
-        if r.max_model_len is None:
-            _fail(
-                src,
-                "rollout_config.new_token_limit",
-                "False lets answers fill the sequence "
-                "up to max_model_len, so rollout_config.max_model_len is required",
-            )
-        max_prompt = cfg.prompt_dataset_config.max_len
-        if max_prompt >= r.max_model_len:
-            _fail(
-                src,
-                "prompt_dataset_config.max_len",
-                f"must be below rollout_config."
-                f"max_model_len={r.max_model_len} with new_token_limit=False (room for an "
-                f"answer), got {max_prompt}",
-            )
-
-
-def _check_model_folder(src, key, path) -> None:
-    if not os.path.isdir(path):
-        _fail(src, key, f"no such folder: {path}")
-    if not any(
-        n.endswith((".safetensors", ".bin", ".safetensors.index.json")) for n in os.listdir(path)
-    ):
-        _fail(src, key, f"no weights (*.safetensors or *.bin) in {path}")
-
-
-def _check_scorers(reward: ModelConfig, src: str, check_paths: bool) -> dict:
-    """model_configs.reward.scorers -> {name: RewardScorerConfig}, every entry checked."""
-    from rlhf_pipe.rewards.http import redact_url
-
-    base = "model_configs.reward.scorers"
-    if reward.model_path or reward.reward_fn:
-        _fail(
-            src, base, "give every scorer here, or model_path / reward_fn without scorers, not both"
-        )
-    if not reward.scorers:
-        _fail(src, base, "expected at least one scorer")
-    out = {}
-    for name, raw in reward.scorers.items():
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            _fail(
-                src,
-                f"{base}.{name!r}",
-                "a scorer name is letters, digits, '_', '.' or '-' "
-                "(it names the metric reward/<name>)",
-            )
-        key = f"{base}.{name}"
-        sc = (
-            raw
-            if isinstance(raw, RewardScorerConfig)
-            else _coerce(raw, RewardScorerConfig, key, src)
-        )
-        kinds = [k for k in ("model_path", "url", "reward_fn") if getattr(sc, k)]
-        if len(kinds) != 1:
-            _fail(
-                src,
-                key,
-                f"expected exactly one of model_path, url, reward_fn, got "
-                f"{', '.join(kinds) if kinds else 'none'}",
-            )
-        if sc.reward_fn and ":" not in sc.reward_fn:
-            _fail(src, f"{key}.reward_fn", f"expected 'module:function', got {sc.reward_fn!r}")
-        given = raw.keys() if isinstance(raw, dict) else ()
-        for extra in _REMOTE_ONLY:
-            if extra in given and not sc.url:
-                _fail(src, f"{key}.{extra}", "only for a url scorer")
-        if sc.url:
-            _check_url(src, f"{key}.url", sc, redact_url(sc.url), check_paths)
-        if check_paths and sc.model_path:
-            _check_model_folder(src, f"{key}.model_path", sc.model_path)
-        out[name] = sc
-    return out
-
-
-def _check_url(src: str, key: str, sc: RewardScorerConfig, shown: str, check_env: bool) -> None:
-    """Messages show the URL redacted: credentials never reach an error line."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(sc.url)
-        _ = parts.port  # raises on a bad port
-    except ValueError:
-        _fail(src, key, f"not a valid URL: {shown}")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        _fail(src, key, f"expected an http:// or https:// URL with a host, got {shown}")
-    if sc.token_env is not None:
-        if parts.username is not None:
-            _fail(src, key, "credentials in the URL and token_env both given; use one")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sc.token_env):
-            _fail(
-                src,
-                key.replace(".url", ".token_env"),
-                f"expected an environment variable name, got {sc.token_env!r}",
-            )
-        if check_env and not os.environ.get(sc.token_env):
-            _fail(
-                src,
-                key.replace(".url", ".token_env"),
-                f"environment variable {sc.token_env} is not set",
-            )
-
-
-def reward_scorers(reward: ModelConfig) -> dict:
-    """The reward's scorers as {name: RewardScorerConfig}, in order. A single model_path is the
-    scorer 'model' and a reward_fn the scorer 'reward_fn', both with weight 1, so the older
-    configs keep their meaning (model score + function score)."""
-    if reward.scorers is not None:
-        return dict(reward.scorers)
-    out = {}
-    if reward.model_path:
-        out["model"] = RewardScorerConfig(
-            model_path=reward.model_path, trust_remote_code=reward.trust_remote_code
-        )
-    if reward.reward_fn:
-        out["reward_fn"] = RewardScorerConfig(reward_fn=reward.reward_fn)
-    return out
-
-
-def reward_has_model(reward: ModelConfig | None) -> bool:
-    """Whether the reward role holds a learned model (and so needs ranks and a GPU)."""
-    return reward is not None and any(sc.model_path for sc in reward_scorers(reward).values())
-
-
-def _validate_lora(src: str, role: str, model: ModelConfig, sync_backend: str) -> None:
-    tc, key = model.trainer_config, f"model_configs.{role}.trainer_config"
-    if not tc.enable_lora:
-        for name in LORA_DEFAULTS.keys() | {"lora_alpha"}:
-            if getattr(tc, name) is not None:
-                _fail(src, f"{key}.{name}", "set, but enable_lora is False")
-        gen = model.generator_config
-        if gen is not None and gen.lora_sync != "auto":
-            _fail(
-                src,
-                f"model_configs.{role}.generator_config.lora_sync",
-                f"set to {gen.lora_sync!r}, but the policy has no LoRA (enable_lora is False)",
-            )
-        return
-    if role not in ("policy", "critic"):
-        _fail(
-            src,
-            f"{key}.enable_lora",
-            "LoRA trains an adapter; only the policy and the "
-            f"critic train, so it cannot be set for the {role}",
-        )
-    if tc.deepspeed_config:
-        _fail(
-            src,
-            f"{key}.enable_lora",
-            "LoRA under DeepSpeed is not built yet; remove "
-            "deepspeed_config (an adapter's optimizer state is small) or enable_lora",
-        )
-    for name, default in LORA_DEFAULTS.items():
-        if getattr(tc, name) is None:
-            setattr(tc, name, default)
-    if tc.lora_alpha is None:
-        tc.lora_alpha = float(tc.lora_dim)
-    items = [x.strip() for x in tc.lora_layer.split(",")]
-    for item in items:
-        if item not in LORA_LAYER_ALIASES and not item.isidentifier():
-            _fail(
-                src,
-                f"{key}.lora_layer",
-                f"expected comma-separated module names (e.g. q_proj,v_proj) or "
-                f"{', '.join(LORA_LAYER_ALIASES)}, got {tc.lora_layer!r}",
-            )
-    gen = model.generator_config
-    if gen is not None and gen.lora_sync == "adapter":
-        if gen.generator_type != "vllm":
-            _fail(
-                src,
-                f"model_configs.{role}.generator_config.lora_sync",
-                f"'adapter' needs generator_type 'vllm', got {gen.generator_type!r}",
-            )
-        if sync_backend == "nccl":  # NCCL loads whole weights by name into the workers
-            _fail(
-                src,
-                f"model_configs.{role}.generator_config.lora_sync",
-                "'adapter' cannot go over train_config.weight_sync_backend 'nccl'; use "
-                "'merged' or weight_sync_backend 'gloo'",
-            )
-        if tc.lora_dim > VLLM_MAX_LORA_RANK:
-            _fail(
-                src,
-                f"{key}.lora_dim",
-                f"vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANK} "
-                f"(lora_sync 'adapter'), got {tc.lora_dim}",
-            )
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
-    """Build and validate a RunConfig from a plain dict (the config file's top-level names)."""
-    sections, constants = {}, {}
-    for key, value in raw.items():
-        if not isinstance(key, str) or not key.isidentifier():
-            raise ConfigError(
-                f"{source}: {key!r}: unknown key (known: {', '.join(sorted(SECTIONS))})"
-            )
-        if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-            continue
-        if key.isupper():
-            constants[key] = value
-        elif key in SECTIONS:
-            sections[key] = value
-        else:
-            raise ConfigError(
-                f"{source}: {key}: unknown key (known: {', '.join(sorted(SECTIONS))})"
-            )
-    hints = typing.get_type_hints(RunConfig)
-    kwargs = {}
-    for name, f in SECTIONS.items():
-        if name in sections:
-            value = _coerce(sections[name], hints[name], name, source)
-            kwargs[name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: {name}: required section is missing")
-    cfg = RunConfig(
-        **kwargs,
-        pipe_micro_batch_num=constants.get("PIPE_MICRO_BATCH_NUM", 1),
-        constants=constants,
-        source=source,
-    )
-    return validate(cfg)
-
-
-def load_config(path: str | os.PathLike, overrides: dict | None = None) -> RunConfig:
-    """Load a Python config file. `overrides` maps dotted keys to values (CLI --set)."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such config file")
-    if not path.endswith(".py"):
-        raise ConfigError(f"{path}: expected a Python config file ending in .py")
-    import ast
-
-    from mmengine import Config  # imported here: the math and data modules must not need it
-
-    try:
-        with open(path, "rb") as f:
-            ast.parse(f.read(), filename=path)
-    except SyntaxError as e:  # checked first: mmengine's own message hides the line
-        where = f"{path}:{e.lineno}" if e.lineno else path  # no line for a NUL byte
-        raise ConfigError(f"{where}: syntax error: {e.msg}") from None
-    except ValueError as e:  # e.g. a NUL byte
-        raise ConfigError(f"{path}: not a Python file: {e}") from None
-    try:
-        raw = Config.fromfile(path, lazy_import=False).to_dict()
-    except (Exception, SystemExit) as e:  # the file is user code: its first error, one line
-        raise ConfigError(
-            f"{path}: failed to load: {type(e).__name__}: {e}".splitlines()[0]
-        ) from None
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    return from_dict(raw, source=path)
-
-
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {p} is not a section")
-    node[leaf] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'a.b=3' -> ('a.b', 3); the value is a Python literal, else a string."""
-    import ast
-
-    if "=" not in text:
-        raise ConfigError(f"--set {text}: expected KEY=VALUE")
-    key, _, value = text.partition("=")
-    try:
-        return key.strip(), ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key.strip(), value
 
 
 def work_dir(cfg: RunConfig) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_pipe.config import ConfigError, TrainerConfig, lora_target_modules
+from rlhf_pipe.errors import ConfigError
 
 ADAPTER = "default"  # peft's adapter name
 FILE_PREFIX = "base_model.model."  # peft's save_pretrained prefix; vLLM strips it
@@ -39,24 +39,21 @@ def has_lora(model: nn.Module) -> bool:
     return getattr(model, "rlhf_lora", None) is not None
 
 
-def peft_config(tc: TrainerConfig):
+def peft_config(peft_kwargs: dict):
+    """peft's LoraConfig from `cfg.plan.lora[role].peft_kwargs()` (r, lora_alpha, lora_dropout,
+    target_modules; rlhf_pipe.config.LoraSettings)."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=tc.lora_dim,
-        lora_alpha=tc.lora_alpha,
-        lora_dropout=tc.lora_dropout,
-        target_modules=lora_target_modules(tc.lora_layer),
-        bias="none",
-    )
+    return LoraConfig(**peft_kwargs, bias="none")
 
 
-def apply_lora(model: nn.Module, tc: TrainerConfig, src: str, role: str) -> nn.Module:
+def apply_lora(model: nn.Module, peft_kwargs: dict, src: str, role: str) -> nn.Module:
     """Inject a fresh adapter (B = 0, so the model's outputs are unchanged) and freeze the
-    base. A lora_layer that matches nothing is a config error naming the key."""
+    base. A lora_layer that matches nothing is a config error naming the key: checked here,
+    not when the config loads, because only the loaded model knows its module names."""
     from peft import inject_adapter_in_model
 
-    config = peft_config(tc)
+    config = peft_config(peft_kwargs)
     # A critic's value head is new: it trains in full, not through an adapter.
     config.exclude_modules = [
         h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)
@@ -199,20 +196,8 @@ def dropout_active(model: nn.Module):
             m.eval()
 
 
-def sync_mode(cfg) -> str | None:
-    """'merged' or 'adapter' for a LoRA policy, None without LoRA. 'auto' is 'merged': on the
-    CPU, vLLM's LoRA path generated 2-3x slower, which outweighed the faster sync at both
-    sizes measured (tiny; Qwen2-0.5B shape: 1.4 s merged vs 0.05 s adapter sync, 108 vs 55
-    tokens/s; BENCHMARKS.md, "LoRA weight sync")."""
-    policy = cfg.model_configs.policy
-    if not policy.trainer_config.enable_lora:
-        return None
-    mode = policy.generator_config.lora_sync
-    return "merged" if mode == "auto" else mode
-
-
-def engine_lora(cfg) -> dict | None:
+def engine_lora(plan) -> dict | None:
     """The adapter config a vLLM engine needs in 'adapter' mode (None otherwise)."""
-    if sync_mode(cfg) != "adapter":
+    if plan.lora_sync != "adapter":
         return None
-    return peft_config(cfg.model_configs.policy.trainer_config).to_dict()
+    return peft_config(plan.lora["policy"].peft_kwargs()).to_dict()

@@ -64,7 +64,7 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
-from rlhf_pipe.config import GeneratorConfig, RunConfig, reward_has_model, reward_scorers
+from rlhf_pipe.config import GeneratorConfig, RunConfig
 from rlhf_pipe.protocols import TRAINING_ROLES, Role
 
 ROLES = tuple(Role)  # placement order; Role.config_key is each role's model_configs entry
@@ -250,7 +250,7 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
                     f"data-parallel only, expected 1, got {par.tensor.get('size')!r}",
                 )
             )
-        on_gpu = role != "reward" or reward_has_model(model)
+        on_gpu = role != "reward" or cfg.plan.reward_has_model
         specs[role] = RoleSpec(
             role,
             size if on_gpu else 0,
@@ -260,7 +260,7 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
             on_gpu=on_gpu,
         )
     if "reward" in specs and not specs["reward"].on_gpu:
-        notes.append(f"reward: {', '.join(reward_scorers(mc.reward))} (no learned model), no GPU")
+        notes.append(f"reward: {', '.join(cfg.plan.reward_scorers)} (no learned model), no GPU")
 
     def colocate(guest: str, host: str, switch: str) -> None:
         if guest not in specs or not specs[guest].on_gpu or host not in specs:
@@ -406,6 +406,7 @@ def _local_gpus(cfg: RunConfig, local_ranks: int, problems: list) -> list[int]:
     mapping = cfg.placement_config.local_rank_gpus
     if mapping is None:
         return list(range(local_ranks))
+    # Not checked at load: the local rank count comes from the layout (--gpus-per-node, nnodes).
     if len(mapping) != local_ranks or not all(type(g) is int and g >= 0 for g in mapping):
         problems.append(
             (
@@ -525,24 +526,24 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
 
     # Each dp rank gets an equal share of every pipeline micro-batch. The share splits into
     # whole train (actor, critic) and infer micro-batches.
-    t = cfg.train_config
+    t, pipe_micro_bs = cfg.train_config, cfg.plan.pipe_micro_bs
     shares, split_bad = [], None
     for role, spec in p.roles.items():
         if role == "rollout" or not spec.on_gpu:
             continue
-        share, rest = divmod(t.pipe_micro_bs, spec.size)
+        share, rest = divmod(pipe_micro_bs, spec.size)
         sizes = [("infer_micro_bs", t.infer_micro_bs)]
         if role in TRAINING_ROLES:
             sizes.insert(0, ("train_micro_bs", t.train_micro_bs))
         if rest and split_bad is None:
             split_bad = (
-                f"pipe_micro_bs {t.pipe_micro_bs} does not split evenly over {role} dp {spec.size}"
+                f"pipe_micro_bs {pipe_micro_bs} does not split evenly over {role} dp {spec.size}"
             )
         for name, mbs in sizes:
             if not rest and share % mbs and split_bad is None:
                 split_bad = (
                     f"{role} gets {share} samples per rank of each micro-batch "
-                    f"(pipe_micro_bs {t.pipe_micro_bs} / dp {spec.size}), not a "
+                    f"(pipe_micro_bs {pipe_micro_bs} / dp {spec.size}), not a "
                     f"multiple of train_config.{name} {mbs}"
                 )
         shares.append(f"{role} {share}")
@@ -550,8 +551,7 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
         Check(
             "micro-batch split",
             split_bad is None,
-            split_bad
-            or f"a micro-batch of {t.pipe_micro_bs} gives each rank: " + ", ".join(shares),
+            split_bad or f"a micro-batch of {pipe_micro_bs} gives each rank: " + ", ".join(shares),
         )
     )
     return out
@@ -607,7 +607,9 @@ def model_size(cfg: RunConfig, role: str) -> ModelSize:
     path = model.model_path if model is not None else None
     if name == "reward" and model is not None and not path:
         # Several learned scorers: the estimate counts the first one only (see README).
-        path = next((sc.model_path for sc in reward_scorers(model).values() if sc.model_path), None)
+        path = next(
+            (sc.model_path for sc in cfg.plan.reward_scorers.values() if sc.model_path), None
+        )
     if path and os.path.isfile(os.path.join(path, "config.json")):
         try:
             with open(os.path.join(path, "config.json")) as f:
@@ -858,7 +860,7 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
         f"{_plural(p.nnodes, 'nodes')} of {p.gpus_per_node} ({p.gpus_per_node_from})",
         f"batch: {cfg.prompt_dataset_config.samples_each_epoch} prompts x "
         f"n={cfg.rollout_config.n} per step, PIPE_MICRO_BATCH_NUM {cfg.pipe_micro_batch_num}"
-        f" -> pipe_micro_bs {t.pipe_micro_bs}; train_micro_bs {t.train_micro_bs}, "
+        f" -> pipe_micro_bs {cfg.plan.pipe_micro_bs}; train_micro_bs {t.train_micro_bs}, "
         f"infer_micro_bs {t.infer_micro_bs}",
         "",
         "roles:",

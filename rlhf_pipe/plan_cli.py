@@ -1,7 +1,8 @@
 """`rlhf-pipe plan CONFIG [--nnodes N --gpus-per-node G]`: rank/GPU map, memory, checks.
 
 It needs no GPU, and the config's model folders need not exist here: the config is loaded
-with RLHF_PIPE_SKIP_PATH_CHECKS=1, which skips only the model-folder existence checks. The
+with check_paths=False, which skips only the checks against this machine (model folders,
+token_env variables). The
 plan goes to stdout. Each failed check prints one line on stderr,
 "error: <config>: placement: <message>", and the exit code is then 2.
 """
@@ -11,13 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import contextmanager
 
 from rlhf_pipe.run_args import add_config_arguments
 from rlhf_pipe.run_args import overrides as run_overrides
 
 USAGE_ERROR = 2
-SKIP_PATHS = "RLHF_PIPE_SKIP_PATH_CHECKS"
 
 
 def _positive_int(text: str) -> int:
@@ -50,25 +49,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-@contextmanager
-def _skip_path_checks():
-    old = os.environ.get(SKIP_PATHS)
-    os.environ[SKIP_PATHS] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(SKIP_PATHS, None)
-        else:
-            os.environ[SKIP_PATHS] = old
-
-
 def load_for_plan(path, overrides: dict | None = None):
     """load_config without the model-folder existence checks (every other check still runs)."""
-    from rlhf_pipe.config import load_config
+    from rlhf_pipe.validation import load_config
 
-    with _skip_path_checks():
-        return load_config(path, overrides)
+    return load_config(path, overrides, check_paths=False)
 
 
 def cmd_plan(args) -> int:

@@ -506,7 +506,7 @@ def choose_packing(model: nn.Module, mode, role: str, source: str = "config") ->
     the samples apart, or fails in one line; False pads."""
     if mode is False:
         return False
-    ok, why = packing_supported(model)
+    ok, why = packing_supported(model)  # run-time: the loaded model's attention
     if mode is True:
         if not ok:
             raise ValueError(

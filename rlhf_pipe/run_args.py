@@ -86,7 +86,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The dotted-key overrides of a parsed command line, later ones first in precedence."""
-    from rlhf_pipe.config import parse_override
+    from rlhf_pipe.validation import parse_override
 
     out: dict[str, Any] = {}
     for flag, text in getattr(args, "overrides", None) or []:
@@ -106,7 +106,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_run_config(args: argparse.Namespace):
-    from rlhf_pipe.config import load_config
+    from rlhf_pipe.validation import load_config
 
     return load_config(args.config, overrides(args))
 

@@ -128,6 +128,8 @@ def _run_ranks(cfg, args, world, rank) -> int:
     from rlhf_pipe.placement import check, errors, make_placement
 
     placement = make_placement(cfg)
+    # The layout checks need torchrun's WORLD_SIZE, so they run here, not at load
+    # (rlhf_pipe.validation's module docstring lists every check kept out of it).
     problems = errors(placement, check(placement, world))
     if problems:
         raise UserError(problems[0])
@@ -349,7 +351,7 @@ def _bench(args, trainer, placement) -> None:
         runs,
         timelines,
         skipped_streaming(
-            cfg.model_configs.policy.generator_config.generator_type,
+            cfg.plan.generator.generator_type,
             "skipped (--no-streaming)" if args.no_streaming else STREAMING_PENDING,
         ),
         args.out,
@@ -415,7 +417,7 @@ def _gpu_of(cfg, rank: int):
     local = rank % local_world
     mapping = cfg.placement_config.local_rank_gpus
     if mapping:
-        count = torch.cuda.device_count()
+        count = torch.cuda.device_count()  # run-time facts: GPU count, LOCAL_WORLD_SIZE
         if len(mapping) != local_world or not all(
             type(g) is int and 0 <= g < max(count, 1) for g in mapping
         ):
@@ -442,10 +444,8 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
     a GPU. 'auto' falls back to gloo (through host memory) otherwise."""
     import torch
 
-    from rlhf_pipe.lora import sync_mode
-
     choice = cfg.train_config.weight_sync_backend
-    if choice == "gloo" or sync_mode(cfg) == "adapter":  # an adapter goes as a LoRARequest
+    if choice == "gloo" or cfg.plan.lora_sync == "adapter":  # an adapter goes as a LoRARequest
         return False
     actor_rank = role_ranks["actor"][0]
     engine_gpus = {_gpu_of(cfg, r) for group in placement.engines for r in group}
@@ -454,6 +454,7 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
         and torch.cuda.is_available()
         and _gpu_of(cfg, actor_rank) not in engine_gpus
     )
+    # Run-time: which GPUs the actor and engines got. Not at load: one process never syncs.
     if choice == "nccl" and not possible:
         raise UserError(
             f"{cfg.source}: train_config.weight_sync_backend: 'nccl' needs the "

@@ -69,8 +69,8 @@ def step_sizes(cfg: RunConfig) -> StepSizes:
     """The derived sizes a step plan reads, all in one place (validation computes them)."""
     return StepSizes(
         cfg.prompt_dataset_config.samples_each_epoch,
-        cfg.samples_per_step,
-        cfg.train_config.pipe_micro_bs,
+        cfg.plan.samples_per_step,
+        cfg.plan.pipe_micro_bs,
     )
 
 
@@ -95,7 +95,7 @@ class RLHFTrainer:
         self.tokenizer = build_tokenizer(cfg)
         self.pad_id = self.tokenizer.pad_token_id
         # Data first: a bad prompt file is reported before any model or engine is built.
-        self.batch_generation = cfg.model_configs.policy.generator_config.batch_generation
+        self.batch_generation = cfg.plan.generator.batch_generation
         self.prompts = build_prompt_source(cfg, self.tokenizer)
         self.relay = RelayBuffer(t.max_relay_episode, t.relay_episode_offset)
         self.relay_sample_fn = None
@@ -171,7 +171,7 @@ class RLHFTrainer:
     @classmethod
     def from_config(cls, path: str, overrides: dict | None = None, **kwargs) -> RLHFTrainer:
         """`RLHFTrainer.from_config("cfg.py", {"train_config.max_train_step": 5}).learn()`."""
-        from rlhf_pipe.config import load_config
+        from rlhf_pipe.validation import load_config
 
         return cls(load_config(path, overrides), **kwargs)
 

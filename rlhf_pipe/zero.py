@@ -40,69 +40,9 @@ from rlhf_pipe.checkpoint import CheckpointError
 from rlhf_pipe.models import save_hf
 from rlhf_pipe.pipeline.batch import chunks
 from rlhf_pipe.roles import CriticRole, PolicyRole, ReferenceRole, RewardRole, warmup_schedule
+from rlhf_pipe.validation import zero_stage  # the deepspeed_config checks live there
 
 logger = logging.getLogger(__name__)
-
-# Keys rlhf_pipe sets itself (from trainer_config / train_config); a user value would be ignored.
-_OWNED_KEYS = (
-    "optimizer",
-    "scheduler",
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "managed_gradient_accumulation",
-)
-
-
-def zero_stage(ds: dict) -> int:
-    return int((ds.get("zero_optimization") or {}).get("stage", 0))
-
-
-def deepspeed_problem(role: str, tc) -> tuple[str, str] | None:
-    """(sub-key, message) for a deepspeed_config rlhf_pipe cannot honour, else None.
-    `role` is the model_configs name: policy, critic, reference or reward. Pure: no I/O."""
-    ds = tc.deepspeed_config
-    trained = role in ("policy", "critic")
-    for key in _OWNED_KEYS:
-        if key in ds:
-            return key, (
-                "set by rlhf_pipe (lr, betas, eps, weight_decay, lr_warmup_steps from "
-                "trainer_config; batch sizes from train_config): remove it"
-            )
-    zero = ds.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        return "zero_optimization", f"expected a dict, got {zero!r}"
-    stage = zero.get("stage", 0)
-    allowed = (2, 3) if trained else (3,)
-    if stage not in allowed or isinstance(stage, bool):
-        why = (
-            ""
-            if trained
-            else ": a forward-only model has no gradients or optimizer "
-            "state to partition, only weights (ZeRO-3)"
-        )
-        return "zero_optimization.stage", (
-            f"expected {' or '.join(map(str, allowed))}{why}, got {stage!r}"
-        )
-    if (ds.get("fp16") or {}).get("enabled"):
-        return "fp16.enabled", (
-            "fp16 needs dynamic loss scaling, which the batch normaliser "
-            "(carried as the loss scale) excludes: use bf16"
-        )
-    bf16 = bool((ds.get("bf16") or {}).get("enabled"))
-    if bf16 != (tc.torch_dtype == "bfloat16"):
-        return "bf16.enabled", (
-            f"is {bf16}, but trainer_config.torch_dtype is "
-            f"{tc.torch_dtype!r}: set both to bf16 or neither"
-        )
-    if trained and "gradient_clipping" in ds:
-        clip = ds["gradient_clipping"]
-        if clip != (tc.max_grad_norm or 0.0):
-            return "gradient_clipping", (
-                f"{clip!r} differs from trainer_config.max_grad_norm="
-                f"{tc.max_grad_norm!r}: give it once, in max_grad_norm"
-            )
-    return None
 
 
 def offloads_optimizer(ds: dict) -> bool:

@@ -59,7 +59,7 @@ def fresh_engine(vllm_engine, initial_policy_weights):
 
 def tiny_config(tmp_path, **overrides):
     """The tiny example config with dotted-key overrides, quiet, writing under tmp_path."""
-    from rlhf_pipe.config import load_config
+    from rlhf_pipe.validation import load_config
 
     base = {
         "train_config.work_dir": str(tmp_path / "run"),

@@ -16,9 +16,10 @@ import sys
 
 import pytest
 
-from rlhf_pipe.config import SECTIONS, ConfigError, PlacementConfig, load_config
+from rlhf_pipe.config import SECTIONS, ConfigError, PlacementConfig
 from rlhf_pipe.data import DataError, PromptSource, parse_dataset_spec
 from rlhf_pipe.models import ModelLoadError, check_tokenizer_matches, load_tokenizer
+from rlhf_pipe.validation import load_config
 from tests.conftest import ROOT, TINY_CONFIG, tiny_config
 
 # The "(known: ...)" lists of sections that grow with the schema; the rest is spelled out.

@@ -18,9 +18,10 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from rlhf_pipe.config import SECTIONS, ConfigError, RunConfig, from_dict
+from rlhf_pipe.config import SECTIONS, ConfigError, RunConfig
 from rlhf_pipe.data import DataError, PromptSource, parse_dataset_spec, read_records
 from rlhf_pipe.models import load_tokenizer
+from rlhf_pipe.validation import from_dict
 from tests.conftest import TINY_CONFIG
 
 SOURCE = "fuzz.py"
@@ -182,9 +183,10 @@ def test_fuzz_from_dict(base_raw, tiny_assets, ops, extra):
         return
     event("valid")
     # A config that passes is one the trainer can slice: every size divides.
-    t, total, m = cfg.train_config, cfg.samples_per_step, cfg.pipe_micro_batch_num
-    assert t.pipe_micro_bs * m == total
-    assert t.pipe_micro_bs % t.train_micro_bs == 0 and t.pipe_micro_bs % t.infer_micro_bs == 0
+    t, total, m = cfg.train_config, cfg.plan.samples_per_step, cfg.pipe_micro_batch_num
+    assert cfg.plan.pipe_micro_bs * m == total
+    mbs = cfg.plan.pipe_micro_bs
+    assert mbs % t.train_micro_bs == 0 and mbs % t.infer_micro_bs == 0
     assert total % t.num_mini_batches == 0
     assert (total // t.num_mini_batches) % t.train_micro_bs == 0
     assert cfg.model_configs.policy.model_path

@@ -30,7 +30,7 @@ def _adapter_engine(tiny_assets, cfg):
         seed=0,
         max_model_len=64,
         gpu_memory_utilization=0.3,
-        lora=lora.engine_lora(cfg),
+        lora=lora.engine_lora(cfg.plan),
         engine_kwargs={"kv_cache_memory_bytes": 128 * 2**20},
     )
 
@@ -296,12 +296,12 @@ def test_lora_layer_aliases_map_to_hf_names():
 
 
 def test_sync_mode_auto_is_merged(tmp_path):
-    assert lora.sync_mode(tiny_config(tmp_path)) is None  # no LoRA
-    assert lora.sync_mode(tiny_config(tmp_path, **LORA)) == "merged"
+    assert tiny_config(tmp_path).plan.lora_sync is None  # no LoRA
+    assert tiny_config(tmp_path, **LORA).plan.lora_sync == "merged"
     adapter = {"model_configs.policy.generator_config.lora_sync": "adapter"}
-    assert lora.sync_mode(tiny_config(tmp_path, **LORA, **adapter)) == "adapter"
-    assert lora.engine_lora(tiny_config(tmp_path, **LORA, **adapter))["r"] == 8
-    assert lora.engine_lora(tiny_config(tmp_path, **LORA)) is None  # a plain engine
+    assert tiny_config(tmp_path, **LORA, **adapter).plan.lora_sync == "adapter"
+    assert lora.engine_lora(tiny_config(tmp_path, **LORA, **adapter).plan)["r"] == 8
+    assert lora.engine_lora(tiny_config(tmp_path, **LORA).plan) is None  # a plain engine
 
 
 def test_hf_rollout_backend_gets_merged_weights(tmp_path):

@@ -1,18 +1,17 @@
 """`rlhf-pipe plan` and rlhf_pipe.placement: rank maps of the examples, checks, memory arithmetic.
 
 Pure planning: no GPU, no torch.distributed. The cluster examples point at model folders that
-do not exist here; plan loads them with RLHF_PIPE_SKIP_PATH_CHECKS=1.
+do not exist here; plan loads them with check_paths=False.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import pytest
 
-from rlhf_pipe.config import ConfigError, load_config
+from rlhf_pipe.config import ConfigError
 from rlhf_pipe.placement import (
     ROLES,
     ModelSize,
@@ -27,6 +26,7 @@ from rlhf_pipe.placement import (
     train_state_gb,
 )
 from rlhf_pipe.plan_cli import add_parser, load_for_plan
+from rlhf_pipe.validation import load_config
 from tests.conftest import ROOT, TINY_CONFIG
 
 EXAMPLES = ROOT / "examples" / "rlhf"
@@ -39,7 +39,6 @@ ONE = EXAMPLES / "qwen2_0_5b_colocate_1gpu.py"
 @pytest.fixture(autouse=True)
 def _no_torchrun_env(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.delenv("RLHF_PIPE_SKIP_PATH_CHECKS", raising=False)
 
 
 def plan(path, overrides=None, nnodes=None, gpus_per_node=None):
@@ -108,7 +107,7 @@ def test_32gpu_reference_layout():
     assert (
         cfg.prompt_dataset_config.samples_each_epoch,
         cfg.pipe_micro_batch_num,
-        cfg.train_config.pipe_micro_bs,
+        cfg.plan.pipe_micro_bs,
     ) == (128, 4, 32)
     assert (cfg.prompt_dataset_config.max_len, cfg.rollout_config.max_new_tokens) == (1536, 512)
     r = cfg.repeater_config
@@ -149,7 +148,6 @@ def test_plan_cli_passes_on_examples(path, capsys):
     assert "FAIL" not in out and "WARNING" not in out
     assert out.count("PASS") == 6
     assert "rank map" in out and "memory per GPU" in out
-    assert os.environ.get("RLHF_PIPE_SKIP_PATH_CHECKS") is None  # restored after loading
 
 
 def test_cluster_examples_need_the_skip_to_load():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_pipe.config import ConfigError, RewardScorerConfig, reward_scorers
+from rlhf_pipe.config import ConfigError, RewardScorerConfig
 from rlhf_pipe.trainer import sampling_settings
 from tests.conftest import TINY_CONFIG, tiny_config
 
@@ -27,7 +27,7 @@ def _scorers(tiny_assets, **extra):
 
 def test_scorers_load_in_order_with_weights(tmp_path, tiny_assets):
     cfg = tiny_config(tmp_path, **_scorers(tiny_assets))
-    got = reward_scorers(cfg.model_configs.reward)
+    got = cfg.plan.reward_scorers
     assert list(got) == ["rm", "remote", "digits"]
     assert [s.weight for s in got.values()] == [0.5, 2.0, 1.0]
     assert got["remote"].batch_size == 4 and isinstance(got["rm"], RewardScorerConfig)
@@ -35,7 +35,7 @@ def test_scorers_load_in_order_with_weights(tmp_path, tiny_assets):
 
 def test_single_model_and_function_keep_their_meaning(tmp_path, tiny_assets):
     cfg = tiny_config(tmp_path, **{"model_configs.reward.model_path": str(tiny_assets.reward)})
-    got = reward_scorers(cfg.model_configs.reward)
+    got = cfg.plan.reward_scorers
     assert list(got) == ["model", "reward_fn"]
     assert got["model"].model_path == str(tiny_assets.reward) and got["model"].weight == 1.0
     assert got["reward_fn"].reward_fn == "rlhf_pipe.assets.tiny:digit_reward"
@@ -195,14 +195,14 @@ def test_sampling_settings_reach_the_engine_request(tmp_path):
 
 
 def test_two_scorer_example_loads(tmp_path, monkeypatch):
-    from rlhf_pipe.config import load_config
+    from rlhf_pipe.validation import load_config
     from tests.conftest import ROOT
 
     path = ROOT / "examples" / "rlhf" / "tiny_two_scorers_cpu.py"
     monkeypatch.delenv("RLHF_PIPE_REWARD_URL", raising=False)
-    assert list(reward_scorers(load_config(path).model_configs.reward)) == ["digits", "rm"]
+    assert list(load_config(path).plan.reward_scorers) == ["digits", "rm"]
     monkeypatch.setenv("RLHF_PIPE_REWARD_URL", f"https://bob:{SECRET}@rm.example/score")
-    got = reward_scorers(load_config(path).model_configs.reward)
+    got = load_config(path).plan.reward_scorers
     assert list(got) == ["digits", "rm", "remote"] and got["remote"].token_env is None
 
 
