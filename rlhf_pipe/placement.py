@@ -261,6 +261,12 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
         )
     if "reward" in specs and not specs["reward"].on_gpu:
         notes.append(f"reward: {', '.join(reward_scorers(mc.reward))} (no learned model), no GPU")
+    _colocate(pc, specs, notes)
+    return specs, problems, notes
+
+
+def _colocate(pc, specs: dict[str, RoleSpec], notes: list[str]) -> None:
+    """Give the guests of placement_config's colocate_* switches their host, in `specs`."""
 
     def colocate(guest: str, host: str, switch: str) -> None:
         if guest not in specs or not specs[guest].on_gpu or host not in specs:
@@ -294,7 +300,6 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
             "ref_reward_offload: reference and reward have GPUs of their own, "
             "offloading saves nothing"
         )
-    return specs, problems, notes
 
 
 def _with_host(spec: RoleSpec, host: str) -> RoleSpec:
@@ -318,48 +323,11 @@ def make_placement(
     gpn = gpus_per_node or cfg.placement_config.gpus_per_node
     device = "cpu" if cfg.placement_config.device == "cpu" else "cuda"
 
-    # Rule 1: owners get consecutive ranks in ROLES order.
-    own: dict[str, list[int]] = {}
-    next_rank = 0
-    for role, spec in specs.items():
-        if spec.on_gpu and spec.host is None:
-            own[role] = list(range(next_rank, next_rank + spec.size))
-            next_rank += spec.size
-    world_size = next_rank
+    own = _owner_ranks(specs)
+    world_size = sum(len(r) for r in own.values())
 
-    # Rule 3: guests take every (host/guest)-th host rank.
-    ranks_of: dict[str, list[int]] = dict(own)
-    for role, spec in specs.items():
-        if spec.host is None:
-            continue
-        host_ranks = own[spec.host]
-        if role == "rollout" and spec.generator == "hf":
-            ranks_of[role] = host_ranks
-            continue
-        stride = max(1, len(host_ranks) // max(spec.size, 1))
-        ranks_of[role] = host_ranks[::stride][: spec.size]
-        ok = spec.size == len(host_ranks) if role == "rollout" else len(host_ranks) % spec.size == 0
-        if not ok:
-            rule = "must equal" if role == "rollout" else "must divide"
-            problems.append(
-                (
-                    "colocation",
-                    f"{role} on the {spec.host}'s ranks: {role} size "
-                    f"{spec.size} ({spec.key}) {rule} {spec.host} dp {len(host_ranks)}",
-                )
-            )
-
-    groups: dict[str, list[list[int]]] = {}
-    for role, spec in specs.items():
-        if role not in ranks_of:
-            continue
-        r = ranks_of[role]
-        if role == "rollout":
-            width = 1 if spec.generator == "hf" else spec.tp
-            groups[role] = [r[i : i + width] for i in range(0, len(r), width)]
-        else:
-            groups[role] = [r]
-
+    ranks_of = _guest_ranks(specs, own, problems)
+    groups = _rank_groups(specs, ranks_of)
     rollout = specs.get("rollout")
     if rollout and rollout.generator == "vllm" and gpn % rollout.tp:
         per_node = "processes-per-node" if device == "cpu" else "gpus-per-node"
@@ -370,7 +338,6 @@ def make_placement(
                 "(an engine must not straddle nodes)",
             )
         )
-
     engine_of = {rank: i for i, group in enumerate(groups.get("rollout", [])) for rank in group}
     gpu_of = _local_gpus(cfg, min(gpn, max(world_size, 1)), problems)
     ranks = [
@@ -399,6 +366,60 @@ def make_placement(
         problems,
         notes,
     )
+
+
+def _owner_ranks(specs: dict[str, RoleSpec]) -> dict[str, list[int]]:
+    """Rule 1: owners get consecutive ranks in ROLES order."""
+    own: dict[str, list[int]] = {}
+    next_rank = 0
+    for role, spec in specs.items():
+        if spec.on_gpu and spec.host is None:
+            own[role] = list(range(next_rank, next_rank + spec.size))
+            next_rank += spec.size
+    return own
+
+
+def _guest_ranks(
+    specs: dict[str, RoleSpec], own: dict[str, list[int]], problems: list
+) -> dict[str, list[int]]:
+    """Every role's ranks: the owners' own, and (rule 3) each guest every (host/guest)-th
+    rank of its host."""
+    ranks_of: dict[str, list[int]] = dict(own)
+    for role, spec in specs.items():
+        if spec.host is None:
+            continue
+        host_ranks = own[spec.host]
+        if role == "rollout" and spec.generator == "hf":
+            ranks_of[role] = host_ranks
+            continue
+        stride = max(1, len(host_ranks) // max(spec.size, 1))
+        ranks_of[role] = host_ranks[::stride][: spec.size]
+        ok = spec.size == len(host_ranks) if role == "rollout" else len(host_ranks) % spec.size == 0
+        if not ok:
+            rule = "must equal" if role == "rollout" else "must divide"
+            problems.append(
+                (
+                    "colocation",
+                    f"{role} on the {spec.host}'s ranks: {role} size "
+                    f"{spec.size} ({spec.key}) {rule} {spec.host} dp {len(host_ranks)}",
+                )
+            )
+    return ranks_of
+
+
+def _rank_groups(specs: dict[str, RoleSpec], ranks_of: dict) -> dict[str, list[list[int]]]:
+    """A role's rank groups: one per engine for the rollout, one for a trainer."""
+    groups: dict[str, list[list[int]]] = {}
+    for role, spec in specs.items():
+        if role not in ranks_of:
+            continue
+        r = ranks_of[role]
+        if role == "rollout":
+            width = 1 if spec.generator == "hf" else spec.tp
+            groups[role] = [r[i : i + width] for i in range(0, len(r), width)]
+        else:
+            groups[role] = [r]
+    return groups
 
 
 def _local_gpus(cfg: RunConfig, local_ranks: int, problems: list) -> list[int]:
