@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import random
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from rlhf_pipe import lora
-from rlhf_pipe.config import ConfigError, ModelConfig, RunConfig
+from rlhf_pipe.config import (
+    ConfigError,
+    ModelConfig,
+    PromptDatasetConfig,
+    RunConfig,
+)
 from rlhf_pipe.data import PromptSource, parse_dataset_spec
 from rlhf_pipe.models import (
     check_tokenizer_matches,
@@ -300,6 +308,27 @@ def build_prompt_source(cfg: RunConfig, tokenizer) -> PromptSource:
         pd.shuffle,
         pd.seed,
         min_len=cfg.plan.generator.batch_generation.min_prompt_length,
+    )
+
+
+def build_text_prompt_source(
+    prompts: list[str], pd: PromptDatasetConfig, tokenizer, min_len: int
+) -> PromptSource:
+    """A prompt source over these prompt texts (rendered with the chat template when there is
+    one), drawn with prompt_dataset_config's sizes: the trainer's set_prompts."""
+    if not prompts:
+        raise ValueError("set_prompts: the list is empty")
+    path = Path(tempfile.mkdtemp(prefix="rlhf_pipe_prompts_")) / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return PromptSource(
+        [parse_dataset_spec(str(path))],
+        tokenizer,
+        pd.samples_each_epoch,
+        pd.max_len,
+        "prompt",
+        pd.shuffle,
+        pd.seed,
+        min_len=min_len,
     )
 
 

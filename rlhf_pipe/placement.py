@@ -261,6 +261,12 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
         )
     if "reward" in specs and not specs["reward"].on_gpu:
         notes.append(f"reward: {', '.join(cfg.plan.reward_scorers)} (no learned model), no GPU")
+    _colocate(pc, specs, notes)
+    return specs, problems, notes
+
+
+def _colocate(pc, specs: dict[str, RoleSpec], notes: list[str]) -> None:
+    """Give the guests of placement_config's colocate_* switches their host, in `specs`."""
 
     def colocate(guest: str, host: str, switch: str) -> None:
         if guest not in specs or not specs[guest].on_gpu or host not in specs:
@@ -294,7 +300,6 @@ def role_specs(cfg: RunConfig) -> tuple[dict[str, RoleSpec], list[tuple[str, str
             "ref_reward_offload: reference and reward have GPUs of their own, "
             "offloading saves nothing"
         )
-    return specs, problems, notes
 
 
 def _with_host(spec: RoleSpec, host: str) -> RoleSpec:
@@ -318,48 +323,11 @@ def make_placement(
     gpn = gpus_per_node or cfg.placement_config.gpus_per_node
     device = "cpu" if cfg.placement_config.device == "cpu" else "cuda"
 
-    # Rule 1: owners get consecutive ranks in ROLES order.
-    own: dict[str, list[int]] = {}
-    next_rank = 0
-    for role, spec in specs.items():
-        if spec.on_gpu and spec.host is None:
-            own[role] = list(range(next_rank, next_rank + spec.size))
-            next_rank += spec.size
-    world_size = next_rank
+    own = _owner_ranks(specs)
+    world_size = sum(len(r) for r in own.values())
 
-    # Rule 3: guests take every (host/guest)-th host rank.
-    ranks_of: dict[str, list[int]] = dict(own)
-    for role, spec in specs.items():
-        if spec.host is None:
-            continue
-        host_ranks = own[spec.host]
-        if role == "rollout" and spec.generator == "hf":
-            ranks_of[role] = host_ranks
-            continue
-        stride = max(1, len(host_ranks) // max(spec.size, 1))
-        ranks_of[role] = host_ranks[::stride][: spec.size]
-        ok = spec.size == len(host_ranks) if role == "rollout" else len(host_ranks) % spec.size == 0
-        if not ok:
-            rule = "must equal" if role == "rollout" else "must divide"
-            problems.append(
-                (
-                    "colocation",
-                    f"{role} on the {spec.host}'s ranks: {role} size "
-                    f"{spec.size} ({spec.key}) {rule} {spec.host} dp {len(host_ranks)}",
-                )
-            )
-
-    groups: dict[str, list[list[int]]] = {}
-    for role, spec in specs.items():
-        if role not in ranks_of:
-            continue
-        r = ranks_of[role]
-        if role == "rollout":
-            width = 1 if spec.generator == "hf" else spec.tp
-            groups[role] = [r[i : i + width] for i in range(0, len(r), width)]
-        else:
-            groups[role] = [r]
-
+    ranks_of = _guest_ranks(specs, own, problems)
+    groups = _rank_groups(specs, ranks_of)
     rollout = specs.get("rollout")
     if rollout and rollout.generator == "vllm" and gpn % rollout.tp:
         per_node = "processes-per-node" if device == "cpu" else "gpus-per-node"
@@ -370,7 +338,6 @@ def make_placement(
                 "(an engine must not straddle nodes)",
             )
         )
-
     engine_of = {rank: i for i, group in enumerate(groups.get("rollout", [])) for rank in group}
     gpu_of = _local_gpus(cfg, min(gpn, max(world_size, 1)), problems)
     ranks = [
@@ -399,6 +366,60 @@ def make_placement(
         problems,
         notes,
     )
+
+
+def _owner_ranks(specs: dict[str, RoleSpec]) -> dict[str, list[int]]:
+    """Rule 1: owners get consecutive ranks in ROLES order."""
+    own: dict[str, list[int]] = {}
+    next_rank = 0
+    for role, spec in specs.items():
+        if spec.on_gpu and spec.host is None:
+            own[role] = list(range(next_rank, next_rank + spec.size))
+            next_rank += spec.size
+    return own
+
+
+def _guest_ranks(
+    specs: dict[str, RoleSpec], own: dict[str, list[int]], problems: list
+) -> dict[str, list[int]]:
+    """Every role's ranks: the owners' own, and (rule 3) each guest every (host/guest)-th
+    rank of its host."""
+    ranks_of: dict[str, list[int]] = dict(own)
+    for role, spec in specs.items():
+        if spec.host is None:
+            continue
+        host_ranks = own[spec.host]
+        if role == "rollout" and spec.generator == "hf":
+            ranks_of[role] = host_ranks
+            continue
+        stride = max(1, len(host_ranks) // max(spec.size, 1))
+        ranks_of[role] = host_ranks[::stride][: spec.size]
+        ok = spec.size == len(host_ranks) if role == "rollout" else len(host_ranks) % spec.size == 0
+        if not ok:
+            rule = "must equal" if role == "rollout" else "must divide"
+            problems.append(
+                (
+                    "colocation",
+                    f"{role} on the {spec.host}'s ranks: {role} size "
+                    f"{spec.size} ({spec.key}) {rule} {spec.host} dp {len(host_ranks)}",
+                )
+            )
+    return ranks_of
+
+
+def _rank_groups(specs: dict[str, RoleSpec], ranks_of: dict) -> dict[str, list[list[int]]]:
+    """A role's rank groups: one per engine for the rollout, one for a trainer."""
+    groups: dict[str, list[list[int]]] = {}
+    for role, spec in specs.items():
+        if role not in ranks_of:
+            continue
+        r = ranks_of[role]
+        if role == "rollout":
+            width = 1 if spec.generator == "hf" else spec.tp
+            groups[role] = [r[i : i + width] for i in range(0, len(r), width)]
+        else:
+            groups[role] = [r]
+    return groups
 
 
 def _local_gpus(cfg: RunConfig, local_ranks: int, problems: list) -> list[int]:
@@ -447,9 +468,19 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
     world_size: the launcher's WORLD_SIZE, if known. Checks that it equals the ranks needed.
     The `world size` check runs only when the placement was made with `nnodes`.
     """
-    p, cfg = placement, placement.cfg
-    unit = "CPU processes" if p.device == "cpu" else "GPUs"
+    p = placement
     per_node = "processes-per-node" if p.device == "cpu" else "gpus-per-node"
+    return (
+        _size_checks(p, world_size, per_node)
+        + _problem_checks(p, per_node)
+        + [_micro_batch_split_check(p)]
+    )
+
+
+def _size_checks(p: Placement, world_size: int | None, per_node: str) -> list[Check]:
+    """'world size' (with nnodes), 'WORLD_SIZE' (with the launcher's) and 'total GPUs'."""
+    cfg = p.cfg
+    unit = "CPU processes" if p.device == "cpu" else "GPUs"
     out: list[Check] = []
     need = p.world_size
 
@@ -492,6 +523,13 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
             f"needs {_plural(need, unit)} = {' + '.join(owners)}: {shape}{shared}",
         )
     )
+    return out
+
+
+def _problem_checks(p: Placement, per_node: str) -> list[Check]:
+    """The checks that report the problems found while making the placement."""
+    cfg = p.cfg
+    out: list[Check] = []
 
     # A failed check reports its first problem. The other problems are in placement.problems.
     def from_problems(name: str, ok_message: str) -> None:
@@ -523,10 +561,13 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
             "local ranks on GPUs "
             + ", ".join(f"{r.local_rank}->{r.gpu}" for r in p.ranks[: p.gpus_per_node]),
         )
+    return out
 
+
+def _micro_batch_split_check(p: Placement) -> Check:
     # Each dp rank gets an equal share of every pipeline micro-batch. The share splits into
     # whole train (actor, critic) and infer micro-batches.
-    t, pipe_micro_bs = cfg.train_config, cfg.plan.pipe_micro_bs
+    t, pipe_micro_bs = p.cfg.train_config, p.cfg.plan.pipe_micro_bs
     shares, split_bad = [], None
     for role, spec in p.roles.items():
         if role == "rollout" or not spec.on_gpu:
@@ -547,14 +588,11 @@ def check(placement: Placement, world_size: int | None = None) -> list[Check]:
                     f"multiple of train_config.{name} {mbs}"
                 )
         shares.append(f"{role} {share}")
-    out.append(
-        Check(
-            "micro-batch split",
-            split_bad is None,
-            split_bad or f"a micro-batch of {pipe_micro_bs} gives each rank: " + ", ".join(shares),
-        )
+    return Check(
+        "micro-batch split",
+        split_bad is None,
+        split_bad or f"a micro-batch of {pipe_micro_bs} gives each rank: " + ", ".join(shares),
     )
-    return out
 
 
 def errors(placement: Placement, checks: list[Check]) -> list[str]:
@@ -721,8 +759,6 @@ def estimate_memory(placement: Placement, gpu_mem_gb: float = 80.0) -> MemoryEst
     report host RAM and skip the vLLM budget and the warnings."""
     p, cfg = placement, placement.cfg
     cpu = p.device == "cpu"
-    tokens = cfg.prompt_dataset_config.max_len + cfg.rollout_config.max_new_tokens
-    t = cfg.train_config
     roles, warnings = {}, []
     for role, spec in p.roles.items():
         if not spec.on_gpu:
@@ -730,46 +766,66 @@ def estimate_memory(placement: Placement, gpu_mem_gb: float = 80.0) -> MemoryEst
         size = model_size(cfg, role)
         if size.params is None:
             roles[role] = RoleMemory(role, size)
-            continue
-        tc = getattr(cfg.model_configs, Role(role).config_key).trainer_config
-        if role == "rollout":
-            if spec.generator == "hf":  # generates with the actor's own weights
-                roles[role] = RoleMemory(role, size, weights=0.0)
-                continue
-            dtype = cfg.rollout_config.dtype
-            dtype = tc.torch_dtype if dtype == "auto" else dtype
-            weights = size.params * (4 if dtype == "float32" else 2) / spec.tp / GB
-            budget = 0.0 if cpu else cfg.rollout_config.gpu_memory_utilization * gpu_mem_gb
-            roles[role] = RoleMemory(
-                role, size, weights, kv_cache=max(budget - weights, 0.0), budget=budget
-            )
-            if budget and weights >= budget:
-                warnings.append(
-                    f"rollout: weights {weights:.2f} GB per GPU exceed the vLLM budget "
-                    f"{cfg.rollout_config.gpu_memory_utilization:.2f} x {gpu_mem_gb:g}"
-                    f" = {budget:.2f} GB: no room for the KV cache"
-                )
-            continue
-        training = role in TRAINING_ROLES
-        act = activation_gb(
-            size,
-            tokens,
-            t.train_micro_bs,
-            t.infer_micro_bs,
-            training,
-            tc.gradient_checkpointing,
-            logits=role in ("actor", "reference"),
-        )
-        w, g, o = train_state_gb(size.params, spec.zero_stage, spec.size, tc.torch_dtype)
-        if not training:  # forward only: weights (ZeRO-3 partitions them), no grads, no Adam
-            g = o = 0.0
-        if "optimizer" in spec.offload:  # fp32 master, m and v live in CPU memory
-            o = 0.0
-        if "param" in spec.offload and spec.zero_stage == 3:  # gathered per layer only
-            w = 0.0
-        roles[role] = RoleMemory(role, size, w, g, o, act)
+        elif role == "rollout":
+            roles[role] = _rollout_memory(cfg, spec, size, 0.0 if cpu else gpu_mem_gb, warnings)
+        else:
+            roles[role] = _trainer_memory(cfg, role, spec, size)
+    per_rank = _per_rank_memory(p, roles)
+    if not cpu:
+        warnings += _memory_warnings(p, roles, per_rank, gpu_mem_gb)
+    return MemoryEstimate(gpu_mem_gb, roles, per_rank, warnings)
 
-    offload = cfg.placement_config.ref_reward_offload
+
+def _rollout_memory(
+    cfg: RunConfig, spec: RoleSpec, size: ModelSize, gpu_mem_gb: float, warnings: list[str]
+) -> RoleMemory:
+    """The engine's weights per GPU and its vLLM budget (gpu_mem_gb 0: a CPU plan, none)."""
+    if spec.generator == "hf":  # generates with the actor's own weights
+        return RoleMemory("rollout", size, weights=0.0)
+    assert size.params is not None
+    tc = cfg.model_configs.policy.trainer_config
+    dtype = cfg.rollout_config.dtype
+    dtype = tc.torch_dtype if dtype == "auto" else dtype
+    weights = size.params * (4 if dtype == "float32" else 2) / spec.tp / GB
+    budget = cfg.rollout_config.gpu_memory_utilization * gpu_mem_gb
+    if budget and weights >= budget:
+        warnings.append(
+            f"rollout: weights {weights:.2f} GB per GPU exceed the vLLM budget "
+            f"{cfg.rollout_config.gpu_memory_utilization:.2f} x {gpu_mem_gb:g}"
+            f" = {budget:.2f} GB: no room for the KV cache"
+        )
+    return RoleMemory("rollout", size, weights, kv_cache=max(budget - weights, 0.0), budget=budget)
+
+
+def _trainer_memory(cfg: RunConfig, role: str, spec: RoleSpec, size: ModelSize) -> RoleMemory:
+    """Weights, grads, optimizer state and activations of a model role, per GPU."""
+    assert size.params is not None
+    t = cfg.train_config
+    tokens = cfg.prompt_dataset_config.max_len + cfg.rollout_config.max_new_tokens
+    tc = getattr(cfg.model_configs, Role(role).config_key).trainer_config
+    training = role in TRAINING_ROLES
+    act = activation_gb(
+        size,
+        tokens,
+        t.train_micro_bs,
+        t.infer_micro_bs,
+        training,
+        tc.gradient_checkpointing,
+        logits=role in ("actor", "reference"),
+    )
+    w, g, o = train_state_gb(size.params, spec.zero_stage, spec.size, tc.torch_dtype)
+    if not training:  # forward only: weights (ZeRO-3 partitions them), no grads, no Adam
+        g = o = 0.0
+    if "optimizer" in spec.offload:  # fp32 master, m and v live in CPU memory
+        o = 0.0
+    if "param" in spec.offload and spec.zero_stage == 3:  # gathered per layer only
+        w = 0.0
+    return RoleMemory(role, size, w, g, o, act)
+
+
+def _per_rank_memory(p: Placement, roles: dict[str, RoleMemory]) -> list[Optional[float]]:
+    """The sum over the roles on each rank; None where a role's size is unknown."""
+    offload = p.cfg.placement_config.ref_reward_offload
     per_rank: list[Optional[float]] = []
     for rp in p.ranks:
         totals = {r: roles[r].total for r in rp.roles if r in roles}
@@ -780,36 +836,43 @@ def estimate_memory(placement: Placement, gpu_mem_gb: float = 80.0) -> MemoryEst
             # The two are never resident together: count the larger one only.
             totals["reward"] = max(totals.pop("reference"), totals["reward"])
         per_rank.append(sum(totals.values()))
-    if not cpu:
-        shared: dict[tuple, list[int]] = {}
-        for rp in p.ranks:
-            shared.setdefault((rp.node, rp.gpu), []).append(rp.rank)
-        for (node, gpu), on in shared.items():
-            if len(on) > 1 and all(per_rank[r] is not None for r in on):
-                total = sum(per_rank[r] for r in on)
-                if total > gpu_mem_gb:
-                    warnings.append(
-                        f"node {node} GPU {gpu} ({_ranks_text(on)}, separate "
-                        f"processes): ~{total:.2f} GB exceeds --gpu-mem-gb "
-                        f"{gpu_mem_gb:g}"
-                    )
-        for role, m in roles.items():
-            if m.total is not None and m.total > gpu_mem_gb:
+    return per_rank
+
+
+def _memory_warnings(
+    p: Placement, roles: dict[str, RoleMemory], per_rank: list, gpu_mem_gb: float
+) -> list[str]:
+    """GPUs over gpu_mem_gb: shared by several ranks, by one role, or by colocated roles."""
+    warnings: list[str] = []
+    shared: dict[tuple, list[int]] = {}
+    for rp in p.ranks:
+        shared.setdefault((rp.node, rp.gpu), []).append(rp.rank)
+    for (node, gpu), on in shared.items():
+        if len(on) > 1 and all(per_rank[r] is not None for r in on):
+            total = sum(per_rank[r] for r in on)
+            if total > gpu_mem_gb:
                 warnings.append(
-                    f"{role}: ~{m.total:.2f} GB per GPU exceeds --gpu-mem-gb {gpu_mem_gb:g}"
+                    f"node {node} GPU {gpu} ({_ranks_text(on)}, separate "
+                    f"processes): ~{total:.2f} GB exceeds --gpu-mem-gb "
+                    f"{gpu_mem_gb:g}"
                 )
-        over = [
-            rp.rank
-            for rp, v in zip(p.ranks, per_rank)
-            if v is not None and v > gpu_mem_gb and len(rp.roles) > 1
-        ]
-        if over:
-            worst = max(per_rank[r] for r in over)
+    for role, m in roles.items():
+        if m.total is not None and m.total > gpu_mem_gb:
             warnings.append(
-                f"{_ranks_text(over)} (colocated roles): up to ~{worst:.2f} GB per "
-                f"GPU exceeds --gpu-mem-gb {gpu_mem_gb:g}"
+                f"{role}: ~{m.total:.2f} GB per GPU exceeds --gpu-mem-gb {gpu_mem_gb:g}"
             )
-    return MemoryEstimate(gpu_mem_gb, roles, per_rank, warnings)
+    over = [
+        rp.rank
+        for rp, v in zip(p.ranks, per_rank)
+        if v is not None and v > gpu_mem_gb and len(rp.roles) > 1
+    ]
+    if over:
+        worst = max(per_rank[r] for r in over)
+        warnings.append(
+            f"{_ranks_text(over)} (colocated roles): up to ~{worst:.2f} GB per "
+            f"GPU exceeds --gpu-mem-gb {gpu_mem_gb:g}"
+        )
+    return warnings
 
 
 # ----------------------------------------------------------------------------- printing
@@ -866,6 +929,20 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
         "roles:",
         f"  {'role':<10} {'procs' if cpu else 'GPUs':>5}  {'parallel':<28} {'ranks':<12} params",
     ]
+    lines += _role_lines(p, memory)
+    lines += _rank_map_lines(p, memory)
+    lines += _memory_lines(p, memory)
+    lines += ["", "checks:"]
+    if not any(c.name in ("world size", "WORLD_SIZE") for c in checks):
+        lines.append("  (world size not checked: give --nnodes, or run under torchrun)")
+    lines += [f"  {'PASS' if c.ok else 'FAIL'}  {c.name}: {c.message}" for c in checks]
+    if p.notes:
+        lines += ["", "notes:"] + [f"  {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def _role_lines(p: Placement, memory: MemoryEstimate) -> list[str]:
+    lines = []
     for role, spec in p.roles.items():
         own = "-" if spec.host or not spec.on_gpu else str(spec.size)
         where = _ranges(p.ranks_of(role)) + (f" ({spec.host})" if spec.host else "")
@@ -877,7 +954,12 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
         else:
             params = f"{_params(size.size.params)} from {size.size.source}"
         lines.append(f"  {role:<10} {own:>5}  {spec.parallel_text():<28} {where:<12} {params}")
+    return lines
 
+
+def _rank_map_lines(p: Placement, memory: MemoryEstimate) -> list[str]:
+    """The rank map, one line per run of ranks with the same node, roles and engine."""
+    cfg, cpu = p.cfg, p.device == "cpu"
     if cpu or cfg.placement_config.local_rank_gpus is None:
         where_text = (
             f"{'process' if cpu else 'GPU'} r: node r // {p.gpus_per_node}, "
@@ -888,7 +970,7 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
             f"rank r: node r // {p.gpus_per_node}, GPU "
             f"placement_config.local_rank_gpus[r % {p.gpus_per_node}]"
         )
-    lines += ["", f"rank map ({where_text}):"]
+    lines = ["", f"rank map ({where_text}):"]
     start = 0
     for i, rp in enumerate(p.ranks):
         nxt = p.ranks[i + 1] if i + 1 < len(p.ranks) else None
@@ -908,9 +990,14 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
         dev = "cpu" if cpu else ("gpu " if first is rp else "gpus")
         lines.append(f"  {rk:<11} node {rp.node:<2} {dev} {loc:<4} {what:<36} ~{_gb(mem)} GB")
         start = i + 1
+    return lines
 
+
+def _memory_lines(p: Placement, memory: MemoryEstimate) -> list[str]:
+    """The memory table, the peak and the warnings."""
+    cfg, cpu = p.cfg, p.device == "cpu"
     where = "host RAM per process" if cpu else "per GPU"
-    lines += [
+    lines = [
         "",
         f"memory {where}, GB = 1e9 bytes (estimate; formulas in docs/placement.md):",
         f"  {'role':<10} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} "
@@ -948,11 +1035,4 @@ def format_plan(placement: Placement, memory: MemoryEstimate, checks: list[Check
         lines.append(f"  peak {where}: ~{peak:.2f} GB on {at}{limit}")
     for w in memory.warnings:
         lines.append(f"  WARNING {w}")
-
-    lines += ["", "checks:"]
-    if not any(c.name in ("world size", "WORLD_SIZE") for c in checks):
-        lines.append("  (world size not checked: give --nnodes, or run under torchrun)")
-    lines += [f"  {'PASS' if c.ok else 'FAIL'}  {c.name}: {c.message}" for c in checks]
-    if p.notes:
-        lines += ["", "notes:"] + [f"  {n}" for n in p.notes]
-    return "\n".join(lines)
+    return lines

@@ -7,6 +7,7 @@ positions it advances (they are saved with the trainer's state, not here).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -20,6 +21,7 @@ from rlhf_pipe.data import (
     rank_by_length,
     read_records,
 )
+from rlhf_pipe.pipeline.batch import Sample
 from rlhf_pipe.pipeline.stages import AdvantageSettings, StepPlan
 from rlhf_pipe.roles import LossSettings
 from rlhf_pipe.rollout.types import Completion, SamplingSettings
@@ -269,6 +271,36 @@ class StepPlanner:
                     f"episode_id and prompt_index)"
                 )
         return out, texts
+
+
+def evaluate(engine, reward, tokenizer, eval_prompts: PromptSource, r: RolloutConfig) -> dict:
+    """Generate on the next eval prompts with the eval sampling settings and score them."""
+    prompts = eval_prompts.next_batch()
+    done: list[Completion] = []
+    engine.generate(
+        [p.ids for p in prompts],
+        [p.index for p in prompts],
+        sampling_settings(r, evaluation=True),
+        [request_seed(r.seed + 1, 0, p.index) for p in prompts],
+        SimpleNamespace(put=done.append),
+    )
+    samples = [
+        Sample(
+            c.sample_id,
+            c.prompt_index,
+            c.version,
+            torch.tensor(c.prompt_ids),
+            torch.tensor(c.response_ids),
+            prompts[c.prompt_index].text,
+            tokenizer.decode(c.response_ids, skip_special_tokens=True),
+        )
+        for c in sorted(done, key=lambda c: c.sample_id)
+    ]
+    scores = torch.stack(reward.scores(samples))[:, 0]  # the total
+    return {
+        "eval/reward": scores.mean().item(),  # host sync: once per evaluation
+        "eval/response_len": sum(s.num_actions for s in samples) / len(samples),
+    }
 
 
 def episode_records(step: int, samples) -> list[dict]:

@@ -19,9 +19,6 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from types import SimpleNamespace
-
-import torch
 
 from rlhf_pipe.builders import (
     build_engine,
@@ -29,6 +26,7 @@ from rlhf_pipe.builders import (
     build_prompt_source,
     build_roles,
     build_scorers,
+    build_text_prompt_source,
     build_tokenizer,
     build_vllm_engine,
     pick_device,
@@ -37,7 +35,7 @@ from rlhf_pipe.builders import (
 )
 from rlhf_pipe.checkpoint import CheckpointError, resolve_resume
 from rlhf_pipe.config import RunConfig
-from rlhf_pipe.data import PromptSource, RelayBuffer, parse_dataset_spec
+from rlhf_pipe.data import RelayBuffer
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
 from rlhf_pipe.pipeline.stages import StepPipeline
 from rlhf_pipe.protocols import MODEL_ROLES, WeightSync
@@ -48,7 +46,7 @@ from rlhf_pipe.step_plan import (
     StepSizes,
     build_ptx,
     episode_records,
-    request_seed,
+    evaluate,
     sampling_settings,
 )
 from rlhf_pipe.trainer_state import RunFolder, TrainerState
@@ -182,23 +180,11 @@ class RLHFTrainer:
 
     def set_prompts(self, prompts: list[str]) -> None:
         """Train on these prompt texts (rendered with the chat template when there is one)."""
-        import json
-        import tempfile
-
-        if not prompts:
-            raise ValueError("set_prompts: the list is empty")
-        path = Path(tempfile.mkdtemp(prefix="rlhf_pipe_prompts_")) / "prompts.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-        pd = self.cfg.prompt_dataset_config
-        self.prompts = PromptSource(
-            [parse_dataset_spec(str(path))],
+        self.prompts = build_text_prompt_source(
+            prompts,
+            self.cfg.prompt_dataset_config,
             self.tokenizer,
-            pd.samples_each_epoch,
-            pd.max_len,
-            "prompt",
-            pd.shuffle,
-            pd.seed,
-            min_len=self.batch_generation.min_prompt_length,
+            self.batch_generation.min_prompt_length,
         )
 
     def set_relay_sample_fn(self, fn) -> None:
@@ -269,36 +255,9 @@ class RLHFTrainer:
 
     def evaluate(self) -> dict:
         """Generate on the eval prompts with the eval sampling settings and score them."""
-        from rlhf_pipe.pipeline.batch import Sample
-
-        r = self.cfg.rollout_config
-        prompts = self.eval_prompts.next_batch()
-        settings = sampling_settings(r, evaluation=True)
-        done = []
-        self.engine.generate(
-            [p.ids for p in prompts],
-            [p.index for p in prompts],
-            settings,
-            [request_seed(r.seed + 1, 0, p.index) for p in prompts],
-            SimpleNamespace(put=done.append),
+        return evaluate(
+            self.engine, self.reward, self.tokenizer, self.eval_prompts, self.cfg.rollout_config
         )
-        samples = [
-            Sample(
-                c.sample_id,
-                c.prompt_index,
-                c.version,
-                torch.tensor(c.prompt_ids),
-                torch.tensor(c.response_ids),
-                prompts[c.prompt_index].text,
-                self.tokenizer.decode(c.response_ids, skip_special_tokens=True),
-            )
-            for c in sorted(done, key=lambda c: c.sample_id)
-        ]
-        scores = torch.stack(self.reward.scores(samples))[:, 0]  # the total
-        return {
-            "eval/reward": scores.mean().item(),
-            "eval/response_len": sum(s.num_actions for s in samples) / len(samples),
-        }
 
     def learn(self, max_steps: int | None = None) -> list[dict]:
         t = self.cfg.train_config
