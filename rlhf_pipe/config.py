@@ -291,6 +291,14 @@ class TrainConfig:
     # that forward and let Train's own (detached) log-probs be the old ones. The "kl" metric
     # is then not logged (kl_mode='loss' logs actor/kl_loss).
     skip_redundant_actor_forward: bool = True
+    # The behaviour policy (the engine that sampled): None trains as before; 'tis' multiplies
+    # the policy loss per token by min(pi_old / pi_vllm, behaviour_is_cap) (truncated IS, as
+    # verl and TRL's vllm_importance_sampling_correction); 'decoupled' by pi_old / pi_vllm, 0
+    # above the cap (AReaL's decoupled PPO). pi_old: the Forward stage's recompute (or Train's
+    # own log-probs where that forward is skipped). Needs the vllm generator.
+    behaviour_correction: Optional[Literal["tis", "decoupled"]] = None
+    # TRL 1.16's vllm_importance_sampling_clip_max default
+    behaviour_is_cap: float = field(default=3.0, metadata=_range(0.0, 1e6, lo_open=True))
     # Actor and reference log-probs straight from the hidden states, this many response tokens
     # at a time, so the (tokens, vocabulary) logits are never held whole (rlhf_pipe.ppo.
     # fused_head; Llama/Qwen/Mistral heads, not under ZeRO-3). 0: the full logits, as before.
@@ -753,6 +761,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail(src, "tokenizer_config.tokenizer_path", f"no such folder: {tok}")
 
     _check_sampling(cfg)
+    _check_behaviour(cfg)
     if r.max_model_len is not None and r.max_model_len <= r.max_new_tokens:
         _fail(
             src,
@@ -855,6 +864,31 @@ def _check_sampling(cfg: RunConfig) -> None:
                 f"max_model_len={r.max_model_len} with new_token_limit=False (room for an "
                 f"answer), got {max_prompt}",
             )
+
+
+def _check_behaviour(cfg: RunConfig) -> None:
+    """train_config.behaviour_correction needs the engine's own sampled-token log-probs."""
+    src, r, mode = cfg.source, cfg.rollout_config, cfg.train_config.behaviour_correction
+    if mode is None:
+        return
+    key = "train_config.behaviour_correction"
+    if cfg.model_configs.policy.generator_config.generator_type == "hf":
+        _fail(
+            src,
+            key,
+            f"{mode!r} needs the vllm generator: the hf generator returns no behaviour log-probs",
+        )
+    if r.use_beam_search:
+        _fail(src, key, f"{mode!r} needs sampled answers: beam search returns no log-probs")
+    logprobs_mode = r.engine_kwargs.get("logprobs_mode", "raw_logprobs")
+    if logprobs_mode != "raw_logprobs":
+        _fail(
+            src,
+            "rollout_config.engine_kwargs.logprobs_mode",
+            f"must be 'raw_logprobs' "
+            f"with {key}={mode!r} (the trainer's log-probs are of the raw logits), got "
+            f"{logprobs_mode!r}",
+        )
 
 
 def _check_model_folder(src, key, path) -> None:

@@ -660,6 +660,8 @@ class RLHFTrainer:
                 t.loss_agg,
                 rep.kl_coeff if rep.kl_mode == "loss" else 0.0,
                 dual_clip_c=t.dual_clip_c,
+                behaviour_correction=t.behaviour_correction,
+                behaviour_is_cap=t.behaviour_is_cap,
             ),
             update_actor=step >= t.critic_warmup_step,
             ppo_epochs=t.ppo_epochs,
@@ -744,6 +746,25 @@ class RLHFTrainer:
             m["critic/values"] = tm["values"] / tm["critic_tokens"]
         if "kl_loss" in tm:
             m["actor/kl_loss"] = tm["kl_loss"] / actor_tokens
+        # Behaviour policy (issue 14): vLLM's log-probs against the trainer's, the IS weights of
+        # train_config.behaviour_correction, and sample staleness (README, "Behaviour policy").
+        if "behaviour_tokens" in tm:
+            n_beh = tm["behaviour_tokens"].clamp_min(1)
+            m["behaviour/logp_abs_diff"] = tm["behaviour_logp_abs_diff"] / n_beh
+            m["behaviour/logp_diff"] = tm["behaviour_logp_diff"] / n_beh
+        if "behaviour_is_weight" in tm:
+            m["behaviour/is_weight_mean"] = tm["behaviour_is_weight"] / n_beh
+            m["behaviour/truncated_frac"] = tm["behaviour_truncated"] / n_beh
+            # One value per train chunk, summed over the ppo_epochs passes over that chunk.
+            epochs = self.cfg.train_config.ppo_epochs
+            for key, pick in (("max", torch.max), ("min", torch.min)):
+                vals = [v for k, v in tm.items() if k.startswith(f"behaviour_chunk_{key}/")]
+                m[f"behaviour/is_weight_{key}"] = pick(torch.stack(vals)) / epochs
+        # Policy version trained on minus each fresh sample's generating version.
+        trained = self.version - int(plan.update_actor and "nonfinite_skipped" not in tm)
+        lags = [trained - s.version for s in samples if s.relay_from is None]
+        for lag in sorted(set(lags)):
+            m[f"staleness/{lag}"] = lags.count(lag)
         m["advantage_waits"] = out.extra.get("advantage_waits", 0)
         if "ptx_tokens" in tm:
             m["actor/ptx_loss"] = tm["ptx_loss"] / tm["ptx_tokens"]
