@@ -112,6 +112,7 @@ def sampling_settings(r, evaluation: bool = False) -> SamplingSettings:
         max_seq_len=None if r.new_token_limit else r.max_model_len,
         prompt_logprobs=r.prompt_logprobs,
         length_range=tuple(r.response_length_range) if r.response_length_range else None,
+        behaviour_logprobs=not evaluation,  # evaluation trains nothing: no correction to make
     )
 
 
