@@ -73,9 +73,7 @@ def _role(seed=0):
     )
     model = LlamaForCausalLM(cfg).float()
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, warmup_steps=0)
-    return PolicyRole(
-        model, 0, **kw, max_grad_norm=1.0, infer_micro_bs=2, train_micro_bs=2
-    )
+    return PolicyRole(model, 0, **kw, max_grad_norm=1.0, infer_micro_bs=2, train_micro_bs=2)
 
 
 def _samples(role, behaviour_shift: float | None, with_old: bool):

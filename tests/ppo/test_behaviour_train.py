@@ -57,7 +57,9 @@ def test_correction_trains_and_logs(tmp_path, vllm_engine, initial_policy_weight
     assert all(torch.isfinite(p).all() for p in trainer.actor.model.parameters())
 
 
-def test_without_correction_the_diagnostics_are_logged(tmp_path, vllm_engine, initial_policy_weights):
+def test_without_correction_the_diagnostics_are_logged(
+    tmp_path, vllm_engine, initial_policy_weights
+):
     vllm_engine.load_weights(initial_policy_weights.items(), version=0)
     trainer = RLHFTrainer(tiny_config(tmp_path), engine=vllm_engine, console=False)
     try:

@@ -30,7 +30,9 @@ def _trainer_logprobs(tiny_assets, completions):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_assets.policy), dtype=torch.float32)
     role = ReferenceRole(model, 0, infer_micro_bs=4)
     samples = [
-        Sample(c.sample_id, c.prompt_index, 0, torch.tensor(c.prompt_ids), torch.tensor(c.response_ids))
+        Sample(
+            c.sample_id, c.prompt_index, 0, torch.tensor(c.prompt_ids), torch.tensor(c.response_ids)
+        )
         for c in completions
     ]
     return role.logprobs(samples)
