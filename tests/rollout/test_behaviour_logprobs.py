@@ -60,3 +60,21 @@ def test_behaviour_logprobs_match_the_trainer(fresh_engine, tiny_assets, tempera
 def test_no_behaviour_logprobs_when_not_asked(fresh_engine):
     settings = SamplingSettings(max_new_tokens=3, ignore_eos=True, behaviour_logprobs=False)
     assert all(c.behaviour_logprobs is None for c in _generate(fresh_engine, settings))
+
+
+def test_behaviour_logprobs_cross_the_rpc_layer(fresh_engine):
+    # Under torchrun a Completion reaches the controller pickled, one message each: the real
+    # serve loop and RemoteEngine over the loopback transport carry the log-probs unchanged.
+    from rlhf_pipe.distributed.remote import RemoteEngine
+    from rlhf_pipe.protocols import Role
+    from tests.distributed.test_remote import BUCKET, _Rank
+
+    settings = SamplingSettings(max_new_tokens=5, ignore_eos=True)
+    want = _generate(fresh_engine, settings)
+    rank = _Rank({Role.ROLLOUT: fresh_engine})
+    try:
+        got = _generate(RemoteEngine(rank.conn, 1, BUCKET), settings)
+    finally:
+        rank.close()
+    assert [c.behaviour_logprobs for c in got] == [c.behaviour_logprobs for c in want]
+    assert all(len(c.behaviour_logprobs) == 5 for c in got)
