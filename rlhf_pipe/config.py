@@ -272,6 +272,14 @@ class TrainConfig:
     # that forward and let Train's own (detached) log-probs be the old ones. The "kl" metric
     # is then not logged (kl_mode='loss' logs actor/kl_loss).
     skip_redundant_actor_forward: bool = True
+    # The behaviour policy (the engine that sampled): None trains as before; 'tis' multiplies
+    # the policy loss per token by min(pi_old / pi_vllm, behaviour_is_cap) (truncated IS, as
+    # verl and TRL's vllm_importance_sampling_correction); 'decoupled' by pi_old / pi_vllm, 0
+    # above the cap (AReaL's decoupled PPO). pi_old: the Forward stage's recompute (or Train's
+    # own log-probs where that forward is skipped). Needs the vllm generator.
+    behaviour_correction: Optional[Literal["tis", "decoupled"]] = None
+    # TRL 1.16's vllm_importance_sampling_clip_max default
+    behaviour_is_cap: float = field(default=3.0, metadata=_range(0.0, 1e6, lo_open=True))
     # Actor and reference log-probs straight from the hidden states, this many response tokens
     # at a time, so the (tokens, vocabulary) logits are never held whole (rlhf_pipe.ppo.
     # fused_head; Llama/Qwen/Mistral heads, not under ZeRO-3). 0: the full logits, as before.

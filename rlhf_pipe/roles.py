@@ -43,6 +43,10 @@ class LossSettings:
     loss_agg: str  # "token_mean" | "seq_mean_token_mean"
     kl_loss_coeff: float = 0.0  # > 0: KL to the reference as a loss term (k3 estimator)
     dual_clip_c: float | None = None  # > 1: dual-clip bound for negative advantages
+    # None | 'tis' | 'decoupled': weight the policy loss by pi_old / pi_behaviour
+    # (core.behaviour_weights), capped at behaviour_is_cap
+    behaviour_correction: str | None = None
+    behaviour_is_cap: float = 3.0
 
 
 def grad_divisor(loss_agg: str, num_tokens: int) -> float:
@@ -252,6 +256,43 @@ class PolicyRole(_Trainable):
             per_token, clipped = core.policy_loss(
                 logp, old, adv, loss.policy_clip, dual_clip_c=loss.dual_clip_c
             )
+            # The behaviour policy (vLLM's own log-probs). Samples without them (hf engine,
+            # replayed) keep weight 1 and stay out of the behaviour metrics.
+            has = [s.behaviour_logp is not None for s in chunk]  # host bools: no sync
+            if any(has):
+                beh = torch.zeros((len(chunk), R), dtype=torch.float32)
+                for i, s in enumerate(chunk):
+                    if s.behaviour_logp is not None:
+                        beh[i, : s.num_actions] = s.behaviour_logp
+                beh = beh.to(self.device)
+                bmask = mask * torch.tensor(has, dtype=mask.dtype, device=mask.device)[:, None]
+                diff = (old - beh) * bmask  # trainer minus vLLM, per token
+                sums.add(
+                    behaviour_tokens=bmask.sum(),
+                    behaviour_logp_diff=diff.sum(),
+                    behaviour_logp_abs_diff=diff.abs().sum(),
+                )
+                if loss.behaviour_correction is not None:
+                    w, over = core.behaviour_weights(
+                        old, beh, loss.behaviour_is_cap, loss.behaviour_correction
+                    )
+                    w = torch.where(bmask > 0, w, torch.ones_like(w))
+                    per_token = per_token * w
+                    # min/max do not add up: one key per chunk (first sample id, unique in a
+                    # step), reduced by the trainer's step metrics.
+                    first = chunk[0].sample_id
+                    sums.add(
+                        behaviour_is_weight=core.masked_sum(w, bmask),
+                        behaviour_truncated=core.masked_sum(over, bmask),
+                        **{
+                            f"behaviour_chunk_max/{first}": torch.where(
+                                bmask > 0, w, torch.full_like(w, -math.inf)
+                            ).max(),
+                            f"behaviour_chunk_min/{first}": torch.where(
+                                bmask > 0, w, torch.full_like(w, math.inf)
+                            ).min(),
+                        },
+                    )
             if loss.kl_loss_coeff:
                 ref = pad_field(chunk, "ref_logp", R).to(self.device)
                 kl_term = core.kl_penalty(logp, ref, "k3")

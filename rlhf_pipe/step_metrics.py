@@ -30,6 +30,10 @@ def step_metrics(
     m: dict = {"policy_version": version}
     m.update(_sample_metrics(samples, reward_names, tokens))
     m.update(_train_metrics(tm))
+    m.update(_behaviour_metrics(tm, plan.ppo_epochs))
+    m.update(
+        _staleness_metrics(samples, version, plan.update_actor and "nonfinite_skipped" not in tm)
+    )
     m["advantage_waits"] = out.extra.get("advantage_waits", 0)
     if "ptx_tokens" in tm:
         m["actor/ptx_loss"] = tm["ptx_loss"] / tm["ptx_tokens"]
@@ -91,6 +95,32 @@ def _train_metrics(tm: dict) -> dict:
     if "kl_loss" in tm:
         m["actor/kl_loss"] = tm["kl_loss"] / actor_tokens
     return m
+
+
+def _behaviour_metrics(tm: dict, ppo_epochs: int) -> dict:
+    """vLLM's log-probs against the trainer's, and the IS weights of
+    train_config.behaviour_correction (README, "Behaviour policy")."""
+    m: dict = {}
+    if "behaviour_tokens" not in tm:
+        return m
+    n_beh = tm["behaviour_tokens"].clamp_min(1)
+    m["behaviour/logp_abs_diff"] = tm["behaviour_logp_abs_diff"] / n_beh
+    m["behaviour/logp_diff"] = tm["behaviour_logp_diff"] / n_beh
+    if "behaviour_is_weight" in tm:
+        m["behaviour/is_weight_mean"] = tm["behaviour_is_weight"] / n_beh
+        m["behaviour/truncated_frac"] = tm["behaviour_truncated"] / n_beh
+        # One value per train chunk, summed over the ppo_epochs passes over that chunk.
+        for key, pick in (("max", torch.max), ("min", torch.min)):
+            vals = [v for k, v in tm.items() if k.startswith(f"behaviour_chunk_{key}/")]
+            m[f"behaviour/is_weight_{key}"] = pick(torch.stack(vals)) / ppo_epochs
+    return m
+
+
+def _staleness_metrics(samples, version: int, updated: bool) -> dict:
+    """Counts of fresh samples by staleness: the version trained on minus the generating one."""
+    trained = version - int(updated)
+    lags = [trained - s.version for s in samples if s.relay_from is None]
+    return {f"staleness/{lag}": lags.count(lag) for lag in sorted(set(lags))}
 
 
 def _timing_metrics(out: StepOutput, step_s: float, num_samples: int, tokens: int) -> dict:

@@ -52,6 +52,7 @@ def sampling_settings(r, evaluation: bool = False) -> SamplingSettings:
         max_seq_len=None if r.new_token_limit else r.max_model_len,
         prompt_logprobs=r.prompt_logprobs,
         length_range=tuple(r.response_length_range) if r.response_length_range else None,
+        behaviour_logprobs=not evaluation,  # evaluation trains nothing: no correction to make
     )
 
 
@@ -82,6 +83,8 @@ def loss_settings(t: TrainConfig, rep: RepeaterConfig) -> LossSettings:
         t.loss_agg,
         rep.kl_coeff if rep.kl_mode == "loss" else 0.0,
         dual_clip_c=t.dual_clip_c,
+        behaviour_correction=t.behaviour_correction,
+        behaviour_is_cap=t.behaviour_is_cap,
     )
 
 

@@ -213,6 +213,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunPlan:
     if check_paths and tok and not os.path.isdir(tok):
         _fail(src, "tokenizer_config.tokenizer_path", f"no such folder: {tok}")
     _check_sampling(cfg, generator.generator_type)
+    _check_behaviour(cfg, generator.generator_type)
     _check_rest(cfg, generator)
     return RunPlan(
         pipe_micro_bs=pipe_micro_bs,
@@ -492,6 +493,30 @@ def _check_rest(cfg: RunConfig, generator: GeneratorConfig) -> None:
             "model_configs.policy.generator_config.batch_generation.min_prompt_length",
             f"exceeds prompt_dataset_config.max_len={cfg.prompt_dataset_config.max_len}, so "
             f"no prompt could be used; got {min_len}",
+        )
+
+
+def _check_behaviour(cfg: RunConfig, generator: str) -> None:
+    """train_config.behaviour_correction needs the engine's own sampled-token log-probs."""
+    src, r, mode = cfg.source, cfg.rollout_config, cfg.train_config.behaviour_correction
+    if mode is None:
+        return
+    key = "train_config.behaviour_correction"
+    if generator == "hf":
+        _fail(
+            src,
+            key,
+            f"{mode!r} needs the vllm generator: the hf generator returns no behaviour log-probs",
+        )
+    if r.use_beam_search:
+        _fail(src, key, f"{mode!r} needs sampled answers: beam search returns no log-probs")
+    logprobs_mode = r.engine_kwargs.get("logprobs_mode", "raw_logprobs")
+    if logprobs_mode != "raw_logprobs":
+        _fail(
+            src,
+            "rollout_config.engine_kwargs.logprobs_mode",
+            f"must be 'raw_logprobs' with {key}={mode!r} (the trainer's log-probs are of the "
+            f"raw logits), got {logprobs_mode!r}",
         )
 
 

@@ -32,7 +32,15 @@ def metrics(samples, train_metrics=None, **kw):
         [("generate", 0, 0.0, 1.5), ("generate", 1, 1.5, 2.0), ("train", 0, 2.0, 3.0)],
         4.0,
     )
-    plan = type("Plan", (), {"relay": [None] * sum(s.relay_from is not None for s in samples)})
+    plan = type(
+        "Plan",
+        (),
+        {
+            "relay": [None] * sum(s.relay_from is not None for s in samples),
+            "ppo_epochs": 1,
+            "update_actor": True,
+        },
+    )
     args = dict(
         version=3,
         reward_names=["digits", "length"],

@@ -96,6 +96,7 @@ SWITCHES: dict[str, dict[str, dict]] = {
         str(w): {"repeater_config.advantage_whiten": w} for w in (False, "batch", "micro_batch")
     },
     "dual_clip": {str(c): {"train_config.dual_clip_c": c} for c in (None, 3.0)},
+    "behaviour": {str(c): {"train_config.behaviour_correction": c} for c in (None, "tis")},
 }
 
 # Pairs that validation refuses, each with a piece of its one-line message. The covering array
@@ -106,6 +107,8 @@ REFUSED: dict[tuple[tuple[str, str], tuple[str, str]], str] = {
     (("lora", "on"), ("zero2", "on")): "enable_lora: LoRA under DeepSpeed is not built yet",
     # transformers' generate has no vLLM-style stop strings (issue 17: it failed mid-step).
     (("generator", "hf"), ("stop", "on")): "stop_token_list: needs the vllm generator",
+    # the hf generator returns no behaviour log-probs (issue 14)
+    (("generator", "hf"), ("behaviour", "tis")): "behaviour_correction: 'tis' needs the vllm",
     # GAE advantages only; the others normalise their own.
     **{
         (("algorithm", algo), ("whiten", w)): "advantage_whiten: applies to algorithm 'ppo'"

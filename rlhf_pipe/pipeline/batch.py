@@ -32,6 +32,9 @@ class Sample:
     response_text: str = ""
     finish_reason: str | None = None
     relay_from: int | None = None  # replayed: the episode (step) that generated it
+    # (R_i,) float: the generating engine's log-probs of the response tokens (vLLM's own);
+    # None from the hf backend, beam search and replayed samples (no correction for those)
+    behaviour_logp: Tensor | None = None
     # Forward stage
     old_logp: Tensor | None = None  # (R_i,) actor log-probs at generation weights
     ref_logp: Tensor | None = None  # (R_i,)

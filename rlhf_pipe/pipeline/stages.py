@@ -233,6 +233,12 @@ class StepPipeline:
             finish_reason=c.finish_reason,
             relay_from=c.extra.get("relay_from"),
             prompt_logprobs=c.prompt_logprobs,
+            # A replayed sample's behaviour policy is an earlier run's: it gets no correction.
+            behaviour_logp=(
+                torch.tensor(c.behaviour_logprobs, dtype=torch.float32)
+                if c.behaviour_logprobs is not None and c.extra.get("relay_from") is None
+                else None
+            ),
         )
 
     def _forward_models(

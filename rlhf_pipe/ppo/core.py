@@ -7,6 +7,7 @@ Notation:
     mask  (B, T) float or bool, 1 on real response tokens, 0 on padding
     logp  (B, T) log-probability of the sampled token under the current policy
     r     importance ratio exp(logp - old_logp)
+    mu    behaviour policy: the engine that sampled the tokens (vLLM), log-probs behaviour_logp
     A     advantages (B, T)
     R     returns (B, T), the value-function targets
 
@@ -32,6 +33,7 @@ __all__ = [
     "token_rewards",
     "gae_advantages",
     "policy_loss",
+    "behaviour_weights",
     "value_loss",
     "aggregate",
     "seq_mean_token_mean",
@@ -258,6 +260,38 @@ def policy_loss(
         loss = torch.where(lower, bound, loss)
         clipped = clipped | lower  # disjoint: A < 0 clips above only where r < 1 - eps < c
     return loss, clipped.to(loss.dtype)
+
+
+def behaviour_weights(
+    prox_logp: Tensor,
+    behaviour_logp: Tensor,
+    cap: float,
+    mode: str,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, Tensor]:
+    """Importance weights of the trainer's policy against the policy that sampled the tokens.
+
+        w_raw = pi_prox / mu = exp(prox_logp - behaviour_logp)
+        'tis':        w = min(w_raw, cap)                  (truncated IS: verl, TRL token_truncate)
+        'decoupled':  w = w_raw where w_raw <= cap, else 0  (AReaL's behav_imp_weight_cap)
+
+    The policy loss per token is multiplied by w, and the PPO ratio stays against prox_logp (the
+    Forward stage's recompute, or Train's own detached log-probs where that forward is skipped).
+    That is decoupled PPO (Hilton et al. 2021, arXiv:2110.00641; AReaL, arXiv:2505.24298) in
+    both modes; they differ in what happens above the cap: truncated to it, or dropped.
+    prox_logp, behaviour_logp: (B, T) -> w (B, T) detached, truncated (B, T) float 0/1, 1 where
+    w_raw > cap. ``max_log_ratio`` bounds the log-ratio before the exp, as in ``policy_loss``.
+    """
+    log_w = (prox_logp - behaviour_logp).detach().clamp(-max_log_ratio, max_log_ratio)
+    raw = torch.exp(log_w)
+    over = raw > cap
+    if mode == "tis":
+        w = raw.clamp(max=cap)
+    elif mode == "decoupled":
+        w = torch.where(over, torch.zeros_like(raw), raw)
+    else:
+        raise ValueError(f"behaviour correction: expected 'tis' or 'decoupled', got {mode!r}")
+    return w, over.to(raw.dtype)
 
 
 def value_loss(

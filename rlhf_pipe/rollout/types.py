@@ -22,6 +22,9 @@ class SamplingSettings:
     max_seq_len: int | None = None
     prompt_logprobs: int | None = None  # k: record prompt-token log-probs (and top k)
     length_range: tuple[int, int] | None = None  # per-request lengths drawn from the seed
+    # vLLM: return each sampled token's log-prob (Completion.behaviour_logprobs). The hf
+    # backend and beam search have none (config.py refuses a behaviour correction there).
+    behaviour_logprobs: bool = True
 
     def max_tokens(self, prompt_len: int) -> int:
         """The answer-length cap of one request."""
@@ -52,3 +55,6 @@ class Completion:
     # With prompt_logprobs=k: one entry per prompt token, {token id: log-prob} holding the
     # prompt's own token and the top k; None for the first token (nothing to condition on).
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # The generating engine's log-prob of each response token (vLLM's logprobs=0, of the raw
+    # logits: logprobs_mode='raw_logprobs'); None where the backend gives none (hf, beam search).
+    behaviour_logprobs: list[float] | None = None

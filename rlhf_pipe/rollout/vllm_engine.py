@@ -131,6 +131,7 @@ class _RequestSink:
         prompt_index = self.prompt_indices[local]
         prompt_logprobs = _plain_logprobs(output.prompt_logprobs)
         for k, choice in enumerate(output.outputs):
+            behaviour = _sampled_logprobs(choice)
             self.sink.put(
                 Completion(
                     sample_id=prompt_index * self.n + k,
@@ -141,9 +142,25 @@ class _RequestSink:
                     version=self.version,
                     engine=self.engine,
                     prompt_logprobs=prompt_logprobs,
+                    behaviour_logprobs=behaviour,
                 )
             )
             self.seen += 1
+
+
+def _sampled_logprobs(choice) -> list[float] | None:
+    """The log-prob of each sampled token: with SamplingParams(logprobs=0) vLLM returns one
+    {token id: Logprob} per position holding the sampled token (a list of dicts, or a
+    FlatLogprobs that indexes the same way). None when log-probs were not asked for."""
+    if choice.logprobs is None:
+        return None
+    entries = choice.logprobs
+    if len(entries) != len(choice.token_ids):
+        raise RuntimeError(
+            f"vLLM returned {len(entries)} sampled-token log-probs for "
+            f"{len(choice.token_ids)} tokens"
+        )
+    return [float(entries[i][t].logprob) for i, t in enumerate(choice.token_ids)]
 
 
 def _plain_logprobs(entries):
@@ -200,6 +217,12 @@ class VLLMEngine:
         )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
+        # Behaviour log-probs of the raw logits, before temperature, top-k/top-p and penalties:
+        # the trainer's log-probs are log_softmax(logits) with no temperature, so this is the
+        # same quantity and their difference is only vLLM's kernels against the trainer's.
+        # ('processed_logprobs', TRL's choice, fits a trainer that divides by the temperature.)
+        if not unsupported_engine_settings({"logprobs_mode": None}):
+            kwargs.setdefault("logprobs_mode", "raw_logprobs")
         if nccl_weight_sync:
             from rlhf_pipe.rollout.nccl_sync import RECEIVER_CLS
 
@@ -235,6 +258,9 @@ class VLLMEngine:
             stop=list(s.stop) or None,
             seed=seed,
             prompt_logprobs=s.prompt_logprobs,
+            # The sampled token's log-prob (0 alternatives): the behaviour policy's, of the
+            # raw logits (logprobs_mode, set in __init__), as the trainer computes its own.
+            logprobs=0 if s.behaviour_logprobs else None,
             # Text is decoded by the trainer; vLLM detokenizes only for stops.
             detokenize=bool(s.stop),
         )
