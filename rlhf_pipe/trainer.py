@@ -15,6 +15,7 @@ onto their own ranks.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import math
 import random
@@ -45,6 +46,7 @@ from rlhf_pipe.models import (
     load_tokenizer,
     load_value_model,
 )
+from rlhf_pipe.pipeline.run_ahead import RunAhead, staleness_metrics
 from rlhf_pipe.pipeline.stages import STAGES, AdvantageSettings, StepOutput, StepPipeline, StepPlan
 from rlhf_pipe.protocols import MODEL_ROLES, Role, WeightSync
 from rlhf_pipe.roles import (
@@ -405,6 +407,16 @@ class RLHFTrainer:
         self.run_dir: RunDir | None = None
         self.logger: MetricsLogger | None = None  # opened with the claim
         self.history: list[dict] = []
+        # max_staleness >= 1: the generation thread, started by the first step (run_ahead.py);
+        # what a checkpoint had in flight waits here until then.
+        self.run_ahead: RunAhead | None = None
+        self._run_ahead_state: dict | None = None
+        if t.max_staleness and weight_sync is not None:
+            raise ConfigError(
+                f"{cfg.source}: train_config.max_staleness >= 1 needs the engine's own "
+                f"load_weights (an in-process or RemoteEngine); the NCCL/gloo weight_sync "
+                f"broadcast is not supported with run-ahead yet"
+            )
 
     # ------------------------------------------------------------------ Python API
 
@@ -606,7 +618,7 @@ class RLHFTrainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _plan(self, step: int) -> StepPlan:
+    def _plan(self, step: int, relay_now: bool = True) -> StepPlan:
         cfg, t, r, rep = (
             self.cfg,
             self.cfg.train_config,
@@ -614,7 +626,8 @@ class RLHFTrainer:
             self.cfg.repeater_config,
         )
         # Replayed samples first: in 'fixed' mode they take the place of fresh prompts.
-        relay = self._relay_items()
+        # (relay_now=False: planned ahead by the run-ahead thread; _with_relay adds them.)
+        relay = self._relay_items() if relay_now else []
         num_prompts = cfg.prompt_dataset_config.samples_each_epoch
         if relay and t.stream_data_loader_type == "fixed":
             if len(relay) > cfg.samples_per_step or len(relay) % r.n:
@@ -686,27 +699,63 @@ class RLHFTrainer:
         step = self.step_index
         t = self.cfg.train_config
         start = time.perf_counter()
-        plan = self._plan(step)
+        plan, source = self._take_ahead(step) if t.max_staleness else (self._plan(step), None)
         # A dynamic step may hold more than PIPE_MICRO_BATCH_NUM micro-batches.
         progress = StageProgress(
             step, math.ceil(plan.samples_per_step / plan.pipe_micro_bs), t.progress_bar
         )
         self.pipeline.on_event = progress
         try:
-            out = self.pipeline.run(plan)
+            out = self.pipeline.run(plan, source)
         finally:
             progress.close()
         sync_start = time.perf_counter()
         skipped = "nonfinite_skipped" in out.train_metrics
-        if plan.update_actor and not skipped:
+        trained_at = self.version
+        updated = plan.update_actor and not skipped
+        if updated:
             self.version += 1
+        if self.run_ahead is not None:  # the generation thread loads them between two steps
+            weights = self.actor.named_weights() if updated else None
+            self.run_ahead.publish(step, self.version, weights)
+        elif updated:
             self._sync_weights()
         sync_s = time.perf_counter() - sync_start
         if self.relay.enabled:
             self.relay.add(step, self._episode_buffer(step, out.samples))
         metrics = self._step_metrics(out, plan, time.perf_counter() - start, sync_s)
+        metrics.update(staleness_metrics(out.samples, trained_at, t.max_staleness))
         self.step_index += 1
         return metrics
+
+    # ------------------------------------------------------------------ run-ahead
+
+    def _take_ahead(self, step: int):
+        """max_staleness >= 1: step `step`'s plan, with this step's replayed samples, and the
+        channel its completions arrive on from the generation thread (started here once)."""
+        t = self.cfg.train_config
+        if self.run_ahead is None:
+            self.run_ahead = RunAhead(
+                self.engine,
+                t.max_staleness,
+                lambda j: self._plan(j, relay_now=False),
+                step,
+                t.stage_timeout_s + self.cfg.rollout_config.request_timeout_s,
+                self._run_ahead_state,
+            )
+            self._run_ahead_state = None
+        plan, channel = self.run_ahead.take(step)
+        relay = self._relay_items()
+        n = len(plan.prompt_ids) * self.cfg.rollout_config.n
+        replayed, texts = self._relay_completions(relay, len(plan.prompt_ids), n)
+        plan = dataclasses.replace(
+            plan,
+            relay=replayed,
+            prompt_texts=plan.prompt_texts + texts,
+            samples_per_step=plan.samples_per_step + len(replayed),
+            on_policy_version=None,  # the staleness bound stands for it
+        )
+        return plan, channel
 
     def _step_metrics(self, out: StepOutput, plan: StepPlan, step_s: float, sync_s: float):
         samples = out.samples
@@ -785,6 +834,8 @@ class RLHFTrainer:
         from rlhf_pipe.pipeline.batch import Sample
 
         r = self.cfg.rollout_config
+        if self.run_ahead is not None:  # the engine idle, holding the current weights
+            self.run_ahead.quiesce()
         prompts = self.eval_prompts.next_batch()
         settings = sampling_settings(r, evaluation=True)
         done = []
@@ -868,6 +919,8 @@ class RLHFTrainer:
 
     def state_dict(self) -> dict:
         """Everything besides model weights that the next step depends on."""
+        if self.run_ahead is not None:  # in-flight steps complete, the data position after them
+            self.run_ahead.quiesce()
         state = {
             "step": self.step_index,
             "version": self.version,
@@ -884,6 +937,10 @@ class RLHFTrainer:
         }
         if self.critic is not None:
             state["critic"] = self.critic.training_state()
+        if self.run_ahead is not None:
+            state["run_ahead"] = self.run_ahead.state_dict()
+        elif self._run_ahead_state is not None:
+            state["run_ahead"] = self._run_ahead_state
         return state
 
     def resume(self, checkpoint: str | Path) -> Path | None:
@@ -918,6 +975,14 @@ class RLHFTrainer:
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         self.step_index, self.version = state["step"], state["version"]
+        ahead = state.get("run_ahead")
+        s = self.cfg.train_config.max_staleness
+        if ahead is not None and ahead["max_staleness"] != s:
+            raise CheckpointError(
+                f"{path}: written with train_config.max_staleness={ahead['max_staleness']}, "
+                f"this run has {s}: its in-flight samples follow the other schedule"
+            )
+        self._run_ahead_state = ahead
         self._sync_weights()
         self._resumed = (self.step_index, path)
         return path
@@ -930,6 +995,8 @@ class RLHFTrainer:
             self.last_sync = self.engine.load_weights(self.actor.named_weights(), self.version)
 
     def close(self) -> None:
+        if self.run_ahead is not None:
+            self.run_ahead.close()
         self.pipeline.close()
         if self.logger is not None:
             self.logger.close()
