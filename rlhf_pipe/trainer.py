@@ -706,7 +706,7 @@ class RLHFTrainer:
         )
         self.pipeline.on_event = progress
         try:
-            out = self.pipeline.run(plan, source)
+            out = self.pipeline.run(plan) if source is None else self.pipeline.run(plan, source)
         finally:
             progress.close()
         sync_start = time.perf_counter()

@@ -93,3 +93,31 @@ def test_relay_in_fixed_mode_is_refused(tmp_path):
                 "train_config.relay_sample_fn": "tests.x:y",
             },
         )
+
+
+def test_bench_runs_every_staleness_and_pipe(tmp_path, vllm_engine, capsys):
+    import argparse
+    import json
+
+    from rlhf_pipe.bench_cli import add_parser, cmd_bench
+    from tests.conftest import TINY_CONFIG
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    out = tmp_path / "bench"
+    sets = ["train_config.progress_bar=False", "train_config.tensorboard=False"]
+    sets.append(f"train_config.work_dir={tmp_path / 'run'}")
+    argv = ["bench", str(TINY_CONFIG), "--pipe", "1,4", "--staleness", "1", "--steps", "2"]
+    argv += ["--streaming-rounds", "1", "--out", str(out)]
+    for s in sets:
+        argv += ["--set", s]
+    assert cmd_bench(parser.parse_args(argv), engine=vllm_engine) == 0
+    printed = capsys.readouterr().out
+    assert "staleness 1 pipe 4" in printed
+    result = json.loads((out / "bench.json").read_text())
+    assert set(result["staleness"]) == {"s0_pipe1", "s0_pipe4", "s1_pipe1", "s1_pipe4"}
+    assert result["staleness"]["s0_pipe1"]["speedup"] == 1.0
+    assert "--staleness 0,1" in result["command"]
+    picture = result["staleness_timelines"]["s1_pipe4"]
+    assert "g" in picture and "T" in picture
+    assert "## Run-ahead" in (out / "report.md").read_text()
