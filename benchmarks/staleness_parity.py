@@ -64,7 +64,11 @@ def main() -> None:
             print(json.dumps({"s": s, "seed": seed, "reward_last5": out[s][seed]}), flush=True)
     for s, by_seed in out.items():
         values = list(by_seed.values())
-        print(f"s={s}: " + " ".join(f"{v:.3f}" for v in values) + f"  mean {sum(values) / len(values):.3f}")
+        print(
+            f"s={s}: "
+            + " ".join(f"{v:.3f}" for v in values)
+            + f"  mean {sum(values) / len(values):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -489,10 +489,10 @@ def run_bench(
     def trainer_for(cfg):
         if state["initial"] is None:
             state["initial"] = _initial_weights(cfg.model_configs.policy.model_path)
+        if state["trainer"] is not None:  # first: a run-ahead thread stops using the engine
+            state["trainer"].close()
         if state["engine"] is not None:
             state["engine"].load_weights(state["initial"].items(), version=0)
-        if state["trainer"] is not None:
-            state["trainer"].close()
         state["trainer"] = RLHFTrainer(cfg, engine=state["engine"], console=False)
         state["engine"] = state["trainer"].engine
         return state["trainer"]
@@ -522,6 +522,8 @@ def run_bench(
             steps=steps,
             warmup=warmup,
         )
+        # Before any run-ahead trainer: its generation thread owns the engine.
+        streaming = _streaming_for(trainer, streaming_rounds)
         if len(staleness) > 1:
             trainer.close()
             ahead, spans = {0: runs}, {}
@@ -532,7 +534,7 @@ def run_bench(
                     cfg_path, pipes, steps, warmup, over, trainer_for, 1, log, ONE_DEVICE, spans[s]
                 )
             result = add_staleness(result, ahead, spans, warmup)
-        return add_streaming(result, _streaming_for(trainer, streaming_rounds))
+        return add_streaming(result, streaming)
     finally:
         trainer.close()
 

@@ -134,9 +134,10 @@ class RunAhead:
             for k in stale:  # superseded (only after a resume with a different schedule)
                 del self._weights[k]
             pending = self._weights.pop(need, None)
-        if pending is not None and pending[1] is not None:
+        if pending is not None:
             version, tensors = pending
-            self.engine.load_weights(iter(tensors), version)
+            if tensors is not None:  # None: that step left the policy unchanged
+                self.engine.load_weights(iter(tensors), version)
         plan = self._plan_fn(j)
         st = self._new_step(plan)
         with self._cond:
@@ -223,4 +224,3 @@ def staleness_metrics(samples, trained_version: int, max_staleness: int) -> dict
         m[f"staleness/{d}"] = m.get(f"staleness/{d}", 0) + 1
         m["staleness/violations"] += int(d > max_staleness or d < 0)
     return m
-
