@@ -22,6 +22,8 @@ def _run(tmp_path, engine, weights, steps, s, resume=None, **over):
     train = trainer.actor.train
 
     def timed(*args):
+        if trainer.run_ahead is not None:  # bounded: steps k..k+s exist while step k trains
+            assert len(trainer.run_ahead._steps) <= s + 1
         start = time.perf_counter()
         try:
             return train(*args)
@@ -81,6 +83,24 @@ def test_resume_with_samples_in_flight_is_exact(tmp_path, vllm_engine, initial_p
     assert _same(full, rest)
     keys = ("reward", "actor/policy_loss", "staleness/violations")
     assert [[h[k] for k in keys] for h in hist[2:]] == [[h[k] for k in keys] for h in hist2]
+
+
+def test_relay_samples_are_chosen_when_their_step_trains(
+    tmp_path, vllm_engine, initial_policy_weights
+):
+    from tests.pipeline.test_stream_data import CALLS, RELAY
+
+    CALLS.clear()
+    _, h, _, _ = _run(tmp_path, vllm_engine, initial_policy_weights, 4, 1, **RELAY)
+    # As at s = 0 (test_stream_data): the episodes trained so far, not those generated.
+    assert CALLS == [[(1, 16)], [(1, 16), (2, 16)]]
+    assert [x["relay_samples"] for x in h] == [0, 0, 4, 4]
+    assert [x["samples"] for x in h] == [16, 16, 20, 20]
+    # Replayed samples are not in the staleness counts.
+    assert all(
+        sum(v for k, v in x.items() if k.startswith("staleness/") and k[10:].isdigit()) == 16
+        for x in h
+    )
 
 
 def test_relay_in_fixed_mode_is_refused(tmp_path):
