@@ -32,6 +32,7 @@ so the trainer can evaluate on it or checkpoint the in-flight steps (`state_dict
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import traceback
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 
 from rlhf_pipe.pipeline.channel import Channel, PipelineAborted
 from rlhf_pipe.rollout.types import Completion
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,6 +118,7 @@ class RunAhead:
         except PipelineAborted:
             pass
         except BaseException as e:
+            log.error("run-ahead generation failed", exc_info=True)
             with self._cond:
                 self.error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
                 self._cond.notify_all()

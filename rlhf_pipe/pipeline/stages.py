@@ -192,6 +192,8 @@ class StepPipeline:
             while True:
                 try:  # short waits, so a failure of this step stops the relay too
                     item = source.get(timeout_s=0.5)
+                except PipelineAborted:  # the generation thread failed (RunAhead.error)
+                    raise RuntimeError("the run-ahead generation thread stopped") from None
                 except StageTimeout:
                     if run.abort.is_set():
                         raise PipelineAborted("run-ahead source") from None
