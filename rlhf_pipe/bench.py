@@ -473,11 +473,15 @@ def run_bench(
     command: str | None = None,
     log=print,
     streaming_rounds: int = 3,
+    staleness=(0,),
 ) -> dict:
-    """Run `warmup + steps` PPO steps per M in `pipes`, write the outputs, return bench.json."""
+    """Run `warmup + steps` PPO steps per M in `pipes`, write the outputs, return bench.json.
+    `staleness`: train_config.max_staleness values; each s >= 1 runs every M again with
+    run-ahead generation (bench.json "staleness": step times and speedup against s=0, M=1)."""
     from rlhf_pipe.trainer import RLHFTrainer
 
     pipes = _with_serial(pipes, log)
+    staleness = sorted(set(int(s) for s in staleness) | {0})
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench: need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
     state = {"trainer": None, "engine": engine, "initial": None}
@@ -485,10 +489,10 @@ def run_bench(
     def trainer_for(cfg):
         if state["initial"] is None:
             state["initial"] = _initial_weights(cfg.model_configs.policy.model_path)
+        if state["trainer"] is not None:  # first: a run-ahead thread stops using the engine
+            state["trainer"].close()
         if state["engine"] is not None:
             state["engine"].load_weights(state["initial"].items(), version=0)
-        if state["trainer"] is not None:
-            state["trainer"].close()
         state["trainer"] = RLHFTrainer(cfg, engine=state["engine"], console=False)
         state["engine"] = state["trainer"].engine
         return state["trainer"]
@@ -518,7 +522,19 @@ def run_bench(
             steps=steps,
             warmup=warmup,
         )
-        return add_streaming(result, _streaming_for(trainer, streaming_rounds))
+        # Before any run-ahead trainer: its generation thread owns the engine.
+        streaming = _streaming_for(trainer, streaming_rounds)
+        if len(staleness) > 1:
+            trainer.close()
+            ahead, spans = {0: runs}, {}
+            for s in staleness[1:]:
+                over = {**(overrides or {}), "train_config.max_staleness": s}
+                spans[s] = {}
+                ahead[s], _, _, trainer = measure_pipes(
+                    cfg_path, pipes, steps, warmup, over, trainer_for, 1, log, ONE_DEVICE, spans[s]
+                )
+            result = add_staleness(result, ahead, spans, warmup)
+        return add_streaming(result, streaming)
     finally:
         trainer.close()
 
@@ -541,9 +557,12 @@ def measure_pipes(
     devices: int,
     log=print,
     device_roles: dict[str, tuple[str, ...]] | None = None,
+    spans: dict | None = None,
 ):
     """For each M: `trainer_for(cfg with PIPE_MICRO_BATCH_NUM=M)` gives a ready trainer, which
-    runs warm-up + measured steps. Returns (runs, timelines, last cfg, last trainer)."""
+    runs warm-up + measured steps. Returns (runs, timelines, last cfg, last trainer).
+    `spans`, if given, gets spans[M] = (train_step spans, run-ahead generation spans), each
+    (step, start, end) in perf_counter seconds, for the cross-step timeline."""
     from rlhf_pipe.validation import load_config
 
     base = {"train_config.progress_bar": False, "train_config.tensorboard": False}
@@ -552,15 +571,20 @@ def measure_pipes(
     for m in pipes:
         cfg = load_config(cfg_path, {**base, "PIPE_MICRO_BATCH_NUM": m})
         trainer = trainer_for(cfg)
-        history = []
+        history, step_spans = [], []
         for i in range(warmup + steps):
+            start = time.perf_counter()
             history.append(trainer.train_step())
+            step_spans.append((i, start, time.perf_counter()))
             log(
                 f"bench: pipe {m} step {i + 1}/{warmup + steps} "
                 f"{'(warm-up) ' if i < warmup else ''}"
                 f"pipeline {history[-1]['pipeline_s']:.3f} s, step {history[-1]['step_s']:.3f} s"
                 f", sync {history[-1]['sync/seconds']:.4f} s"
             )
+        if spans is not None:
+            ahead = trainer.run_ahead.timeline if trainer.run_ahead is not None else []
+            spans[m] = (step_spans, [(j, a, b) for j, a, b, _ in ahead])
         measured = history[warmup:]
         runs[m] = summarize_run(
             m, measured, cfg.plan.samples_per_step, devices=devices, device_roles=device_roles
@@ -669,6 +693,54 @@ def add_streaming(result: dict, streaming: dict) -> dict:
     result["streaming"] = streaming
     _write_summary(result)
     return result
+
+
+def add_staleness(result: dict, ahead: dict, spans: dict, warmup: int) -> dict:
+    """bench.json "staleness": per (s, M) the mean step and pipeline seconds and the speedup
+    against s=0, M=1; report.md gets the table and, per s >= 1, a cross-step timeline."""
+    base = ahead[0][1]["step_s"]
+    table = {
+        f"s{s}_pipe{m}": {
+            "max_staleness": s,
+            "pipe": m,
+            "step_s": run["step_s"],
+            "pipeline_s": run["pipeline_s"],
+            "speedup": base / run["step_s"] if run["step_s"] else None,
+        }
+        for s, runs in ahead.items()
+        for m, run in runs.items()
+    }
+    pictures = {
+        f"s{s}_pipe{m}": ascii_steps(train, gen, first=warmup)
+        for s, by_m in spans.items()
+        for m, (train, gen) in by_m.items()
+    }
+    result = {**result, "staleness": table, "staleness_timelines": pictures}
+    _write_summary(result)
+    return result
+
+
+def ascii_steps(train_spans, gen_spans, first: int = 0, width: int = 72) -> str:
+    """Steps overlapping, one row per step: `g` where the run-ahead thread generated it, `T`
+    where the trainer ran it (train_step: Forward, Advantage, Train, optimizer step)."""
+    train = [t for t in train_spans if t[0] >= first]
+    gen = [g for g in gen_spans if g[0] >= first and g[0] <= train[-1][0] + 2] if train else []
+    if not train:
+        return ""
+    t0 = min(a for _, a, _ in train + gen)
+    t1 = max(b for _, _, b in train + gen)
+    scale = (width - 1) / max(t1 - t0, 1e-9)
+    rows = []
+    for step in sorted({j for j, _, _ in train + gen}):
+        line = [" "] * width
+        for spans, mark in ((gen, "g"), (train, "T")):
+            for j, a, b in spans:
+                if j == step:
+                    for x in range(int((a - t0) * scale), int((b - t0) * scale) + 1):
+                        line[x] = mark if line[x] == " " else "#"
+        rows.append(f"step {step:>3} |{''.join(line)}|")
+    rows.append(f"          0 s{' ' * (width - 12)}{t1 - t0:.2f} s")
+    return "\n".join(rows)
 
 
 def _write_summary(result: dict) -> None:
@@ -845,4 +917,23 @@ def format_report(r: dict) -> str:
                 f"{_f(st['queue_put_s'] * 1e3, 3)} ms in all, "
                 f"{_f(st['queue_put_share'] * 100, 4)}% of the streaming calls' time."
             )
+    if r.get("staleness"):
+        lines += [
+            "",
+            "## Run-ahead (train_config.max_staleness)",
+            "",
+            "Step s: mean train_step seconds (generation that ran ahead is not in it); "
+            "speedup against s=0, M=1.",
+            "",
+            "| s | M | step s | pipeline s | speedup |",
+            "|---|---|---|---|---|",
+        ]
+        for row in r["staleness"].values():
+            lines.append(
+                f"| {row['max_staleness']} | {row['pipe']} | {_f(row['step_s'])} "
+                f"| {_f(row['pipeline_s'])} | {_f(row['speedup'], 2)} |"
+            )
+        for name, picture in r.get("staleness_timelines", {}).items():
+            lines += ["", f"{name}: g generate (run-ahead thread), T train_step", "", "```"]
+            lines += [picture, "```"]
     return "\n".join(lines) + "\n"

@@ -23,6 +23,16 @@ def _pipes(text: str) -> list[int]:
     return values
 
 
+def _staleness(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected a comma list of ints >= 0, got {text!r}")
+    return sorted(set(values) | {0})
+
+
 def _count(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -50,6 +60,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default=[1, 2, 4],
         metavar="M1,M2,...",
         help="PIPE_MICRO_BATCH_NUM values (1 is added if missing; default 1,2,4)",
+    )
+    p.add_argument(
+        "--staleness",
+        type=_staleness,
+        default=[0],
+        metavar="S1,S2,...",
+        help="train_config.max_staleness values; each s >= 1 reruns every M with run-ahead "
+        "generation (0 is added if missing; default 0)",
     )
     p.add_argument("--steps", type=_count(1), default=3, help="measured steps per M (default 3)")
     p.add_argument(
@@ -82,6 +100,8 @@ def _command(args) -> str:
         "--warmup",
         str(args.warmup),
     ]
+    if args.staleness != [0]:
+        parts += ["--staleness", ",".join(map(str, args.staleness))]
     if args.streaming_rounds != 3:
         parts += ["--streaming-rounds", str(args.streaming_rounds)]
     if args.out:
@@ -111,12 +131,18 @@ def cmd_bench(args, *, engine=None) -> int:
             engine=engine,
             command=_command(args),
             streaming_rounds=args.streaming_rounds,
+            staleness=args.staleness,
         )
     for m, run in result["runs"].items():
         print(
             f"pipe {m}: pipeline {run['pipeline_s']:.3f} s, step {run['step_s']:.3f} s, "
             f"bound {run['bound_s']:.3f} s, efficiency {run['efficiency']:.2f}, "
             f"speedup {run['speedup']:.2f}"
+        )
+    for row in result.get("staleness", {}).values():
+        print(
+            f"staleness {row['max_staleness']} pipe {row['pipe']}: step {row['step_s']:.3f} s, "
+            f"speedup {row['speedup']:.2f} against s=0, M=1"
         )
     ratio = result["streaming"]["ratio"]
     print(

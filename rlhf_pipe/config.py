@@ -254,6 +254,11 @@ class TrainConfig:
     seed: int = 0
     work_dir: str = "work_dirs/rlhf_pipe"
     on_policy: bool = True  # assert every trained sample came from the current policy version
+    # Generation runs ahead of training by up to this many steps (rlhf_pipe/pipeline/
+    # run_ahead.py): step j is generated with the weights after step j - s - 1, so a sample is
+    # trained at most s policy versions after its own. 0: serial order, exact. With s >= 1 the
+    # staleness bound replaces the on_policy check.
+    max_staleness: int = field(default=0, metadata=_ge(0))
     # NaN/inf in a reward or an update: 'stop' the run with a message, or 'skip' the update.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     stage_timeout_s: float = field(default=600.0, metadata=_range(0.0, 1e6, lo_open=True))

@@ -31,9 +31,6 @@ def step_metrics(
     m.update(_sample_metrics(samples, reward_names, tokens))
     m.update(_train_metrics(tm))
     m.update(_behaviour_metrics(tm, plan.ppo_epochs))
-    m.update(
-        _staleness_metrics(samples, version, plan.update_actor and "nonfinite_skipped" not in tm)
-    )
     m["advantage_waits"] = out.extra.get("advantage_waits", 0)
     if "ptx_tokens" in tm:
         m["actor/ptx_loss"] = tm["ptx_loss"] / tm["ptx_tokens"]
@@ -114,13 +111,6 @@ def _behaviour_metrics(tm: dict, ppo_epochs: int) -> dict:
             vals = [v for k, v in tm.items() if k.startswith(f"behaviour_chunk_{key}/")]
             m[f"behaviour/is_weight_{key}"] = pick(torch.stack(vals)) / ppo_epochs
     return m
-
-
-def _staleness_metrics(samples, version: int, updated: bool) -> dict:
-    """Counts of fresh samples by staleness: the version trained on minus the generating one."""
-    trained = version - int(updated)
-    lags = [trained - s.version for s in samples if s.relay_from is None]
-    return {f"staleness/{lag}": lags.count(lag) for lag in sorted(set(lags))}
 
 
 def _timing_metrics(out: StepOutput, step_s: float, num_samples: int, tokens: int) -> dict:

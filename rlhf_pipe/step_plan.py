@@ -164,10 +164,12 @@ class StepPlanner:
         self.prompts, self.ranking, self.ptx, self.tokenizer = prompts, ranking, ptx, tokenizer
         self.relay, self.relay_sample_fn = relay, relay_sample_fn
 
-    def plan(self, step: int, version: int) -> StepPlan:
+    def plan(self, step: int, version: int, relay_now: bool = True) -> StepPlan:
+        """relay_now=False: planned ahead by the run-ahead thread (pipeline/run_ahead.py); the
+        trainer adds the step's replayed samples when it trains it."""
         t, r, rep = self.train, self.rollout, self.repeater
         # Replayed samples first: in 'fixed' mode they take the place of fresh prompts.
-        relay = self.relay_items()
+        relay = self.relay_items() if relay_now else []
         num_prompts = self.sizes.num_prompts
         if relay and t.stream_data_loader_type == "fixed":
             if len(relay) > self.sizes.samples_per_step or len(relay) % r.n:

@@ -16,6 +16,7 @@ resume, the work-dir claim) and builders.py (roles, scorers, engines).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -34,9 +35,10 @@ from rlhf_pipe.builders import (
     seed_everything,
 )
 from rlhf_pipe.checkpoint import CheckpointError, resolve_resume
-from rlhf_pipe.config import RunConfig
+from rlhf_pipe.config import ConfigError, RunConfig
 from rlhf_pipe.data import RelayBuffer
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
+from rlhf_pipe.pipeline.run_ahead import RunAhead, staleness_metrics
 from rlhf_pipe.pipeline.stages import StepPipeline
 from rlhf_pipe.protocols import MODEL_ROLES, WeightSync
 from rlhf_pipe.run_dir import RunDir
@@ -129,6 +131,16 @@ class RLHFTrainer:
         self.work_dir = Path(t.work_dir)
         self.folder = RunFolder(self.work_dir, t, console)
         self.history: list[dict] = []
+        # max_staleness >= 1: the generation thread, started by the first step (run_ahead.py);
+        # what a checkpoint had in flight waits here until then.
+        self.run_ahead: RunAhead | None = None
+        self._run_ahead_state: dict | None = None
+        if t.max_staleness and weight_sync is not None:  # run-time: the chosen sync backend
+            raise ConfigError(
+                f"{cfg.source}: train_config.max_staleness >= 1 needs the engine's own "
+                f"load_weights (an in-process or RemoteEngine); the NCCL/gloo weight_sync "
+                f"broadcast is not supported with run-ahead yet"
+            )
 
     @property
     def planner(self) -> StepPlanner:
@@ -209,7 +221,10 @@ class RLHFTrainer:
     def train_step(self) -> dict:
         step = self.step_index
         start = time.perf_counter()
-        plan = self.planner.plan(step, self.version)
+        if self.cfg.train_config.max_staleness:
+            plan, source = self._take_ahead(step)
+        else:
+            plan, source = self.planner.plan(step, self.version), None
         # A dynamic step may hold more than PIPE_MICRO_BATCH_NUM micro-batches.
         progress = StageProgress(
             step,
@@ -218,13 +233,19 @@ class RLHFTrainer:
         )
         self.pipeline.on_event = progress
         try:
-            out = self.pipeline.run(plan)
+            out = self.pipeline.run(plan) if source is None else self.pipeline.run(plan, source)
         finally:
             progress.close()
         sync_start = time.perf_counter()
         skipped = "nonfinite_skipped" in out.train_metrics
-        if plan.update_actor and not skipped:
+        trained_at = self.version
+        updated = plan.update_actor and not skipped
+        if updated:
             self.version += 1
+        if self.run_ahead is not None:  # the generation thread loads them between two steps
+            weights = self.actor.named_weights() if updated else None
+            self.run_ahead.publish(step, self.version, weights)
+        elif updated:
             self._sync_weights()
         sync_s = time.perf_counter() - sync_start
         if self.relay.enabled:
@@ -240,8 +261,41 @@ class RLHFTrainer:
             call_seconds=self._call_seconds(),
             skipped_prompts=sum(self.prompts.skipped.values()),
         )
+        metrics.update(
+            staleness_metrics(out.samples, trained_at, self.cfg.train_config.max_staleness)
+        )
         self.step_index += 1
         return metrics
+
+    # ------------------------------------------------------------------ run-ahead
+
+    def _take_ahead(self, step: int):
+        """max_staleness >= 1: step `step`'s plan, with this step's replayed samples, and the
+        channel its completions arrive on from the generation thread (started here once)."""
+        t = self.cfg.train_config
+        if self.run_ahead is None:
+            self.run_ahead = RunAhead(
+                self.engine,
+                t.max_staleness,
+                lambda j: self.planner.plan(j, self.version, relay_now=False),
+                step,
+                t.stage_timeout_s + self.cfg.rollout_config.request_timeout_s,
+                self._run_ahead_state,
+            )
+            self._run_ahead_state = None
+        plan, channel = self.run_ahead.take(step)
+        planner = self.planner
+        relay = planner.relay_items()
+        n = len(plan.prompt_ids) * self.cfg.rollout_config.n
+        replayed, texts = planner.relay_completions(relay, len(plan.prompt_ids), n)
+        plan = dataclasses.replace(
+            plan,
+            relay=replayed,
+            prompt_texts=plan.prompt_texts + texts,
+            samples_per_step=plan.samples_per_step + len(replayed),
+            on_policy_version=None,  # the staleness bound stands for it
+        )
+        return plan, channel
 
     def _call_seconds(self) -> dict:
         """Roles on other ranks: their calls since the last step's metrics (the weight sync's
@@ -255,6 +309,8 @@ class RLHFTrainer:
 
     def evaluate(self) -> dict:
         """Generate on the eval prompts with the eval sampling settings and score them."""
+        if self.run_ahead is not None:  # the engine idle, holding the current weights
+            self.run_ahead.quiesce()
         return evaluate(
             self.engine, self.reward, self.tokenizer, self.eval_prompts, self.cfg.rollout_config
         )
@@ -288,7 +344,14 @@ class RLHFTrainer:
 
     def state_dict(self) -> dict:
         """Everything besides model weights that the next step depends on."""
-        return self.state.state_dict(self.step_index, self.version)
+        if self.run_ahead is not None:  # in-flight steps complete, the data position after them
+            self.run_ahead.quiesce()
+        state = self.state.state_dict(self.step_index, self.version)
+        if self.run_ahead is not None:
+            state["run_ahead"] = self.run_ahead.state_dict()
+        elif self._run_ahead_state is not None:
+            state["run_ahead"] = self._run_ahead_state
+        return state
 
     def resume(self, checkpoint: str | Path) -> Path | None:
         """Continue a run: 'auto' takes the newest complete checkpoint in work_dir (none there:
@@ -301,7 +364,16 @@ class RLHFTrainer:
         if path is None:
             self.folder.resumed = (0, None)
             return None
-        self.step_index, self.version = self.state.load(path)
+        state = self.state.load(path)
+        self.step_index, self.version = state["step"], state["version"]
+        ahead = state.get("run_ahead")
+        s = self.cfg.train_config.max_staleness
+        if ahead is not None and ahead["max_staleness"] != s:
+            raise CheckpointError(
+                f"{path}: written with train_config.max_staleness={ahead['max_staleness']}, "
+                f"this run has {s}: its in-flight samples follow the other schedule"
+            )
+        self._run_ahead_state = ahead
         self._sync_weights()
         self.folder.resumed = (self.step_index, path)
         return path
@@ -314,5 +386,7 @@ class RLHFTrainer:
             self.last_sync = self.engine.load_weights(self.actor.named_weights(), self.version)
 
     def close(self) -> None:
+        if self.run_ahead is not None:
+            self.run_ahead.close()
         self.pipeline.close()
         self.folder.close()

@@ -51,8 +51,9 @@ class TrainerState:
             state["critic"] = self.critic.training_state()
         return state
 
-    def load(self, path: Path) -> tuple[int, int]:
-        """Load checkpoint `path` (weights, optimizer, data positions, RNG); -> (step, version)."""
+    def load(self, path: Path) -> dict:
+        """Load checkpoint `path` (weights, optimizer, data positions, RNG); -> the whole saved
+        state, whose 'step' and 'version' the trainer takes (and 'run_ahead', if any)."""
         state = torch.load(path / STATE_FILE, weights_only=False)
         for part, role in (("actor", self.actor), ("critic", self.critic)):
             if role is None:
@@ -73,7 +74,7 @@ class TrainerState:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
-        return state["step"], state["version"]
+        return state
 
 
 class RunFolder:

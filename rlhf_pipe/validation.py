@@ -486,6 +486,14 @@ def _check_rest(cfg: RunConfig, generator: GeneratorConfig) -> None:
             "train_config.relay_sample_fn",
             "set, but max_relay_episode is 0 (relay off); set it to -1 or a count >= 1",
         )
+    if t.max_staleness and t.relay_sample_fn and t.stream_data_loader_type == "fixed":
+        _fail(
+            src,
+            "train_config.max_staleness",
+            "with a relay_sample_fn, run-ahead needs stream_data_loader_type='dynamic' (replayed "
+            "samples are chosen when their step trains; in 'fixed' mode they would change how "
+            "many prompts are generated ahead of time)",
+        )
     min_len = generator.batch_generation.min_prompt_length
     if min_len > cfg.prompt_dataset_config.max_len:
         _fail(

@@ -53,7 +53,11 @@ def test_correction_trains_and_logs(tmp_path, vllm_engine, initial_policy_weight
         assert m["behaviour/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
         assert m["behaviour/truncated_frac"] == 0.0
         assert h["staleness/0"] == samples_per_step
-        assert not any(k.startswith("staleness/") and k != "staleness/0" for k in h)
+        assert h["staleness/violations"] == 0
+        assert not any(
+            k.startswith("staleness/") and k not in ("staleness/0", "staleness/violations")
+            for k in h
+        )
     assert all(torch.isfinite(p).all() for p in trainer.actor.model.parameters())
 
 
