@@ -223,6 +223,10 @@ class VLLMEngine:
         # ('processed_logprobs', TRL's choice, fits a trainer that divides by the temperature.)
         if not unsupported_engine_settings({"logprobs_mode": None}):
             kwargs.setdefault("logprobs_mode", "raw_logprobs")
+        # The console keeps our own per-step bar (rlhf_pipe/console.py); vLLM's bar over the
+        # checkpoint shards bypasses logging, so it is turned off at the source.
+        if not unsupported_engine_settings({"use_tqdm_on_load": None}):
+            kwargs.setdefault("use_tqdm_on_load", False)
         if nccl_weight_sync:
             from rlhf_pipe.rollout.nccl_sync import RECEIVER_CLS
 
