@@ -42,8 +42,10 @@ from rlhf_pipe.config import (
 )
 from rlhf_pipe.data import DataError, parse_dataset_spec
 from rlhf_pipe.errors import ConfigError
+from rlhf_pipe.protocols import MODEL_ROLES
 
-MODEL_ROLES = ("policy", "critic", "reference", "reward")  # model_configs names
+# The model_configs entries, one per model role (the policy serves the actor and the rollout).
+MODEL_CONFIG_KEYS = tuple(role.config_key for role in MODEL_ROLES)
 
 # ----------------------------------------------------------------------------- typed building
 
@@ -203,7 +205,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunPlan:
     scorers = _check_reward(cfg, check_paths)
     _check_algorithm(cfg)
     lora = {}
-    for role in MODEL_ROLES:
+    for role in MODEL_CONFIG_KEYS:
         model = getattr(cfg.model_configs, role)
         if model is not None:
             settings = _check_model(cfg, role, model, generator, scorers, check_paths)
@@ -340,7 +342,7 @@ def _check_reward(cfg: RunConfig, check_paths: bool) -> dict:
             f"expected 'module:function', got {reward.reward_fn!r}",
         )
     checked = None if reward.scorers is None else _check_scorers(reward, src, check_paths)
-    for role in ("policy", "critic", "reference"):
+    for role in MODEL_CONFIG_KEYS[:-1]:  # all but the reward
         if getattr(mc, role) is not None and getattr(mc, role).scorers is not None:
             _fail(src, f"model_configs.{role}.scorers", "only the reward model has scorers")
     return reward_scorers(reward, checked)
