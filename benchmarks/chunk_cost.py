@@ -94,7 +94,13 @@ def main(argv=None) -> dict:
         train_micro_bs=4,
     )
     train_sizes = [int(x) for x in args.train_mbs.split(",")]
-    actor, critic = PolicyRole(actor_model, 0, **sizes), CriticRole(critic_model, 0, **sizes)
+
+    def roles(layout: str, train_mbs: int):
+        """The two roles as one variant builds them (layout and chunk size are theirs)."""
+        kw = {**sizes, "train_micro_bs": train_mbs, "packed": layout == "packed"}
+        return PolicyRole(actor_model, 0, **kw), CriticRole(critic_model, 0, **kw)
+
+    actor, critic = roles("padded", train_sizes[0])
     samples = make_samples(args.samples, actor_model.config.vocab_size, seed=0)
     if args.order == "length":
         samples.sort(key=lambda s: s.num_actions)
@@ -112,8 +118,7 @@ def main(argv=None) -> dict:
     for r in range(args.repeat + 1):  # round 0 warms up (allocator, kernels)
         for v in variants if r % 2 == 0 else variants[::-1]:
             lay, mbs = v.split(" mbs ")
-            actor.packed = critic.packed = lay == "packed"
-            actor.train_micro_bs = critic.train_micro_bs = int(mbs)
+            actor, critic = roles(lay, int(mbs))
             for name, fn in work.items():
                 if name.endswith("train") or mbs == str(train_sizes[0]):  # forward: once
                     t = timed(fn, device)
@@ -126,10 +131,9 @@ def main(argv=None) -> dict:
     activity = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activity.append(torch.profiler.ProfilerActivity.CUDA)
-    actor.train_micro_bs = train_sizes[0]
     chunk = samples[len(samples) // 2 : len(samples) // 2 + train_sizes[0]]
     for lay in layouts:
-        actor.packed = lay == "packed"
+        actor, _ = roles(lay, train_sizes[0])
         with torch.profiler.profile(activities=activity) as prof:
             actor.train(chunk, LOSS, len(chunk))
             _sync(device)

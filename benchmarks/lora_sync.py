@@ -27,23 +27,21 @@ def run(args) -> dict:
     import torch
 
     from rlhf_pipe import lora
-    from rlhf_pipe.config import TrainerConfig
+    from rlhf_pipe.config import LoraSettings
     from rlhf_pipe.models import load_causal_lm
     from rlhf_pipe.roles import PolicyRole
     from rlhf_pipe.rollout.types import SamplingSettings
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
 
     assets = _assets(args.model)
-    tc = TrainerConfig(
-        enable_lora=True,
-        lora_dim=args.rank,
-        lora_alpha=float(args.rank),
-        lora_dropout=0.0,
-        lora_layer="ColumnParallelLinear,LinearLayer,RowParallelLinear",
+    settings = LoraSettings(
+        args.rank, float(args.rank), 0.0, "ColumnParallelLinear,LinearLayer,RowParallelLinear"
     )
     torch.manual_seed(0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = lora.apply_lora(load_causal_lm(str(assets.policy), args.dtype), tc, "bench", "policy")
+    model = lora.apply_lora(
+        load_causal_lm(str(assets.policy), args.dtype), settings.peft_kwargs(), "bench", "policy"
+    )
     model.to(device)
     actor = PolicyRole(
         model,
@@ -64,7 +62,7 @@ def run(args) -> dict:
             seed=0,
             max_model_len=256,
             gpu_memory_utilization=0.3,
-            lora=lora.peft_config(tc).to_dict() if mode == "adapter" else None,
+            lora=lora.peft_config(settings.peft_kwargs()).to_dict() if mode == "adapter" else None,
             engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20},
         )
         for mode in ("merged", "adapter")

@@ -20,14 +20,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--staleness", default="0,1,2")
+    p.add_argument(
+        "--correction", default=None, help="train_config.behaviour_correction: tis | decoupled"
+    )
     args = p.parse_args()
 
     from safetensors.torch import load_file
 
     from rlhf_pipe.assets.tiny import build_tiny_assets
-    from rlhf_pipe.config import load_config
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
     from rlhf_pipe.trainer import RLHFTrainer
+    from rlhf_pipe.validation import load_config
 
     assets = build_tiny_assets()
     initial = load_file(str(assets.policy / "model.safetensors"))
@@ -54,6 +57,7 @@ def main() -> None:
                     "train_config.seed": seed,
                     "rollout_config.seed": seed,
                     "prompt_dataset_config.seed": seed,
+                    "train_config.behaviour_correction": args.correction,
                 },
             )
             trainer = RLHFTrainer(cfg, engine=engine, console=False)
