@@ -23,7 +23,9 @@ from datetime import timedelta
 from rlhf_pipe.protocols import MODEL_ROLES, Role
 from rlhf_pipe.run_args import UserError, user_errors
 
-logger = logging.getLogger(__name__)
+# By name: run as `python -m rlhf_pipe.train`, __name__ is "__main__", outside the "rlhf_pipe"
+# logger that the console set-up routes (rlhf_pipe/console.py).
+logger = logging.getLogger("rlhf_pipe.train")
 
 
 def _parse(argv):
