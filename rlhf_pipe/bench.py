@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_pipe.bench_predict import format_predictions, measured_steps, predictions
 from rlhf_pipe.protocols import Role
 
 # Busy stages in the timeline, and the three pipeline stages of the bound built from them.
@@ -490,6 +491,7 @@ def run_bench(
         if state["initial"] is None:
             state["initial"] = _initial_weights(cfg.model_configs.policy.model_path)
         if state["trainer"] is not None:  # first: a run-ahead thread stops using the engine
+            stop_run_ahead(state["trainer"])
             state["trainer"].close()
         if state["engine"] is not None:
             state["engine"].load_weights(state["initial"].items(), version=0)
@@ -497,12 +499,15 @@ def run_bench(
         state["engine"] = state["trainer"].engine
         return state["trainer"]
 
+    serial_over = dict(overrides or {})
+    if len(staleness) > 1:  # the s=0 runs, whatever the config says
+        serial_over["train_config.max_staleness"] = 0
     runs, timelines, cfg, trainer = measure_pipes(
         cfg_path,
         pipes,
         steps,
         warmup,
-        overrides,
+        serial_over,
         trainer_for,
         devices=1,
         log=log,
@@ -534,9 +539,21 @@ def run_bench(
                     cfg_path, pipes, steps, warmup, over, trainer_for, 1, log, ONE_DEVICE, spans[s]
                 )
             result = add_staleness(result, ahead, spans, warmup)
+            stop_run_ahead(trainer)
         return add_streaming(result, streaming)
     finally:
         trainer.close()
+
+
+def stop_run_ahead(trainer) -> None:
+    """Stop a trainer's run-ahead thread once it has generated what it may and waits for
+    weights, so the next run starts its own (another s or M). Stopped in the middle of a
+    generate, it would leave requests in the engine, or, for an engine on another rank,
+    replies unread on the connection."""
+    if trainer.run_ahead is not None:
+        trainer.run_ahead.quiesce()  # the engine idle, holding the trainer's weights
+        trainer.run_ahead.close()
+        trainer.run_ahead = None  # the next max_staleness >= 1 step starts a new one
 
 
 def _with_serial(pipes, log) -> list[int]:
@@ -562,7 +579,8 @@ def measure_pipes(
     """For each M: `trainer_for(cfg with PIPE_MICRO_BATCH_NUM=M)` gives a ready trainer, which
     runs warm-up + measured steps. Returns (runs, timelines, last cfg, last trainer).
     `spans`, if given, gets spans[M] = (train_step spans, run-ahead generation spans), each
-    (step, start, end) in perf_counter seconds, for the cross-step timeline."""
+    (step, start, end) in perf_counter seconds, for the cross-step timeline; steps count from
+    the run's first (a trainer reused across runs, as under torchrun, keeps its step index)."""
     from rlhf_pipe.validation import load_config
 
     base = {"train_config.progress_bar": False, "train_config.tensorboard": False}
@@ -571,6 +589,7 @@ def measure_pipes(
     for m in pipes:
         cfg = load_config(cfg_path, {**base, "PIPE_MICRO_BATCH_NUM": m})
         trainer = trainer_for(cfg)
+        first = trainer.step_index
         history, step_spans = [], []
         for i in range(warmup + steps):
             start = time.perf_counter()
@@ -584,7 +603,7 @@ def measure_pipes(
             )
         if spans is not None:
             ahead = trainer.run_ahead.timeline if trainer.run_ahead is not None else []
-            spans[m] = (step_spans, [(j, a, b) for j, a, b, _ in ahead])
+            spans[m] = (step_spans, [(j - first, a, b) for j, a, b, _ in ahead])
         measured = history[warmup:]
         runs[m] = summarize_run(
             m, measured, cfg.plan.samples_per_step, devices=devices, device_roles=device_roles
@@ -645,6 +664,7 @@ def write_bench(
         "streaming": streaming,
     }
     result["hardware"] = _add_utilisation(cfg, runs)
+    result["predictions"] = predictions(result)
     result["out_dir"] = str(out)
     _write_summary(result)
     return result
@@ -695,36 +715,69 @@ def add_streaming(result: dict, streaming: dict) -> dict:
     return result
 
 
+def run_ahead_bound(stage_times: dict[str, float], busiest_device_s: float, m: int) -> float:
+    """The floor of a run-ahead step (s >= 1) on the bench's own devices, from the serial busy
+    seconds: step k+1's generation runs beside step k's Forward and Train, so a step takes the
+    longer of the two sides, or the busiest device's work where they share one. Other layouts:
+    rlhf_pipe/bench_predict.py."""
+    rest = {k: v for k, v in stage_times.items() if k != "generate"}
+    return max(stage_times["generate"], ideal_bound(rest, m), busiest_device_s)
+
+
 def add_staleness(result: dict, ahead: dict, spans: dict, warmup: int) -> dict:
-    """bench.json "staleness": per (s, M) the mean step and pipeline seconds and the speedup
-    against s=0, M=1; report.md gets the table and, per s >= 1, a cross-step timeline."""
+    """bench.json "staleness": per (s, M) the mean step and pipeline seconds, the speedup
+    against s=0, M=1, and the device bound (s=0: the run's; s >= 1: run_ahead_bound).
+    report.md gets the table and, per s >= 1, a cross-step timeline; bench.json the spans
+    it is drawn from ("staleness_spans", seconds from the first measured step's start)."""
     base = ahead[0][1]["step_s"]
-    table = {
-        f"s{s}_pipe{m}": {
-            "max_staleness": s,
-            "pipe": m,
-            "step_s": run["step_s"],
-            "pipeline_s": run["pipeline_s"],
-            "speedup": base / run["step_s"] if run["step_s"] else None,
-        }
-        for s, runs in ahead.items()
-        for m, run in runs.items()
+    times = result["serial_stage_times"]
+    devices = result["runs"]["1"].get("devices_busy") or {}
+    busiest = max((d["busy_s"] for d in devices.values()), default=0.0)
+    table = {}
+    for s, runs in ahead.items():
+        for m, run in runs.items():
+            bound = run["device_bound_s"] if s == 0 else run_ahead_bound(times, busiest, m)
+            table[f"s{s}_pipe{m}"] = {
+                "max_staleness": s,
+                "pipe": m,
+                "step_s": run["step_s"],
+                "pipeline_s": run["pipeline_s"],
+                "speedup": base / run["step_s"] if run["step_s"] else None,
+                "device_bound_s": bound,
+                "device_efficiency": efficiency(bound, run["pipeline_s"]),
+            }
+    pictures, numbers = {}, {}
+    for s, by_m in spans.items():
+        for m, (train, gen) in by_m.items():
+            train, gen = _measured_spans(train, gen, warmup)
+            pictures[f"s{s}_pipe{m}"] = ascii_steps(train, gen)
+            t0 = min((a for _, a, _ in train + gen), default=0.0)
+            numbers[f"s{s}_pipe{m}"] = {
+                name: [[j, round(a - t0, 4), round(b - t0, 4)] for j, a, b in rows]
+                for name, rows in (("train", train), ("generate", gen))
+            }
+    result = {
+        **result,
+        "staleness": table,
+        "staleness_timelines": pictures,
+        "staleness_spans": numbers,
     }
-    pictures = {
-        f"s{s}_pipe{m}": ascii_steps(train, gen, first=warmup)
-        for s, by_m in spans.items()
-        for m, (train, gen) in by_m.items()
-    }
-    result = {**result, "staleness": table, "staleness_timelines": pictures}
     _write_summary(result)
     return result
+
+
+def _measured_spans(train_spans, gen_spans, first: int):
+    """The spans of the measured steps (from `first` on), and the generation up to two steps
+    past the last of them (what ran ahead while it trained)."""
+    train = [t for t in train_spans if t[0] >= first]
+    gen = [g for g in gen_spans if first <= g[0] <= train[-1][0] + 2] if train else []
+    return train, gen
 
 
 def ascii_steps(train_spans, gen_spans, first: int = 0, width: int = 72) -> str:
     """Steps overlapping, one row per step: `g` where the run-ahead thread generated it, `T`
     where the trainer ran it (train_step: Forward, Advantage, Train, optimizer step)."""
-    train = [t for t in train_spans if t[0] >= first]
-    gen = [g for g in gen_spans if g[0] >= first and g[0] <= train[-1][0] + 2] if train else []
+    train, gen = _measured_spans(train_spans, gen_spans, first)
     if not train:
         return ""
     t0 = min(a for _, a, _ in train + gen)
@@ -923,17 +976,25 @@ def format_report(r: dict) -> str:
             "## Run-ahead (train_config.max_staleness)",
             "",
             "Step s: mean train_step seconds (generation that ran ahead is not in it); "
-            "speedup against s=0, M=1.",
+            "speedup against s=0, M=1. Device bound: at s=0 the runs' own; at s >= 1 "
+            "max(generate, bound({forward, train}, M), busiest device), from the serial busy "
+            "seconds (generation of step k+1 beside step k's Forward and Train); efficiency = "
+            "device bound / pipeline s.",
             "",
-            "| s | M | step s | pipeline s | speedup |",
-            "|---|---|---|---|---|",
+            "| s | M | step s | pipeline s | speedup | device bound s "
+            "| efficiency vs device bound |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in r["staleness"].values():
             lines.append(
                 f"| {row['max_staleness']} | {row['pipe']} | {_f(row['step_s'])} "
-                f"| {_f(row['pipeline_s'])} | {_f(row['speedup'], 2)} |"
+                f"| {_f(row['pipeline_s'])} | {_f(row['speedup'], 2)} "
+                f"| {_f(row.get('device_bound_s'))} | {_f(row.get('device_efficiency'), 2)} |"
             )
         for name, picture in r.get("staleness_timelines", {}).items():
             lines += ["", f"{name}: g generate (run-ahead thread), T train_step", "", "```"]
             lines += [picture, "```"]
+    if r.get("predictions"):
+        lines += ["", "## Predictions for 2, 4 and 8 GPUs", ""]
+        lines += format_predictions(r["predictions"], measured_steps(r))
     return "\n".join(lines) + "\n"

@@ -3,6 +3,10 @@
 Runs the config once per PIPE_MICRO_BATCH_NUM in one process, with one vLLM engine, and writes
 bench.json, report.md, timeline_pipe{M}.png, trace_pipe{M}.json and timeline.png into DIR
 (default <work_dir>/bench). See rlhf_pipe/bench.py and BENCHMARKS.md.
+
+`rlhf-pipe bench-predict BENCH_JSON [--pipe M1,..] [--sync-s S] [--trace TRACE] [--json OUT]`
+prints the predicted step times on 1, 2, 4 and 8 GPUs from any bench.json
+(rlhf_pipe/bench_predict.py).
 """
 
 from __future__ import annotations
@@ -85,6 +89,28 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     add_verbose_argument(p)
     p.set_defaults(fn=cmd_bench)
+    q = sub.add_parser(
+        "bench-predict",
+        help="predicted step times on 1, 2, 4 and 8 GPUs from a bench.json's busy seconds",
+    )
+    q.add_argument("bench_json", metavar="BENCH_JSON")
+    q.add_argument(
+        "--sync-s", type=float, help="weight sync seconds to assume instead of the measured"
+    )
+    q.add_argument(
+        "--trace",
+        metavar="TRACE_JSON",
+        help="per-call times from this trace (the bench's trace_pipe1.json), for a bench.json "
+        "without role_calls_busy_s",
+    )
+    q.add_argument(
+        "--pipe",
+        type=_pipes,
+        metavar="M1,M2,...",
+        help="PIPE_MICRO_BATCH_NUM values to predict (default: the bench's)",
+    )
+    q.add_argument("--json", metavar="FILE", help="also write the predictions to FILE")
+    q.set_defaults(fn=cmd_predict)
     return p
 
 
@@ -154,4 +180,40 @@ def cmd_bench(args, *, engine=None) -> int:
         )
     )
     print(f"report: {result['out_dir']}/report.md")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Print the predictions of a bench.json as markdown (the report's section)."""
+    import json
+
+    from rlhf_pipe.bench import busy_by_role_call
+    from rlhf_pipe.bench_predict import format_predictions, measured_steps, predictions
+    from rlhf_pipe.run_args import UserError
+
+    def read(path: str) -> dict:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: {e}") from None
+
+    result = read(args.bench_json)
+    if "1" not in result.get("runs", {}):
+        raise UserError(f"{args.bench_json}: no serial run (runs['1']): not a bench.json")
+    calls = None
+    if args.trace:
+        timeline = [
+            (e["cat"], e["args"]["micro_batch"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6)
+            for e in read(args.trace)["traceEvents"]
+            if e.get("ph") == "X"
+        ]
+        calls = busy_by_role_call(timeline)
+    pred = predictions(result, args.sync_s, calls, args.pipe)
+    print(f"# Predictions from {args.bench_json} ({result.get('device', 'unknown device')})")
+    print()
+    print("\n".join(format_predictions(pred, measured_steps(result))))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(pred, f, indent=2)
     return 0

@@ -29,6 +29,7 @@ logger = logging.getLogger("rlhf_pipe.train")
 
 
 def _parse(argv):
+    from rlhf_pipe.bench_cli import _staleness
     from rlhf_pipe.run_args import add_run_arguments
 
     p = argparse.ArgumentParser(prog="python -m rlhf_pipe.train")
@@ -36,6 +37,14 @@ def _parse(argv):
     # The distributed form of `rlhf-pipe bench` (see rlhf_pipe/bench.py): one launch, the
     # roles built once, each PIPE_MICRO_BATCH_NUM run in turn on the same ranks.
     p.add_argument("--bench", metavar="M1,M2,...", help="bench these PIPE_MICRO_BATCH_NUM values")
+    p.add_argument(
+        "--staleness",
+        type=_staleness,
+        default=[0],
+        metavar="S1,S2,...",
+        help="bench: train_config.max_staleness values; each s >= 1 reruns every M with "
+        "run-ahead generation (0 is added if missing; default 0)",
+    )
     p.add_argument("--steps", type=int, default=3, help="bench: measured steps per M")
     p.add_argument("--warmup", type=int, default=1, help="bench: warm-up steps per M")
     p.add_argument("--out", help="bench: output folder")
@@ -83,6 +92,8 @@ def run(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if world == 1 and args.bench:
         raise UserError("--bench: needs torchrun; in one process use `rlhf-pipe bench`")
+    if args.staleness != [0] and not args.bench:
+        raise UserError("--staleness: a bench option; with --bench M1,M2,...")
     if not args.resume and not args.bench:
         from rlhf_pipe.run_dir import refuse_a_fresh_run
 
@@ -317,20 +328,33 @@ def _bench(args, trainer, placement) -> None:
         STREAMING_PENDING,
         _streaming_for,
         _with_serial,
+        add_staleness,
         add_streaming,
         measure_pipes,
         skipped_streaming,
+        stop_run_ahead,
         write_bench,
     )
     from rlhf_pipe.bench_cli import _pipes
     from rlhf_pipe.run_args import overrides as run_overrides
 
-    # The run's own flags (--work-dir, --max-steps) are kept; --pipe is the bench's to vary.
+    # The run's own flags (--work-dir, --max-steps) are kept; --pipe and --staleness are the
+    # bench's to vary.
     overrides = {k: v for k, v in run_overrides(args).items() if k != "PIPE_MICRO_BATCH_NUM"}
     pipes = _with_serial(_pipes(args.bench), print)
+    staleness = args.staleness
+    if len(staleness) > 1:
+        if trainer.weight_sync is not None:  # run-time: the sync backend this layout chose
+            raise UserError(
+                f"{args.config}: --staleness: run-ahead needs the engine's own load_weights; "
+                f"this layout syncs over NCCL (set train_config.weight_sync_backend='gloo')"
+            )
+        overrides["train_config.max_staleness"] = 0  # the s=0 runs, whatever the config says
 
     def trainer_for(cfg):
-        # Roles, engines and the sync group stay; only the step plan (micro-batch size) changes.
+        # Roles, engines and the sync group stay; the step plan (micro-batch size) and
+        # max_staleness change, so the last run's generation thread stops first.
+        stop_run_ahead(trainer)
         trainer.cfg = cfg
         return trainer
 
@@ -365,6 +389,23 @@ def _bench(args, trainer, placement) -> None:
         steps=args.steps,
         warmup=args.warmup,
     )
+    if len(staleness) > 1:
+        ahead, spans = {0: runs}, {}
+        for s in staleness[1:]:
+            spans[s] = {}
+            ahead[s], _, _, _ = measure_pipes(
+                args.config,
+                pipes,
+                args.steps,
+                args.warmup,
+                {**overrides, "train_config.max_staleness": s},
+                trainer_for,
+                devices=gpus,
+                device_roles=device_roles,
+                spans=spans[s],
+            )
+        result = add_staleness(result, ahead, spans, args.warmup)
+        stop_run_ahead(trainer)  # the streaming check drives the engine itself
     if not args.no_streaming:
         print(f"bench: runs written to {result['out_dir']}; measuring streaming", flush=True)
         result = add_streaming(result, _streaming_for(trainer, args.streaming_rounds))
@@ -373,6 +414,12 @@ def _bench(args, trainer, placement) -> None:
             f"pipe {m}: step {run['step_s']:.3f} s, bound {run['bound_s']:.3f} s, "
             f"efficiency {run['efficiency']:.2f}, speedup {run['speedup']:.2f}, "
             f"sync {run['sync_s']:.4f} s",
+            flush=True,
+        )
+    for row in result.get("staleness", {}).values():
+        print(
+            f"staleness {row['max_staleness']} pipe {row['pipe']}: step {row['step_s']:.3f} s, "
+            f"speedup {row['speedup']:.2f} against s=0, M=1",
             flush=True,
         )
     print(f"report: {result['out_dir']}/report.md", flush=True)

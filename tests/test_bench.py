@@ -11,6 +11,7 @@ from rlhf_pipe.bench import (
     STREAM_KEYS,
     STREAMING_PENDING,
     add_bounds,
+    add_staleness,
     add_streaming,
     bound_stage_times,
     bounding_stage,
@@ -20,6 +21,7 @@ from rlhf_pipe.bench import (
     ideal_bound,
     mean_and_stderr,
     round_ratios,
+    run_ahead_bound,
     skipped_streaming,
     speedup,
     summarize_run,
@@ -205,6 +207,57 @@ def test_runs_are_written_before_the_streaming_check(tmp_path):
     assert "ratio **0.990**" in (tmp_path / "b" / "report.md").read_text()
 
 
+def test_run_ahead_bound_by_hand():
+    times = {"generate": 2.0, "forward": 1.0, "train": 3.0}
+    # generation beside the other two stages: max(2, 3 + 1 / M), or a busier device
+    assert run_ahead_bound(times, 0.0, 1) == 4.0
+    assert run_ahead_bound(times, 0.0, 2) == 3.5
+    assert run_ahead_bound({**times, "train": 0.5}, 0.0, 4) == 2.0  # generation bounds it
+    assert run_ahead_bound(times, 6.0, 4) == 6.0  # one device holds all 6 s
+
+
+def test_staleness_table_spans_and_predictions_in_the_report(tmp_path):
+    from tests.conftest import tiny_config
+
+    runs = {m: summarize_run(m, [_fake_step(1, 6.5, 8.0)], 16) for m in (1, 2)}
+    result = write_bench(
+        TINY_CONFIG,
+        tiny_config(tmp_path),
+        runs,
+        {m: _fake_step(1, 6.5, 8.0)["timeline"] for m in (1, 2)},
+        skipped_streaming("vllm", STREAMING_PENDING),
+        tmp_path / "b",
+        devices=1,
+        command="rlhf-pipe bench x",
+        steps=2,
+        warmup=1,
+    )
+    ahead = {0: runs, 1: {m: summarize_run(m, [_fake_step(1, 4.0, 5.0)], 16) for m in (1, 2)}}
+    # step 1 measured (warm-up 1): its generation ran during step 0, step 2's during step 1
+    train = [(0, 10.0, 11.0), (1, 11.0, 12.0)]
+    gen = [(0, 9.5, 10.5), (1, 10.5, 11.0), (2, 11.25, 11.75), (3, 12.0, 12.5), (4, 12.5, 13)]
+    add_staleness(result, ahead, {1: {1: (train, gen), 2: (train, gen)}}, warmup=1)
+    written = json.loads((tmp_path / "b" / "bench.json").read_text())
+    table = written["staleness"]
+    assert set(table) == {"s0_pipe1", "s0_pipe2", "s1_pipe1", "s1_pipe2"}
+    assert table["s1_pipe2"]["speedup"] == 8.0 / 5.0
+    # s=0: the run's device bound (no devices: the stage bound); s=1: max(2, 3 + 1 / M)
+    assert table["s0_pipe2"]["device_bound_s"] == 4.5
+    assert table["s1_pipe1"]["device_bound_s"] == 4.0
+    assert table["s1_pipe2"]["device_bound_s"] == 3.5
+    assert table["s1_pipe2"]["device_efficiency"] == 3.5 / 4.0
+    # From the first measured span's start (generation of step 1 at 10.5 s), steps 1 to 3
+    assert written["staleness_spans"]["s1_pipe1"] == {
+        "train": [[1, 0.5, 1.5]],
+        "generate": [[1, 0.0, 0.5], [2, 0.75, 1.25], [3, 1.5, 2.0]],
+    }
+    assert written["predictions"]["layouts"]["2"]["s1"]["2"]["bounded_by"]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "| 1 | 2 | 5.000 | 4.000 | 1.60 | 3.500 | 0.88 |" in report
+    assert "## Predictions for 2, 4 and 8 GPUs" in report
+    assert "| measured | this bench's own layout | 8.000 | 8.000 | 5.000 | 5.000 | | |" in report
+
+
 def test_role_calls_get_rows_of_their_own():
     timeline = [
         ("forward", 0, 0.0, 1.0),
@@ -335,3 +388,40 @@ def test_cpu_bench_of_the_tiny_config(tmp_path, vllm_engine, capsys):
     assert st["queue_puts"] == 2 * 3 * 16  # two streaming calls a round, 16 prompts a call
     assert 0 < st["queue_put_share"] < 0.05
     assert len(st["round_ratios"]) == 3 and "Direct cost" in report
+
+
+@pytest.mark.slow
+def test_cpu_bench_with_run_ahead(tmp_path, vllm_engine):
+    """`rlhf-pipe bench --staleness 0,1` in one process: a trainer per (s, M) on one engine,
+    the staleness table with its device bounds, the spans, and the predictions."""
+    from rlhf_pipe.bench import run_bench
+
+    out = tmp_path / "bench"
+    over = {
+        "train_config.progress_bar": False,
+        "train_config.tensorboard": False,
+        "train_config.work_dir": str(tmp_path / "run"),
+    }
+    result = run_bench(
+        TINY_CONFIG,
+        [1, 2],
+        2,
+        0,
+        out,
+        over,
+        engine=vllm_engine,
+        log=lambda _: None,
+        streaming_rounds=1,
+        staleness=[1],
+    )
+    assert set(result["staleness"]) == {f"s{s}_pipe{m}" for s in (0, 1) for m in (1, 2)}
+    assert all(row["device_bound_s"] > 0 for row in result["staleness"].values())
+    for m in (1, 2):
+        spans = result["staleness_spans"][f"s1_pipe{m}"]
+        train = {j: (a, b) for j, a, b in spans["train"]}
+        gen = {j: (a, b) for j, a, b in spans["generate"]}
+        assert gen[1][0] < train[0][1], spans  # step 1 generated while step 0 trains
+    one = result["predictions"]["layouts"]["1"]
+    assert one["devices_busy_s"]["gpu 0"] > 0
+    report = (out / "report.md").read_text()
+    assert "## Predictions for 2, 4 and 8 GPUs" in report and "s1_pipe2: g generate" in report
