@@ -1,4 +1,4 @@
-"""`rlhf-pipe` command line: train, export, report, plan, bench, apply-vllm-patch.
+"""`rlhf-pipe` command line: train, export, report, plan, bench, bench-predict, apply-vllm-patch.
 
 Errors a user can fix (a bad config, a bad data file, a missing model folder) print one line
 and exit with code 2, without a traceback.
