@@ -22,6 +22,7 @@ from rlhf_pipe.config import (
     RunConfig,
 )
 from rlhf_pipe.data import PromptSource, parse_dataset_spec
+from rlhf_pipe.kernels import apply_kernels
 from rlhf_pipe.models import (
     check_tokenizer_matches,
     enable_gradient_checkpointing,
@@ -93,6 +94,7 @@ def build_roles(
                 mcfg.trust_remote_code,
                 name.config_key,
             )
+            apply_kernels(model, mcfg.trainer_config.kernels, device, name.config_key)
             if mcfg.trainer_config.enable_lora:
                 model = lora.apply_lora(
                     model, cfg.plan.lora[name.config_key].peft_kwargs(), cfg.source, name.config_key
@@ -117,7 +119,8 @@ def build_roles(
             ref = mc.reference
             model = load_causal_lm(
                 ref.model_path, ref.trainer_config.torch_dtype, ref.trust_remote_code, "reference"
-            ).to(device)
+            )
+            model = apply_kernels(model, ref.trainer_config.kernels, device, "reference").to(device)
             packed = choose_packing(model, t.pack_sequences, name, cfg.source)
             ds = _deepspeed(ref.trainer_config, t, device, groups.get(name), trained=False)
             if ds is None:
@@ -216,7 +219,8 @@ def build_scorers(rw: ModelConfig, scorers: dict, device) -> list[Scorer]:
             what = "reward" if name == "model" and rw.scorers is None else f"reward scorer {name}"
             model = load_value_model(
                 sc.model_path, rw.trainer_config.torch_dtype, sc.trust_remote_code, what
-            ).to(device)
+            )
+            model = apply_kernels(model, rw.trainer_config.kernels, device, "reward").to(device)
             out.append(Scorer(name, sc.weight, "model", model))
         elif sc.url:
             out.append(

@@ -48,6 +48,10 @@ class TrainerConfig:
     lr_warmup_steps: int = field(default=0, metadata=_ge(0))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_ge(0.0))
     gradient_checkpointing: bool = False
+    # Fused kernels for this model (rlhf_pipe.kernels): 'liger' (liger-kernel's Triton RMSNorm,
+    # SwiGLU MLP and rotary embedding; CUDA only) or 'compile' (torch.compile of each decoder
+    # layer). None: transformers' own modules.
+    kernels: Optional[Literal["liger", "compile"]] = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed_config: Optional[dict] = None
     # LoRA through peft, ChatLearn's keys (policy and critic only). Base weights stay frozen;

@@ -7,7 +7,8 @@ Every check of a config lives here and runs once, when the config loads: types a
 only at run time stay where the fact is known, each with a comment saying so: the torchrun
 layout (rlhf_pipe.placement.check, rlhf_pipe.train), the visible GPUs (trainer._pick_device,
 train._gpu_of), the model's attention kernel (roles.choose_packing), the model's module names
-(lora.apply_lora) and importing user functions (trainer.resolve_function).
+(lora.apply_lora), the device and architecture fused kernels need (kernels.apply_kernels) and
+importing user functions (trainer.resolve_function).
 
 `check_paths=False` skips the checks against this machine (model and tokenizer folders, the
 token_env variables): `rlhf-pipe plan` checks cluster configs where those are absent.
@@ -411,9 +412,11 @@ def _check_model(
             f"model_configs.{role}.trainer_config.betas",
             f"expected two floats, got {betas!r}",
         )
+    has_model = role == "reward" and any(sc.model_path for sc in scorers.values())
     if tc.deepspeed_config is not None:
-        has_model = role == "reward" and any(sc.model_path for sc in scorers.values())
         _check_deepspeed(src, role, model, generator, has_model)
+    if tc.kernels is not None:
+        _check_kernels(cfg, role, model, has_model)
     parallels = [("trainer_config", tc.parallel)]
     if model.generator_config is not None:
         parallels.append(("generator_config", model.generator_config.parallel))
@@ -427,6 +430,30 @@ def _check_model(
                     f"expected an int >= 1, got {size!r}",
                 )
     return lora
+
+
+def _check_kernels(cfg: RunConfig, role: str, model: ModelConfig, has_model: bool) -> None:
+    """A CPU named here fails here; a device known only at load (placement_config.device
+    'auto' without a GPU, torchrun ranks) fails there (rlhf_pipe.kernels.apply_kernels)."""
+    key = f"model_configs.{role}.trainer_config.kernels"
+    if not (model.model_path or has_model):
+        _fail(cfg.source, key, "set, but there is no model_path (a reward_fn runs no model)")
+    if model.trainer_config.kernels == "liger" and cfg.placement_config.device == "cpu":
+        _fail(
+            cfg.source,
+            key,
+            "'liger' runs Triton kernels on a CUDA GPU, but placement_config.device is 'cpu' "
+            "(use 'compile' or None)",
+        )
+    ds = model.trainer_config.deepspeed_config
+    if model.trainer_config.kernels == "compile" and ds and zero_stage(ds) == 3:
+        _fail(
+            cfg.source,
+            key,
+            "'compile' under ZeRO-3: DeepSpeed gathers each layer's weights in module hooks, "
+            "which split a compiled layer into many graphs and recompiles (measured: 14 graphs "
+            "on the tiny model, the recompile limit hit); use ZeRO-2, 'liger' or None",
+        )
 
 
 def _check_deepspeed(
