@@ -191,6 +191,11 @@ class RolloutConfig:
     beam_width: Optional[int] = field(default=None, metadata=_ge(1))
     new_token_limit: bool = True
     prompt_logprobs: Optional[int] = field(default=None, metadata=_ge(0))
+    # vLLM's log-prob of each sampled token (the behaviour policy). None: only when
+    # train_config.behaviour_correction needs them. True also without a correction, for the
+    # behaviour/logp_diff metrics: on one H200 asking for them slowed generation by 0.7 s a
+    # step at the 0.5B shape (vocabulary 151936) and 0.65 s at 1.8B (BENCHMARKS.md).
+    behaviour_logprobs: Optional[bool] = None
     # Evaluation sampling; None takes the training value.
     eval_temperature: Optional[float] = field(default=None, metadata=_ge(0.0))
     eval_top_p: Optional[float] = field(default=None, metadata=_range(0.0, 1.0, lo_open=True))

@@ -32,8 +32,12 @@ def request_seed(base: int, step: int, prompt_index: int) -> int:
     return (base * 1_000_003 + step * 10_007 + prompt_index) % (2**31 - 1)
 
 
-def sampling_settings(r, evaluation: bool = False) -> SamplingSettings:
-    """rollout_config -> what the engine is asked for (evaluation: eval_* values, n = 1)."""
+def sampling_settings(
+    r, evaluation: bool = False, behaviour_correction: str | None = None
+) -> SamplingSettings:
+    """rollout_config -> what the engine is asked for (evaluation: eval_* values, n = 1).
+    `behaviour_correction`: train_config's, which decides whether the engine returns the
+    sampled tokens' log-probs when rollout_config.behaviour_logprobs is None."""
     pick = lambda name: (
         getattr(r, name)
         if not evaluation or getattr(r, f"eval_{name}") is None
@@ -52,8 +56,16 @@ def sampling_settings(r, evaluation: bool = False) -> SamplingSettings:
         max_seq_len=None if r.new_token_limit else r.max_model_len,
         prompt_logprobs=r.prompt_logprobs,
         length_range=tuple(r.response_length_range) if r.response_length_range else None,
-        behaviour_logprobs=not evaluation,  # evaluation trains nothing: no correction to make
+        # Evaluation trains nothing: no correction to make.
+        behaviour_logprobs=not evaluation and wants_behaviour_logprobs(r, behaviour_correction),
     )
+
+
+def wants_behaviour_logprobs(r, behaviour_correction: str | None) -> bool:
+    """rollout_config.behaviour_logprobs, where None means: when a correction uses them."""
+    if r.behaviour_logprobs is None:
+        return behaviour_correction is not None
+    return bool(r.behaviour_logprobs)
 
 
 def advantage_settings(rep: RepeaterConfig, n: int, on_nonfinite: str) -> AdvantageSettings:
@@ -188,7 +200,7 @@ class StepPlanner:
             prompt_ids=[p.ids for p in prompts],
             prompt_texts=[p.text for p in prompts] + relay_texts,
             seeds=[request_seed(r.seed, step, p.index) for p in prompts],
-            sampling=sampling_settings(r),
+            sampling=sampling_settings(r, behaviour_correction=t.behaviour_correction),
             pipe_micro_bs=self.sizes.pipe_micro_bs,
             samples_per_step=len(prompts) * r.n + len(replayed),
             relay=replayed,

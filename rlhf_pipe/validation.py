@@ -536,9 +536,21 @@ def _check_rest(cfg: RunConfig, generator: GeneratorConfig) -> None:
 def _check_behaviour(cfg: RunConfig, generator: str) -> None:
     """train_config.behaviour_correction needs the engine's own sampled-token log-probs."""
     src, r, mode = cfg.source, cfg.rollout_config, cfg.train_config.behaviour_correction
+    if r.behaviour_logprobs and generator == "hf":
+        _fail(
+            src,
+            "rollout_config.behaviour_logprobs",
+            "needs the vllm generator: the hf generator returns no behaviour log-probs",
+        )
     if mode is None:
         return
     key = "train_config.behaviour_correction"
+    if r.behaviour_logprobs is False:
+        _fail(
+            src,
+            "rollout_config.behaviour_logprobs",
+            f"is False, but {key}={mode!r} reweights by them (set it to None or True)",
+        )
     if generator == "hf":
         _fail(
             src,

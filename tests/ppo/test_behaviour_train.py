@@ -61,16 +61,24 @@ def test_correction_trains_and_logs(tmp_path, vllm_engine, initial_policy_weight
     assert all(torch.isfinite(p).all() for p in trainer.actor.model.parameters())
 
 
-def test_without_correction_the_diagnostics_are_logged(
-    tmp_path, vllm_engine, initial_policy_weights
+@pytest.mark.parametrize("asked", [True, None])
+def test_without_correction_the_diagnostics_are_logged_when_asked(
+    tmp_path, vllm_engine, initial_policy_weights, asked
 ):
+    """rollout_config.behaviour_logprobs=True logs the vLLM-vs-trainer difference without a
+    correction; None (default) does not ask vLLM for log-probs it would not use."""
     vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-    trainer = RLHFTrainer(tiny_config(tmp_path), engine=vllm_engine, console=False)
+    cfg = tiny_config(tmp_path, **{"rollout_config.behaviour_logprobs": asked})
+    trainer = RLHFTrainer(cfg, engine=vllm_engine, console=False)
     try:
         h = trainer.train_step()
     finally:
         trainer.close()
-    assert float(h["behaviour/logp_abs_diff"]) < 1e-3 and "behaviour/is_weight_mean" not in h
+    assert "behaviour/is_weight_mean" not in h
+    if asked:
+        assert float(h["behaviour/logp_abs_diff"]) < 1e-3
+    else:
+        assert "behaviour/logp_abs_diff" not in h
 
 
 @pytest.mark.parametrize(
@@ -84,9 +92,24 @@ def test_without_correction_the_diagnostics_are_logged(
             {"rollout_config.engine_kwargs": {"logprobs_mode": "processed_logprobs"}},
             "rollout_config.engine_kwargs.logprobs_mode: must be 'raw_logprobs'",
         ),
+        (
+            {"rollout_config.behaviour_logprobs": False},
+            "rollout_config.behaviour_logprobs: is False, but train_config.behaviour_correction",
+        ),
     ],
 )
 def test_refusals_name_the_key(tmp_path, over, key):
     with pytest.raises(ConfigError, match=key) as e:
         tiny_config(tmp_path, **{"train_config.behaviour_correction": "tis", **over})
     assert "\n" not in str(e.value)
+
+
+def test_behaviour_logprobs_with_the_hf_generator_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="rollout_config.behaviour_logprobs: needs the vllm"):
+        tiny_config(
+            tmp_path,
+            **{
+                "rollout_config.behaviour_logprobs": True,
+                "model_configs.policy.generator_config.generator_type": "hf",
+            },
+        )
