@@ -37,6 +37,9 @@ def test_hf_generation_of_step_k_plus_1_overlaps_train_of_step_k(tmp_path):
         assert [v for _, _, _, v in ahead.timeline[:4]] == [0, 0, 1, 2]
         samples = history[0]["samples"]
         assert [h.get("staleness/1", 0) for h in history] == [0, samples, samples, samples]
+        # Step k >= 2 trained samples generated after the thread loaded W(k - 2): its metrics
+        # report that load (the engine's, not the trainer's own sync).
+        assert all(h["sync/bytes"] > 0 for h in history[2:])
         # The thread loaded the last published snapshot (the final save waited for it).
         final = trainer.actor.model.state_dict()
         assert all(torch.equal(v, final[k]) for k, v in trainer.engine.model.state_dict().items())
