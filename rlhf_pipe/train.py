@@ -230,6 +230,7 @@ def _run_ranks(cfg, args, world, rank) -> int:
 def _run_controller(
     cfg, args, placement, role_ranks, controller, groups, engine_leaders, dp_groups
 ) -> None:
+    from rlhf_pipe.builders import build_engine
     from rlhf_pipe.distributed.remote import (
         Connection,
         GlooTransport,
@@ -240,7 +241,8 @@ def _run_controller(
     from rlhf_pipe.trainer import RLHFTrainer, build_roles, build_vllm_engine
 
     tok_path = cfg.tokenizer_config.tokenizer_path or cfg.model_configs.policy.model_path
-    pad_id = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code).pad_token_id
+    tokenizer = load_tokenizer(tok_path, cfg.tokenizer_config.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
     conns = {
         peer: Connection(GlooTransport(peer, group), peer, placement.roles_of(peer))
         for peer, group in groups.items()
@@ -261,15 +263,20 @@ def _run_controller(
             roles[role] = remote_role(conns[ranks[0]], role)
     bucket = cfg.train_config.weight_bucket_mb * 2**20
     nccl = _nccl_weight_sync(cfg, placement, role_ranks)
-    engines = [
-        build_vllm_engine(
-            cfg,
-            0,
-            in_process=False,
-            nccl_weight_sync=nccl,
-            visible_devices=_engine_gpus(cfg, placement, controller),
-        )
-    ]
+    if cfg.plan.generator.generator_type == "hf":
+        # The placement put the rollout on the actor's one rank, this one: a copy of the
+        # local actor's module generates, as in one process.
+        engines = [build_engine(cfg, roles[Role.ACTOR], tokenizer)]
+    else:
+        engines = [
+            build_vllm_engine(
+                cfg,
+                0,
+                in_process=False,
+                nccl_weight_sync=nccl,
+                visible_devices=_engine_gpus(cfg, placement, controller),
+            )
+        ]
     if engine_leaders:
         from rlhf_pipe.distributed.remote import RemoteEngine
 
@@ -494,7 +501,16 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
     import torch
 
     choice = cfg.train_config.weight_sync_backend
-    if choice == "gloo" or cfg.plan.lora_sync == "adapter":  # an adapter goes as a LoRARequest
+    # Run-ahead (max_staleness >= 1) hands the engines a snapshot of each step's weights,
+    # loaded between two steps' generations while the actor trains on (engine.load_weights);
+    # the NCCL broadcast sends the actor's live weights, so it would need one on its rank.
+    run_ahead = cfg.train_config.max_staleness >= 1
+    if choice == "nccl" and run_ahead:
+        raise UserError(
+            f"{cfg.source}: train_config.weight_sync_backend: 'nccl' cannot carry run-ahead's "
+            f"weights (train_config.max_staleness >= 1); use 'gloo' or 'auto'"
+        )
+    if choice == "gloo" or run_ahead or cfg.plan.lora_sync == "adapter":  # adapter: LoRARequest
         return False
     actor_rank = role_ranks["actor"][0]
     engine_gpus = {_gpu_of(cfg, r) for group in placement.engines for r in group}

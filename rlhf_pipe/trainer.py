@@ -39,7 +39,7 @@ from rlhf_pipe.config import ConfigError, RunConfig
 from rlhf_pipe.data import RelayBuffer
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
 from rlhf_pipe.pipeline.run_ahead import RunAhead, staleness_metrics
-from rlhf_pipe.pipeline.stages import StepPipeline
+from rlhf_pipe.pipeline.stages import StageError, StepPipeline
 from rlhf_pipe.protocols import MODEL_ROLES, WeightSync
 from rlhf_pipe.run_dir import RunDir
 from rlhf_pipe.step_metrics import step_metrics
@@ -234,6 +234,10 @@ class RLHFTrainer:
         self.pipeline.on_event = progress
         try:
             out = self.pipeline.run(plan) if source is None else self.pipeline.run(plan, source)
+        except StageError:
+            if self.run_ahead is not None:  # the cause, not "the generation thread stopped"
+                self.run_ahead.raise_if_failed()
+            raise
         finally:
             progress.close()
         sync_start = time.perf_counter()
@@ -244,7 +248,7 @@ class RLHFTrainer:
             self.version += 1
         if self.run_ahead is not None:  # the generation thread loads them between two steps
             weights = self.actor.named_weights() if updated else None
-            self.run_ahead.publish(step, self.version, weights)
+            self.run_ahead.publish(step, self.version, weights, _train_span(out))
         elif updated:
             self._sync_weights()
         sync_s = time.perf_counter() - sync_start
@@ -257,7 +261,7 @@ class RLHFTrainer:
             reward_names=self.reward_names(),
             step_s=time.perf_counter() - start,
             sync_s=sync_s,
-            last_sync=self.last_sync,
+            last_sync=self.last_sync if self.run_ahead is None else self.run_ahead.last_sync,
             call_seconds=self._call_seconds(),
             skipped_prompts=sum(self.prompts.skipped.values()),
         )
@@ -390,3 +394,11 @@ class RLHFTrainer:
             self.run_ahead.close()
         self.pipeline.close()
         self.folder.close()
+
+
+def _train_span(out) -> tuple[float, float]:
+    """(start, end) of a step's Train stage in perf_counter seconds: its first training call to
+    the end of its optimizer step (recorded in every step)."""
+    train = ("train", "actor.train", "critic.train", "optimizer")
+    spans = [(a, b) for stage, _, a, b in out.timeline if stage in train]
+    return out.t0 + min(a for a, _ in spans), out.t0 + max(b for _, b in spans)

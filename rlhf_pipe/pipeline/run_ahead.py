@@ -47,20 +47,24 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Step:
     plan: object  # stages.StepPlan, fresh prompts only (the trainer adds relay samples)
-    channel: Channel
+    channel: Channel  # its own abort event: a later step's failure leaves this one readable
     completions: list[Completion] = field(default_factory=list)  # in completion order
     done: bool = False
 
 
 class _Tee:
-    """The engine's sink: each completion into the step's channel, and kept for checkpoints."""
+    """The engine's sink: each completion into the step's channel, and kept for checkpoints.
+    Several engines (EnginePool) put from their own threads: the lock keeps the kept order
+    the channel's, so a resumed run replays the in-flight samples in the order trained."""
 
     def __init__(self, step: _Step):
         self.step = step
+        self._lock = threading.Lock()
 
     def put(self, c: Completion) -> None:
-        self.step.completions.append(c)
-        self.step.channel.put(c)
+        with self._lock:  # the channel holds a whole step: this put never blocks
+            self.step.completions.append(c)
+            self.step.channel.put(c)
 
 
 class RunAhead:
@@ -90,8 +94,11 @@ class RunAhead:
         self._next = first_step  # the next step to generate
         self._waiting = False  # True while the thread waits for weights
         self.error: str | None = None
-        # (step, start, end, version) per generated step, perf_counter seconds.
+        # (step, start, end, version) per generated step, perf_counter seconds; and
+        # (step, start, end) of each step's Train stage, as publish() reports it.
         self.timeline: list[tuple[int, float, float, int]] = []
+        self.trained: list[tuple[int, float, float]] = []
+        self.last_sync: dict = {}  # the engine's report of the last weights it loaded
         for j, saved in sorted((state or {}).get("steps", {}).items()):
             st = self._new_step(saved["plan"])
             for c in saved["completions"]:
@@ -107,7 +114,13 @@ class RunAhead:
 
     def _new_step(self, plan) -> _Step:
         size = plan.samples_per_step - len(plan.relay) + 1  # + END
-        return _Step(plan, Channel("run-ahead generate", size, self.abort, self.timeout_s))
+        return _Step(plan, Channel("run-ahead generate", size, threading.Event(), self.timeout_s))
+
+    def _stop(self, steps) -> None:
+        """Stop the thread, and the readers (and engine) of `steps`' channels."""
+        self.abort.set()
+        for st in steps:
+            st.channel.abort.set()
 
     # ------------------------------------------------------------------ generation thread
 
@@ -121,8 +134,9 @@ class RunAhead:
             log.error("run-ahead generation failed", exc_info=True)
             with self._cond:
                 self.error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+                # Steps generated before the failure stay readable: they train as usual.
+                self._stop([st for st in self._steps.values() if not st.done])
                 self._cond.notify_all()
-            self.abort.set()
 
     def _generate_one(self, j: int) -> None:
         need = j - self.s - 1  # the step whose weights generate step j
@@ -141,7 +155,7 @@ class RunAhead:
         if pending is not None:
             version, tensors = pending
             if tensors is not None:  # None: that step left the policy unchanged
-                self.engine.load_weights(iter(tensors), version)
+                self.last_sync = self.engine.load_weights(iter(tensors), version)
         plan = self._plan_fn(j)
         st = self._new_step(plan)
         with self._cond:
@@ -160,7 +174,8 @@ class RunAhead:
 
     # ------------------------------------------------------------------ trainer side
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
+        """The generation thread's failure, if it failed."""
         if self.error is not None:
             raise RuntimeError(f"run-ahead generation failed: {self.error}")
 
@@ -170,18 +185,21 @@ class RunAhead:
         deadline = time.monotonic() + self.timeout_s
         with self._cond:
             while step not in self._steps:
-                self._raise_if_failed()
+                self.raise_if_failed()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"run-ahead: step {step} not planned in {self.timeout_s} s")
                 self._cond.wait(0.1)
             st = self._steps[step]
         return st.plan, st.channel
 
-    def publish(self, step: int, version: int, weights) -> None:
+    def publish(self, step: int, version: int, weights, train_span=None) -> None:
         """Step `step` has trained: `weights` (named tensors, or None when this step did not
         update the policy) become the engine's before step + s + 1 is generated. The step's
-        samples are dropped (they are trained)."""
+        samples are dropped (they are trained). `train_span`: (start, end) of its Train
+        stage, perf_counter seconds, for `trained`."""
         snapshot = None if weights is None else [(n, t.detach().clone()) for n, t in weights]
+        if train_span is not None:
+            self.trained.append((step, *train_span))
         with self._cond:
             self._weights[step] = (version, snapshot)
             self._published = step
@@ -194,7 +212,7 @@ class RunAhead:
         deadline = time.monotonic() + self.timeout_s
         with self._cond:
             while not (self._waiting and self._next == self._published + self.s + 2):
-                self._raise_if_failed()
+                self.raise_if_failed()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"run-ahead: not idle within {self.timeout_s} s")
                 self._cond.wait(0.1)
@@ -210,8 +228,8 @@ class RunAhead:
             return {"max_staleness": self.s, "next_step": self._next, "steps": steps}
 
     def close(self) -> None:
-        self.abort.set()
         with self._cond:
+            self._stop(self._steps.values())
             self._cond.notify_all()
         self._thread.join(timeout=60)
 

@@ -97,6 +97,7 @@ class StepOutput:
     timeline: list[tuple[str, int, float, float]]  # (stage, micro-batch, start, end), seconds
     wall_s: float
     extra: dict = field(default_factory=dict)
+    t0: float = 0.0  # perf_counter seconds at the timeline's 0 (to line steps up in time)
 
 
 class _Run:
@@ -518,6 +519,7 @@ class StepPipeline:
             run.timeline,
             time.perf_counter() - run.t0,
             dict(run.counters),
+            run.t0,
         )
 
 

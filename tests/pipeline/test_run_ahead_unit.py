@@ -1,5 +1,7 @@
 """RunAhead on a fake engine: which weights generate which step, the bound, failures."""
 
+import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -57,13 +59,17 @@ def test_step_j_uses_the_weights_after_step_j_minus_s_minus_1(s):
         ra.close()
 
 
-def test_a_failed_generation_is_reported():
+def test_a_failed_generation_is_reported_and_earlier_steps_still_train():
     ra = RunAhead(FakeEngine(fail_at=2), 1, _plan, 0, timeout_s=10)
     try:
-        _drain(ra.take(0)[1])
-        with pytest.raises((PipelineAborted, RuntimeError)):
+        with pytest.raises(RuntimeError, match="engine broke"):
+            ra.quiesce()  # step 1's generation fails
+        # Step 0 was generated before: it trains (a failure used to abort its channel too).
+        assert [c.prompt_ids for c in _drain(ra.take(0)[1])] == [[0]]
+        with pytest.raises(PipelineAborted):
             _drain(ra.take(1)[1])
-        assert "engine broke" in ra.error
+        with pytest.raises(RuntimeError, match="engine broke"):
+            ra.raise_if_failed()
     finally:
         ra.close()
 
@@ -75,3 +81,44 @@ def test_staleness_histogram_leaves_replayed_samples_out():
         "staleness/0": 1,
         "staleness/1": 1,
     }
+
+
+class TwoEngines(FakeEngine):
+    """An EnginePool's way of streaming: two engines put into one sink from their threads."""
+
+    def generate(self, prompt_ids, indices, sampling, seeds, sink):
+        def one(part):
+            for i in part:
+                sink.put(Completion(i, i, prompt_ids[i], [7], "stop", self.version))
+
+        threads = [threading.Thread(target=one, args=(indices[k::2],)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def test_kept_completions_are_in_the_order_the_channel_gives_them():
+    """What a checkpoint holds is replayed in that order on resume: it must be the order the
+    trainer would have trained (the channel's), also with several engines putting at once."""
+    n = 3000
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches between the two appends of an unlocked put
+    try:
+        ra = RunAhead(
+            TwoEngines(),
+            1,
+            lambda step: SimpleNamespace(
+                prompt_ids=[[step]] * n, relay=[], samples_per_step=n, sampling=None, seeds=[0]
+            ),
+            0,
+            timeout_s=30,
+        )
+        try:
+            ra.quiesce()  # steps 0 and 1 generated
+            kept = ra.state_dict()["steps"][0]["completions"]
+            assert [c.sample_id for c in _drain(ra.take(0)[1])] == [c.sample_id for c in kept]
+        finally:
+            ra.close()
+    finally:
+        sys.setswitchinterval(switch)
