@@ -2,7 +2,8 @@
 
 - When a rank is killed (SIGKILL), the vLLM engine-core processes it started live on, holding
   memory (and GPUs) and the log pipes. `start()` runs a small process that watches its parent
-  rank and, once the parent is gone, kills every process the parent had started:
+  rank and, once the parent is gone, kills every process the parent had started (torchrun's
+  SIGTERM to the rank's process group does not stop it):
 
       python -m rlhf_pipe.distributed.guard PARENT_PID
 
@@ -79,6 +80,9 @@ def _descendants(pid: int) -> set[int]:
 
 
 def watch(parent: int, poll_s: float = 0.5) -> None:
+    # torchrun stops a rank with SIGTERM to its process group, this guard's too: the guard
+    # must outlive the rank, to kill what does not stop on SIGTERM (a stopped or hung engine).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     me = os.getpid()
     known: set[int] = set()
     while os.getppid() == parent:
