@@ -164,13 +164,15 @@ def _run_ranks(cfg, args, world, rank) -> int:
             )
     roles_here = placement.roles_of(rank)
     _CURRENT.update(placement=placement, controller=controller, world=world)
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    several_nodes = torchrun and int(os.environ["LOCAL_WORLD_SIZE"]) < world
+    if torchrun:
         from rlhf_pipe.distributed import guard
 
         what = f"rank {rank} ({'+'.join(roles_here) or 'no role'})"
         guard.exit_with_agent(what)
-        if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:  # several nodes
-            guard.sigterm_grace(what)
+        if several_nodes:
+            guard.sigterm_grace(what, _lost_store)
     if rank == controller:
         # torchrun's failure summary names a dead rank by number; this line gives its role.
         logger.info(
@@ -181,6 +183,8 @@ def _run_ranks(cfg, args, world, rank) -> int:
     # vLLM's workers must be spawned, not forked, once CUDA is initialised (DESIGN.md).
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     dist.init_process_group("gloo", timeout=timeout)
+    if several_nodes:
+        _CURRENT["store"] = guard.rendezvous_store()  # a collective
     # Every rank creates every group, in the same order (a collective call).
     peers = sorted(
         ({r for ranks in role_ranks.values() for r in ranks} | set(engine_leaders)) - {controller}
@@ -605,7 +609,29 @@ def _lost_node(rank: int, message: str) -> str:
     node = peer // local_world
     if node == rank // local_world:
         return ""  # a peer of this node: its own line says what happened to it
-    ranks = range(node * local_world, min((node + 1) * local_world, world))
+    return _named(node, range(node * local_world, min((node + 1) * local_world, world)))
+
+
+def _lost_store() -> str:
+    """On SIGTERM (guard.sigterm_grace): ': the rendezvous store ... does not answer; lost
+    node K (...)' when the store that another node's agent served is gone: this node's agent,
+    which lost it, is what stopped the rank. '' where the store answers or is not known, or
+    the rank's own line has named a lost node already."""
+    from rlhf_pipe.distributed.guard import answers
+
+    store = _CURRENT.get("store")
+    if store is None or int(os.environ["RANK"]) in store.ranks or _CURRENT.get("named"):
+        return ""
+    if answers(store.host, store.port):
+        return ""
+    return (
+        f": the rendezvous store at {store.host}:{store.port}, served by node {store.node}, "
+        f"does not answer{_named(store.node, store.ranks)}"
+    )
+
+
+def _named(node: int, ranks) -> str:
+    placement = _CURRENT["placement"]
     named = ", ".join(f"rank {r} {'+'.join(placement.roles_of(r)) or 'no role'}" for r in ranks)
     return f"; lost node {node} ({named})"
 
@@ -630,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             e = e.__context__
         first = " ".join(f"{type(e).__name__}: {e}".split())
         lost = _lost_node(int(rank), first)
+        _CURRENT["named"] = bool(lost)
         from rlhf_pipe.distributed.guard import say
 
         sys.stderr.flush()

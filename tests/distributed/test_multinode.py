@@ -1,10 +1,12 @@
 """Two "nodes" on one machine: two torchrun agents on localhost meet through a c10d
 rendezvous (gloo), hold the ranks `rlhf-pipe plan --nnodes 2` maps to each node, and train as
 one process does. Killing one node's agent ends both within 60 s, and the surviving side's
-error line names the dead node's ranks and roles.
+error line names the dead node's ranks and roles, also when the dead agent served the
+rendezvous store.
 
 c10d ignores --node-rank (torchrun says so): it numbers the nodes in the order of its own
-sort of the agents, so the tests read each agent's node (GROUP_RANK) from its workers."""
+sort of the agents (on one host, by pid), so the tests read each agent's node (GROUP_RANK)
+from its workers."""
 
 import json
 import os
@@ -52,7 +54,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _agents(work, steps, nproc_per_node: list[int], extra=()):
+def _agents(work, steps, nproc_per_node: list[int], extra=(), store_on_node_1=False):
+    """One torchrun agent per node. `store_on_node_1`: the first agent waits in a shell that
+    execs it once the second listens on the rendezvous port; it keeps the shell's pid, the
+    smaller, which c10d makes node 0 on one host. So node 1 serves the store."""
     port = _free_port()
     sets = {
         **QUIET,
@@ -71,11 +76,15 @@ def _agents(work, steps, nproc_per_node: list[int], extra=()):
         cmd += ["-m", "rlhf_pipe.train", str(TINY_CONFIG)]
         for k, v in sets.items():
             cmd += ["--set", f"{k}={v}"]
+        gate = store_on_node_1 and node == 0
+        if gate:
+            cmd = ["sh", "-c", 'read go; exec "$@"', "sh", *cmd]
         agents.append(
             subprocess.Popen(
                 cmd,
                 cwd=ROOT,
                 env=env,
+                stdin=subprocess.PIPE if gate else None,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -83,6 +92,13 @@ def _agents(work, steps, nproc_per_node: list[int], extra=()):
             )
         )
         agents[-1].rdzv_port = port
+    if store_on_node_1:
+        deadline = time.monotonic() + 120
+        while not _listens(agents[1]):
+            assert agents[1].poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        agents[0].stdin.write("go\n")
+        agents[0].stdin.flush()  # communicate() closes it
     return agents
 
 
@@ -125,55 +141,123 @@ def _node_of_agents(agents) -> tuple[dict[int, int], bytes]:
     return out, port
 
 
-def _store_host(agents) -> int:
-    """Which agent serves the c10d rendezvous store (both were given the same endpoint; the
-    first to bind it serves it)."""
+def _listens(agent) -> bool:
+    """Whether the agent serves the c10d rendezvous store (both were given the same endpoint;
+    the first to bind it serves it)."""
     import psutil
 
-    for i, a in enumerate(agents):
-        for conn in psutil.Process(a.pid).net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == a.rdzv_port:
-                return i
-    raise AssertionError("no agent listens on the rendezvous port")
+    return any(
+        conn.status == psutil.CONN_LISTEN and conn.laddr.port == agent.rdzv_port
+        for conn in psutil.Process(agent.pid).net_connections(kind="tcp")
+    )
+
+
+def _store_host(agents) -> int:
+    """Which agent serves the rendezvous store."""
+    hosts = [i for i, a in enumerate(agents) if _listens(a)]
+    assert len(hosts) == 1, "no agent listens on the rendezvous port"
+    return hosts[0]
+
+
+def _in_steps(agents, work) -> tuple[dict[int, int], bytes, int]:
+    """Wait until both nodes are in their steps; then agent -> node, MASTER_PORT, and which
+    agent serves the rendezvous store."""
+    deadline = time.monotonic() + 300
+    while not (work / "metrics.jsonl").exists():
+        assert all(a.poll() is None for a in agents), agents[0].stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    node_of, port = _node_of_agents(agents)
+    assert sorted(node_of.values()) == [0, 1], node_of
+    return node_of, port, _store_host(agents)
+
+
+def _kill(victim, survivor, port, also=()) -> list[str]:
+    """SIGKILL the victim agent only (its ranks live on); check both nodes, and every process
+    of the run (and the pids `also`), end within 60 s; the survivor's error lines."""
+    import psutil
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def left():
+        return _run_survivors(port) + [p for p in also if alive(p)]
+
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, stderr = survivor.communicate(timeout=90)
+    elapsed = time.monotonic() - killed_at
+    while left() and time.monotonic() < killed_at + 60:
+        time.sleep(0.5)
+    gone = time.monotonic() - killed_at
+    assert survivor.returncode != 0
+    assert elapsed < 60 and gone < 60, (elapsed, gone)
+    assert not left(), "a process of the run outlived it"
+    lines = [x for x in stderr.splitlines() if x.startswith("error: rank")]
+    print(f"ended in {elapsed:.1f} s, all gone in {gone:.1f} s; {lines}")
+    return lines
+
+
+def _naming(nodes, node: int) -> str:
+    """The end of a line that names `node` as lost."""
+    return f"; lost node {node} ({', '.join(f'rank {r} {roles}' for r, roles in nodes[node])})"
 
 
 @pytest.mark.parametrize("kill_store_host", [False, True])
 def test_killed_node_ends_both_within_60s_naming_it(tmp_path, kill_store_host):
-    """Killing the agent that does not serve the rendezvous store: the survivor names the lost
-    node's ranks and roles. Killing the one that serves it: the survivor's own agent loses the
-    store and stops its ranks, so both still end within 60 s, but the ranks may be stopped
-    before their line names the node (a known limit, issue 17's note)."""
+    """Either agent killed, the survivor names the lost node's ranks and roles, and no other
+    node. Killing the one that does not serve the rendezvous store: a rank's failed call names
+    it. Killing the one that serves it: the survivor's own agent loses the store and stops
+    its ranks (SIGTERM), maybe before they call the lost node; each then finds the store gone
+    and names the node whose agent served it."""
     nodes = _plan_nodes()
     work = tmp_path / "dist"
     agents = _agents(work, 200, [len(nodes[0]), len(nodes[1])])
     try:
-        deadline = time.monotonic() + 300
-        while not (work / "metrics.jsonl").exists():  # both nodes are in their steps
-            assert all(a.poll() is None for a in agents), agents[0].stderr.read()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
-        node_of, port = _node_of_agents(agents)
-        assert sorted(node_of.values()) == [0, 1], node_of
-        host = _store_host(agents)
+        node_of, port, host = _in_steps(agents, work)
         victim = host if kill_store_host else 1 - host
-        victim_node = node_of[victim]
-        survivor = agents[1 - victim]
-        os.kill(agents[victim].pid, signal.SIGKILL)  # the agent only: its ranks live on
-        killed_at = time.monotonic()
-        _, stderr = survivor.communicate(timeout=90)
-        elapsed = time.monotonic() - killed_at
-        deadline = killed_at + 60
-        while _run_survivors(port) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        gone = time.monotonic() - killed_at
+        lines = _kill(agents[victim], agents[1 - victim], port)
     finally:
         _stop(agents)
-    assert survivor.returncode != 0
-    assert elapsed < 60 and gone < 60, (elapsed, gone)
-    assert not _run_survivors(port), "a process of the run outlived it"
-    named = ", ".join(f"rank {r} {roles}" for r, roles in nodes[victim_node])
-    lines = [x for x in stderr.splitlines() if x.startswith("error: rank")]
-    print(f"victim node {victim_node}: ended in {elapsed:.1f} s; {lines}")
-    if kill_store_host:
-        return
-    assert any(x.endswith(f"; lost node {victim_node} ({named})") for x in lines), stderr[-3000:]
+    naming = _naming(nodes, node_of[victim])
+    assert not [x for x in lines if "; lost node" in x and not x.endswith(naming)], lines
+    assert any(x.endswith(naming) for x in lines), lines
+
+
+def test_store_host_killed_while_the_controller_waits_is_named_on_sigterm(tmp_path):
+    """The case no failed call can name: node 1 serves the store, the controller's vLLM engine
+    core is stopped (SIGSTOP), so once the micro-batches in flight are through no rank calls
+    node 1; then node 1's agent is killed. Node 0's agent loses the store and stops its
+    ranks, and the controller's SIGTERM line names node 1 from the store it finds gone."""
+    import psutil
+
+    nodes = _plan_nodes()
+    work = tmp_path / "dist"
+    agents = _agents(work, 200, [len(nodes[0]), len(nodes[1])], store_on_node_1=True)
+    try:
+        node_of, port, host = _in_steps(agents, work)
+        assert node_of[host] == 1, (node_of, host)
+        survivor = agents[1 - host]
+        cores = [
+            p
+            for p in psutil.Process(survivor.pid).children(recursive=True)
+            if p.name() == "VLLM::EngineCore"
+        ]
+        assert cores
+        for p in cores:
+            p.send_signal(signal.SIGSTOP)  # the controller's guard kills it in the end
+        time.sleep(5)  # every stage now waits on generation
+        lines = _kill(agents[host], survivor, port, also=[p.pid for p in cores])
+    finally:
+        _stop(agents)
+    controller = next(r for r, roles in nodes[0] if "rollout" in roles)
+    assert any(
+        x.startswith(f"error: rank {controller} ")
+        and "stopped by torchrun (SIGTERM): the rendezvous store at " in x
+        and x.endswith(_naming(nodes, 1))
+        for x in lines
+    ), lines
+    assert not [x for x in lines if "; lost node" in x and not x.endswith(_naming(nodes, 1))]
