@@ -92,7 +92,7 @@ def run(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if world == 1 and args.bench:
         raise UserError("--bench: needs torchrun; in one process use `rlhf-pipe bench`")
-    if args.staleness != [0] and not args.bench:
+    if getattr(args, "staleness", [0]) != [0] and not args.bench:  # rlhf-pipe train has none
         raise UserError("--staleness: a bench option; with --bench M1,M2,...")
     if not args.resume and not args.bench:
         from rlhf_pipe.run_dir import refuse_a_fresh_run
