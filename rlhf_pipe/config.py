@@ -196,6 +196,11 @@ class RolloutConfig:
     # behaviour/logp_diff metrics: on one H200 asking for them slowed generation by 0.7 s a
     # step at the 0.5B shape (vocabulary 151936) and 0.65 s at 1.8B (BENCHMARKS.md).
     behaviour_logprobs: Optional[bool] = None
+    # True: each vLLM request samples from its own seed (rlhf_pipe.step_plan.request_seed), so
+    # a run is reproducible whatever the batching, M, run-ahead or a resume. False: vLLM's one
+    # generator (not reproducible). Per-request generators cost vLLM's sampler one kernel
+    # launch per request per decode step (BENCHMARKS.md, "Seeded requests").
+    request_seeds: bool = True
     # Evaluation sampling; None takes the training value.
     eval_temperature: Optional[float] = field(default=None, metadata=_ge(0.0))
     eval_top_p: Optional[float] = field(default=None, metadata=_range(0.0, 1.0, lo_open=True))

@@ -58,6 +58,7 @@ def sampling_settings(
         length_range=tuple(r.response_length_range) if r.response_length_range else None,
         # Evaluation trains nothing: no correction to make.
         behaviour_logprobs=not evaluation and wants_behaviour_logprobs(r, behaviour_correction),
+        request_seeds=r.request_seeds,
     )
 
 

@@ -534,8 +534,15 @@ def _check_rest(cfg: RunConfig, generator: GeneratorConfig) -> None:
 
 
 def _check_behaviour(cfg: RunConfig, generator: str) -> None:
-    """train_config.behaviour_correction needs the engine's own sampled-token log-probs."""
+    """What the generator must honour: request_seeds=False and the behaviour log-probs (and
+    train_config.behaviour_correction, which needs them) are the vllm generator's."""
     src, r, mode = cfg.source, cfg.rollout_config, cfg.train_config.behaviour_correction
+    if not r.request_seeds and generator == "hf":
+        _fail(
+            src,
+            "rollout_config.request_seeds",
+            "False applies to the vllm generator; the hf generator always seeds its chunks",
+        )
     if r.behaviour_logprobs and generator == "hf":
         _fail(
             src,

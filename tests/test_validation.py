@@ -42,3 +42,16 @@ def test_path_checks_are_a_parameter(tmp_path):
     with pytest.raises(ConfigError, match="model_configs.policy.model_path: no such folder"):
         load_config(TINY_CONFIG, missing)
     assert load_config(TINY_CONFIG, missing, check_paths=False).plan.pipe_micro_bs >= 1
+
+
+def test_unseeded_requests_with_the_hf_generator_are_refused_naming_the_key(tmp_path):
+    with pytest.raises(
+        ConfigError, match="rollout_config.request_seeds: False applies to the vllm"
+    ):
+        tiny_config(
+            tmp_path,
+            **{
+                "rollout_config.request_seeds": False,
+                "model_configs.policy.generator_config.generator_type": "hf",
+            },
+        )

@@ -25,6 +25,9 @@ class SamplingSettings:
     # vLLM: return each sampled token's log-prob (Completion.behaviour_logprobs). The hf
     # backend and beam search have none (config.py refuses a behaviour correction there).
     behaviour_logprobs: bool = True
+    # vLLM: sample each request from its own seed (rollout_config.request_seeds); False: from
+    # the engine's generator. The hf backend always seeds.
+    request_seeds: bool = True
 
     def max_tokens(self, prompt_len: int) -> int:
         """The answer-length cap of one request."""

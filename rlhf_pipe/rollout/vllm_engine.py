@@ -260,7 +260,8 @@ class VLLMEngine:
             top_k=s.top_k,
             ignore_eos=s.ignore_eos,
             stop=list(s.stop) or None,
-            seed=seed,
+            # The drawn length above still comes from the seed: the workload stays the same.
+            seed=seed if s.request_seeds else None,
             prompt_logprobs=s.prompt_logprobs,
             # The sampled token's log-prob (0 alternatives): the behaviour policy's, of the
             # raw logits (logprobs_mode, set in __init__), as the trainer computes its own.

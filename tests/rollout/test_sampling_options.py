@@ -127,3 +127,15 @@ def test_beam_search_and_prompt_logprobs_through_the_pipeline(tmp_path, fresh_en
     out = trainer.pipeline.run(plan_step(trainer, 0))
     assert all(len(s.prompt_logprobs) == s.prompt_ids.numel() for s in out.samples)
     trainer.close()
+
+
+@pytest.mark.parametrize("request_seeds", [True, False])
+def test_request_seeds_decide_whether_a_seed_fixes_the_answer(fresh_engine, request_seeds):
+    """rollout_config.request_seeds: one prompt four times, each request with the same seed.
+    Seeded, the four answers are one answer; drawn from vLLM's one generator they differ
+    (temperature 1 over 8 tokens of a random model: a repeat is vanishingly unlikely)."""
+    settings = SamplingSettings(
+        max_new_tokens=8, temperature=1.0, ignore_eos=True, request_seeds=request_seeds
+    )
+    answers = {tuple(c.response_ids) for c in _generate(fresh_engine, settings, [[5, 6, 7]] * 4)}
+    assert len(answers) == (1 if request_seeds else 4)
