@@ -237,6 +237,8 @@ def _to_cpu(obj):
     """Replies cross ranks by pickle; device tensors must not (the peer may have no GPU)."""
     if torch.is_tensor(obj):
         return obj.detach().cpu()
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):  # a NamedTuple (a Bucket)
+        return type(obj)(*(_to_cpu(x) for x in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(x) for x in obj)
     if isinstance(obj, dict):
