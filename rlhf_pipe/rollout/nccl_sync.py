@@ -42,6 +42,8 @@ def free_address() -> tuple[str, int]:
 
 
 class _Nccl:
+    """NCCL has no timeout of its own: the controller's deadline (run_all) stands for it."""
+
     def __init__(self, host: str, port: int, rank: int, world_size: int, device, timeout_s):
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
