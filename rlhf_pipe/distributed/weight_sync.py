@@ -7,7 +7,7 @@ The group is built on the first sync: the actor picks an address, then the actor
 engine's workers join it. Engine e's workers take ranks `1 + sum(tp of engines before e)`
 onwards; the actor is rank 0.
 
-Run-ahead (max_staleness >= 1): `snapshot(v)` (the trainer, after step's optimizer step) keeps
+Run-ahead (max_staleness >= 1): `snapshot(v)` (the trainer, after each optimizer step) keeps
 a copy of the weights on the actor's device; `send_snapshot(v)` (the generation thread,
 between two generates, engines idle) broadcasts it. The actor's rank serves one request at a
 time, so the broadcast waits for at most the one train call being served; that call needs
