@@ -248,7 +248,7 @@ def build_vllm_engine(
     cfg: RunConfig,
     engine_index: int = 0,
     in_process: bool = True,
-    nccl_weight_sync: bool = False,
+    weight_receiver: bool = False,
     visible_devices: str | None = None,
 ):
     from rlhf_pipe.rollout.vllm_engine import VLLMEngine
@@ -265,7 +265,7 @@ def build_vllm_engine(
         engine_kwargs=r.engine_kwargs,
         engine_index=engine_index,
         in_process=in_process,
-        nccl_weight_sync=nccl_weight_sync,
+        weight_receiver=weight_receiver,
         visible_devices=visible_devices,
         lora=lora.engine_lora(cfg.plan),
     )

@@ -277,9 +277,11 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     stage_timeout_s: float = field(default=600.0, metadata=_range(0.0, 1e6, lo_open=True))
     weight_bucket_mb: int = field(default=256, metadata=_ge(1))  # actor -> vLLM sync buckets
-    # torchrun: "nccl" broadcasts GPU to GPU; "gloo" goes through the controller's host memory;
-    # "auto" takes nccl when the actor and every engine are on distinct GPUs.
-    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # torchrun: "nccl" broadcasts from the actor's rank to every vLLM worker, GPU to GPU;
+    # "gloo_direct" does the same over gloo (host memory, no GPU needed); "gloo" goes through
+    # the controller's host memory; "auto" takes nccl when the actor and every engine are on
+    # distinct GPUs, else gloo. Any of them with max_staleness >= 1 (run-ahead).
+    weight_sync_backend: Literal["auto", "nccl", "gloo_direct", "gloo"] = "auto"
     # Model batches as the chunk's samples back to back in one row (no padding tokens) or
     # padded rows. 'auto' packs models whose attention has a variable-length kernel (flash
     # attention) and pads the others; True packs every model that keeps packed samples apart

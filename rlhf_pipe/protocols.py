@@ -166,18 +166,32 @@ class Policy(Trainable, Protocol):
         named_weights. A no-op where the weights are not partitioned."""
         ...
 
-    # The NCCL weight sync (rlhf_pipe.distributed.weight_sync) talks to the first rank only.
+    # The direct weight sync (rlhf_pipe.distributed.weight_sync: NCCL, or gloo on the CPU)
+    # talks to the first rank only.
     @remote(Dispatch.FIRST)
     def weight_sync_address(self) -> tuple[str, int]: ...
 
     @remote(Dispatch.FIRST)
-    def init_weight_sender(self, host: str, port: int, world_size: int) -> None: ...
+    def init_weight_sender(
+        self, host: str, port: int, world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        """Rank 0 of the sync group; `backend` 'nccl' or 'gloo'."""
+        ...
 
     @remote(Dispatch.FIRST)
     def weight_layout(self, bucket_bytes: int) -> list: ...
 
     @remote(Dispatch.FIRST)
-    def broadcast_weights(self, layout: list) -> int: ...
+    def snapshot_weights(self, version: int) -> None:
+        """Run-ahead: keep a copy of the current weights as `version`, on the actor's device,
+        until `broadcast_weights(layout, version)` sends it."""
+        ...
+
+    @remote(Dispatch.FIRST)
+    def broadcast_weights(self, layout: list, version: int | None = None) -> int:
+        """Broadcast the live weights (version None) or the snapshot of `version`, which is
+        then dropped with any older one; the bytes sent."""
+        ...
 
 
 class Critic(Trainable, Protocol):
@@ -238,11 +252,18 @@ class RolloutEngine(Protocol):
 
 
 class NcclEngine(RolloutEngine, Protocol):
-    """A vLLM engine that also takes the actor's weights GPU to GPU (rollout/nccl_sync.py)."""
+    """A vLLM engine that also takes the actor's weights straight from its rank, over NCCL
+    or gloo (rollout/nccl_sync.py)."""
 
     @remote(Dispatch.FIRST)
     def init_weight_group(
-        self, host: str, port: int, rank_offset: int, world_size: int
+        self,
+        host: str,
+        port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
     ) -> None: ...
 
     @remote(Dispatch.FIRST)
@@ -251,9 +272,19 @@ class NcclEngine(RolloutEngine, Protocol):
 
 class WeightSync(Protocol):
     """The actor's weights into every engine by another path than `engine.load_weights`
-    (the NCCL broadcast); returns the sync's stats."""
+    (the direct broadcast from the actor's rank); each sync returns its stats."""
 
-    def __call__(self, version: int) -> dict: ...
+    def __call__(self, version: int) -> dict:
+        """The actor's live weights, as `version`."""
+        ...
+
+    def snapshot(self, version: int) -> None:
+        """Run-ahead: keep the actor's current weights as `version` on its own device."""
+        ...
+
+    def send_snapshot(self, version: int) -> dict:
+        """Run-ahead: the snapshot of `version` into every engine (the engines idle)."""
+        ...
 
 
 # The protocol of each role; the rollout entry is what an engine rank serves.

@@ -223,6 +223,9 @@ class PolicyRole(_Trainable):
     def __init__(self, model, pad_id: int, *, lora_sync: str = "merged", **kw):
         super().__init__(model, pad_id, **kw)
         self.lora_sync = lora_sync
+        # Run-ahead over the direct sync: version -> a copy of those weights on this device,
+        # kept until broadcast (at most max_staleness + 1; rlhf_pipe.pipeline.run_ahead).
+        self._snapshots: dict[int, dict[str, Tensor]] = {}
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[Tensor]:
@@ -349,24 +352,37 @@ class PolicyRole(_Trainable):
     def join_weights(self) -> None:
         """Nothing to join: the weights are whole on this rank (see rlhf_pipe.zero)."""
 
-    # NCCL weight sync, GPU to GPU (rlhf_pipe.rollout.nccl_sync); the controller drives it.
+    # The direct weight sync (rlhf_pipe.rollout.nccl_sync: NCCL, or gloo on the CPU); the
+    # controller drives it.
     def weight_sync_address(self):
         from rlhf_pipe.rollout.nccl_sync import free_address
 
         return free_address()
 
-    def init_weight_sender(self, host: str, port: int, world_size: int) -> None:
+    def init_weight_sender(
+        self, host: str, port: int, world_size: int, backend: str, timeout_s: float
+    ) -> None:
         from rlhf_pipe.rollout.nccl_sync import WeightSender
 
-        self._weight_sender = WeightSender(host, port, world_size, self.device)
+        self._weight_sender = WeightSender(host, port, world_size, self.device, backend, timeout_s)
 
     def weight_layout(self, bucket_bytes: int):
         from rlhf_pipe.rollout.nccl_sync import bucket_layout
 
         return bucket_layout(self.named_weights(), bucket_bytes)
 
-    def broadcast_weights(self, layout) -> int:
-        return self._weight_sender.send(self.named_weights(), layout)
+    def snapshot_weights(self, version: int) -> None:
+        from rlhf_pipe.rollout.nccl_sync import WeightSender
+
+        self._snapshots[version] = WeightSender.snapshot(self.named_weights())
+
+    def broadcast_weights(self, layout, version: int | None = None) -> int:
+        if version is None:
+            return self._weight_sender.send(self.named_weights(), layout)
+        tensors = self._snapshots[version]
+        for v in [v for v in self._snapshots if v <= version]:  # applied, or superseded
+            del self._snapshots[v]
+        return self._weight_sender.send(tensors.items(), layout)
 
 
 class CriticRole(_Trainable):

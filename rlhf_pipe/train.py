@@ -266,7 +266,7 @@ def _run_controller(
         elif ranks != [controller]:
             roles[role] = remote_role(conns[ranks[0]], role)
     bucket = cfg.train_config.weight_bucket_mb * 2**20
-    nccl = _nccl_weight_sync(cfg, placement, role_ranks)
+    direct = _direct_sync(cfg, placement, role_ranks)
     if cfg.plan.generator.generator_type == "hf":
         # The placement put the rollout on the actor's one rank, this one: a copy of the
         # local actor's module generates, as in one process.
@@ -277,7 +277,7 @@ def _run_controller(
                 cfg,
                 0,
                 in_process=False,
-                nccl_weight_sync=nccl,
+                weight_receiver=direct is not None,
                 visible_devices=_engine_gpus(cfg, placement, controller),
             )
         ]
@@ -294,20 +294,23 @@ def _run_controller(
     else:
         engine = engines[0]
     weight_sync = None
-    if nccl:
-        from rlhf_pipe.distributed.weight_sync import NcclWeightSync
+    if direct is not None:
+        from rlhf_pipe.distributed.weight_sync import DirectWeightSync
 
-        weight_sync = NcclWeightSync(
+        weight_sync = DirectWeightSync(
             roles[Role.ACTOR],
             engines,
             [len(g) for g in placement.engines],
             bucket,
             t.stage_timeout_s,
+            direct,
         )
     trainer = RLHFTrainer(
         cfg, roles=roles, engine=engine, in_process_engine=False, weight_sync=weight_sync
     )
-    logger.info("rlhf_pipe weight sync: %s", "nccl" if nccl else "gloo")
+    logger.info(
+        "rlhf_pipe weight sync: %s", {None: "gloo", "gloo": "gloo_direct"}.get(direct, direct)
+    )
     try:
         from rlhf_pipe.run_args import apply_resume
 
@@ -355,11 +358,6 @@ def _bench(args, trainer, placement) -> None:
     pipes = _with_serial(_pipes(args.bench), print)
     staleness = args.staleness
     if len(staleness) > 1:
-        if trainer.weight_sync is not None:  # run-time: the sync backend this layout chose
-            raise UserError(
-                f"{args.config}: --staleness: run-ahead needs the engine's own load_weights; "
-                f"this layout syncs over NCCL (set train_config.weight_sync_backend='gloo')"
-            )
         overrides["train_config.max_staleness"] = 0  # the s=0 runs, whatever the config says
 
     def trainer_for(cfg):
@@ -499,24 +497,33 @@ def _engine_gpus(cfg, placement, leader: int) -> str | None:
     return ",".join(str(_gpu_of(cfg, r)[1]) for r in group)
 
 
-def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
-    """NCCL needs the actor on a GPU of its own: two processes of one NCCL group cannot share
-    a GPU. 'auto' falls back to gloo (through host memory) otherwise."""
+def _direct_sync(cfg, placement, role_ranks) -> str | None:
+    """The backend of the direct sync from the actor's rank to every vLLM worker: 'nccl', or
+    'gloo' (train_config.weight_sync_backend 'gloo_direct'); None: through the controller's
+    host memory ('gloo'). NCCL needs the actor on a GPU of its own: two processes of one NCCL
+    group cannot share a GPU. 'auto' falls back to the controller otherwise."""
     import torch
 
     choice = cfg.train_config.weight_sync_backend
-    # Run-ahead (max_staleness >= 1) hands the engines a snapshot of each step's weights,
-    # loaded between two steps' generations while the actor trains on (engine.load_weights);
-    # the NCCL broadcast sends the actor's live weights, so it would need one on its rank.
-    run_ahead = cfg.train_config.max_staleness >= 1
-    if choice == "nccl" and run_ahead:
-        raise UserError(
-            f"{cfg.source}: train_config.weight_sync_backend: 'nccl' cannot carry run-ahead's "
-            f"weights (train_config.max_staleness >= 1); use 'gloo' or 'auto'"
-        )
-    if choice == "gloo" or run_ahead or cfg.plan.lora_sync == "adapter":  # adapter: LoRARequest
-        return False
+    if choice == "gloo" or cfg.plan.lora_sync == "adapter":  # adapter: LoRARequest
+        return None
     actor_rank = role_ranks["actor"][0]
+    # A ZeRO-3 actor on several ranks gathers its weights with every rank; the sender runs on
+    # the first alone (not built), so such a run syncs through the controller.
+    sharded = _zero_stages(cfg).get("actor") == 3 and len(role_ranks["actor"]) > 1
+    if sharded and choice != "auto":
+        raise UserError(
+            f"{cfg.source}: train_config.weight_sync_backend: {choice!r} is not "
+            f"built for a ZeRO-3 actor on several ranks; use 'gloo' or 'auto'"
+        )
+    if choice == "gloo_direct":
+        # The sender and a receiver in one process would block each other in the broadcast.
+        if any(actor_rank in group for group in placement.engines):
+            raise UserError(
+                f"{cfg.source}: train_config.weight_sync_backend: 'gloo_direct' needs the "
+                f"actor (rank {actor_rank}) on a rank that runs no rollout engine"
+            )
+        return "gloo"
     engine_gpus = {_gpu_of(cfg, r) for group in placement.engines for r in group}
     possible = (
         placement.device != "cpu"
@@ -529,15 +536,7 @@ def _nccl_weight_sync(cfg, placement, role_ranks) -> bool:
             f"{cfg.source}: train_config.weight_sync_backend: 'nccl' needs the "
             f"actor (rank {actor_rank}) on a GPU that no vLLM engine uses"
         )
-    # A ZeRO-3 actor on several ranks gathers its weights with every rank; the NCCL sender
-    # runs on the first alone (not built), so such a run syncs through the controller.
-    sharded = _zero_stages(cfg).get("actor") == 3 and len(role_ranks["actor"]) > 1
-    if sharded and choice == "nccl":
-        raise UserError(
-            f"{cfg.source}: train_config.weight_sync_backend: 'nccl' is not "
-            f"built for a ZeRO-3 actor on several ranks; use 'gloo' or 'auto'"
-        )
-    return possible and not sharded
+    return "nccl" if possible and not sharded else None
 
 
 def _run_engine(cfg, placement, rank, controller, group) -> None:
@@ -552,7 +551,7 @@ def _run_engine(cfg, placement, rank, controller, group) -> None:
         cfg,
         index,
         in_process=False,
-        nccl_weight_sync=_nccl_weight_sync(cfg, placement, role_ranks),
+        weight_receiver=_direct_sync(cfg, placement, role_ranks) is not None,
         visible_devices=_engine_gpus(cfg, placement, rank),
     )
     # Weights come as host buckets, laid out by the controller: no bucket size here.

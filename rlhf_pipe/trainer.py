@@ -35,7 +35,7 @@ from rlhf_pipe.builders import (
     seed_everything,
 )
 from rlhf_pipe.checkpoint import CheckpointError, resolve_resume
-from rlhf_pipe.config import ConfigError, RunConfig
+from rlhf_pipe.config import RunConfig
 from rlhf_pipe.data import RelayBuffer
 from rlhf_pipe.metrics import MetricsLogger, StageProgress
 from rlhf_pipe.pipeline.run_ahead import RunAhead, staleness_metrics
@@ -125,7 +125,8 @@ class RLHFTrainer:
         )
         self.version = 0
         self.step_index = 0
-        # None: the actor's named_weights into engine.load_weights; else the NCCL broadcast.
+        # None: the actor's named_weights into engine.load_weights; else the direct broadcast
+        # from the actor's rank (NCCL or gloo), also for run-ahead's snapshots.
         self.weight_sync = weight_sync
         self.last_sync: dict = {}  # the last weight sync's {seconds, bytes, gbps}
         self.work_dir = Path(t.work_dir)
@@ -135,12 +136,6 @@ class RLHFTrainer:
         # what a checkpoint had in flight waits here until then.
         self.run_ahead: RunAhead | None = None
         self._run_ahead_state: dict | None = None
-        if t.max_staleness and weight_sync is not None:  # run-time: the chosen sync backend
-            raise ConfigError(
-                f"{cfg.source}: train_config.max_staleness >= 1 needs the engine's own "
-                f"load_weights (an in-process or RemoteEngine); the NCCL/gloo weight_sync "
-                f"broadcast is not supported with run-ahead yet"
-            )
 
     @property
     def planner(self) -> StepPlanner:
@@ -247,8 +242,8 @@ class RLHFTrainer:
         if updated:
             self.version += 1
         if self.run_ahead is not None:  # the generation thread loads them between two steps
-            weights = self.actor.named_weights() if updated else None
-            self.run_ahead.publish(step, self.version, weights, _train_span(out))
+            snapshot = self._snapshot() if updated else None
+            self.run_ahead.publish(step, self.version, snapshot, _train_span(out))
         elif updated:
             self._sync_weights()
         sync_s = time.perf_counter() - sync_start
@@ -285,6 +280,7 @@ class RLHFTrainer:
                 step,
                 t.stage_timeout_s + self.cfg.rollout_config.request_timeout_s,
                 self._run_ahead_state,
+                self._load_snapshot,
             )
             self._run_ahead_state = None
         plan, channel = self.run_ahead.take(step)
@@ -300,6 +296,22 @@ class RLHFTrainer:
             on_policy_version=None,  # the staleness bound stands for it
         )
         return plan, channel
+
+    def _snapshot(self):
+        """The weights of `self.version`, kept until the generation thread loads them: a copy
+        of the actor's named_weights here (they train on), or with the direct sync a copy on
+        the actor's own device, named by the version."""
+        if self.weight_sync is None:
+            return [(n, t.detach().clone()) for n, t in self.actor.named_weights()]
+        self.weight_sync.snapshot(self.version)
+        return self.version
+
+    def _load_snapshot(self, snapshot, version: int) -> dict:
+        """On the generation thread, between two generates: `_snapshot()`'s weights into
+        every engine."""
+        if self.weight_sync is None:
+            return self.engine.load_weights(iter(snapshot), version)
+        return self.weight_sync.send_snapshot(snapshot)
 
     def _call_seconds(self) -> dict:
         """Roles on other ranks: their calls since the last step's metrics (the weight sync's
@@ -378,6 +390,10 @@ class RLHFTrainer:
                 f"this run has {s}: its in-flight samples follow the other schedule"
             )
         self._run_ahead_state = ahead
+        # At s >= 1 too: a checkpoint is written quiesced, every published snapshot applied,
+        # so the engine held the actor's saved weights; they are loaded the same way here
+        # (live, over either sync) before the generation thread starts. Snapshots are never
+        # saved: none was pending.
         self._sync_weights()
         self.folder.resumed = (self.step_index, path)
         return path

@@ -774,11 +774,11 @@ def _check_adapter_sync(
     key = f"model_configs.{role}.generator_config.lora_sync"
     if gen.generator_type != "vllm":
         _fail(src, key, f"'adapter' needs generator_type 'vllm', got {gen.generator_type!r}")
-    if sync_backend == "nccl":  # NCCL loads whole weights by name into the workers
+    if sync_backend in ("nccl", "gloo_direct"):  # they load whole weights into the workers
         _fail(
             src,
             key,
-            "'adapter' cannot go over train_config.weight_sync_backend 'nccl'; use "
+            f"'adapter' cannot go over train_config.weight_sync_backend {sync_backend!r}; use "
             "'merged' or weight_sync_backend 'gloo'",
         )
     if dim > VLLM_MAX_LORA_RANK:

@@ -103,6 +103,7 @@ def test_the_dispatch_tables_are_the_ones_kept_by_hand_before():
         "weight_sync_address",
         "init_weight_sender",
         "weight_layout",
+        "snapshot_weights",
         "broadcast_weights",
     }
     everything = set().union(*(remote.REMOTE_METHODS[r] for r in protocols.MODEL_ROLES))
@@ -125,6 +126,7 @@ def test_the_dispatch_tables_are_the_ones_kept_by_hand_before():
         "weight_sync_address",
         "init_weight_sender",
         "weight_layout",
+        "snapshot_weights",
         "broadcast_weights",
         "join_weights",
     }

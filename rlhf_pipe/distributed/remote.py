@@ -237,6 +237,8 @@ def _to_cpu(obj):
     """Replies cross ranks by pickle; device tensors must not (the peer may have no GPU)."""
     if torch.is_tensor(obj):
         return obj.detach().cpu()
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):  # a NamedTuple (a Bucket)
+        return type(obj)(*(_to_cpu(x) for x in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(x) for x in obj)
     if isinstance(obj, dict):
@@ -397,8 +399,16 @@ class RemoteEngine:
         self.version = version
         return self.last_sync
 
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        self._call("init_weight_group", (host, port, rank_offset, world_size))
+    def init_weight_group(
+        self,
+        host: str,
+        port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+    ) -> None:
+        self._call("init_weight_group", (host, port, rank_offset, world_size, backend, timeout_s))
 
     def receive_weights(self, layout, version: int) -> dict:
         self.last_sync = self._call("receive_weights", (layout, version))

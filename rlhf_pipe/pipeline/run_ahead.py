@@ -21,7 +21,7 @@ reproducible and resumes bit for bit:
   every answer of a step, hence every GRPO group, comes from one policy version ("finish on
   the old weights").
 - Bounded: while step k trains, at most steps k..k+s exist (s + 1 steps' samples), each
-  channel holds one step; published snapshots wait here until applied (at most s of them).
+  channel holds one step; published snapshots wait here until applied (at most s + 1).
 - The prompts of every step are drawn by `plan_fn(step)` on this thread, in step order, so
   the data and seeds per step are those of s = 0; only the generating weights differ.
 
@@ -70,8 +70,11 @@ class _Tee:
 class RunAhead:
     """The generation thread for max_staleness >= 1 (see the module docstring).
 
-    `plan_fn(step) -> StepPlan`; `publish(step, version, weights)` after each optimizer step
-    (weights None: unchanged); `take(step) -> (plan, channel)` for the Train side."""
+    `plan_fn(step) -> StepPlan`; `publish(step, version, snapshot)` after each optimizer step
+    (None: unchanged); `take(step) -> (plan, channel)` for the Train side. `load(snapshot,
+    version) -> sync stats` puts a published snapshot into the engine, on this thread;
+    by default the snapshot is named tensors for `engine.load_weights` (the trainer's direct
+    sync passes a version whose weights wait on the actor's device instead)."""
 
     def __init__(
         self,
@@ -81,15 +84,17 @@ class RunAhead:
         first_step: int,
         timeout_s: float,
         state: dict | None = None,
+        load=None,
     ):
         if max_staleness < 1:
             raise ValueError(f"RunAhead needs max_staleness >= 1, got {max_staleness}")
         self.engine, self.s, self._plan_fn = engine, max_staleness, plan_fn
         self.timeout_s = timeout_s
+        self._load = load or (lambda tensors, version: engine.load_weights(iter(tensors), version))
         self.abort = threading.Event()
         self._cond = threading.Condition()
         self._published = first_step - 1  # steps < first_step have published their weights
-        self._weights: dict[int, tuple[int, list | None]] = {}  # step -> (version, snapshot)
+        self._weights: dict[int, tuple[int, object]] = {}  # step -> (version, snapshot)
         self._steps: dict[int, _Step] = {}
         self._next = first_step  # the next step to generate
         self._waiting = False  # True while the thread waits for weights
@@ -153,9 +158,9 @@ class RunAhead:
                 del self._weights[k]
             pending = self._weights.pop(need, None)
         if pending is not None:
-            version, tensors = pending
-            if tensors is not None:  # None: that step left the policy unchanged
-                self.last_sync = self.engine.load_weights(iter(tensors), version)
+            version, snapshot = pending
+            if snapshot is not None:  # None: that step left the policy unchanged
+                self.last_sync = self._load(snapshot, version)
         plan = self._plan_fn(j)
         st = self._new_step(plan)
         with self._cond:
@@ -192,12 +197,12 @@ class RunAhead:
             st = self._steps[step]
         return st.plan, st.channel
 
-    def publish(self, step: int, version: int, weights, train_span=None) -> None:
-        """Step `step` has trained: `weights` (named tensors, or None when this step did not
-        update the policy) become the engine's before step + s + 1 is generated. The step's
-        samples are dropped (they are trained). `train_span`: (start, end) of its Train
-        stage, perf_counter seconds, for `trained`."""
-        snapshot = None if weights is None else [(n, t.detach().clone()) for n, t in weights]
+    def publish(self, step: int, version: int, snapshot, train_span=None) -> None:
+        """Step `step` has trained: `snapshot` (what `load` takes: by default named tensors
+        that nothing changes any more; None when this step did not update the policy) becomes
+        the engine's before step + s + 1 is generated. The step's samples are dropped (they
+        are trained). `train_span`: (start, end) of its Train stage, perf_counter seconds,
+        for `trained`."""
         if train_span is not None:
             self.trained.append((step, *train_span))
         with self._cond:

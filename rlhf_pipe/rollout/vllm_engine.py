@@ -188,7 +188,7 @@ class VLLMEngine:
         engine_kwargs: dict | None = None,
         engine_index: int = 0,
         in_process: bool = True,
-        nccl_weight_sync: bool = False,
+        weight_receiver: bool = False,
         visible_devices: str | None = None,
         lora: dict | None = None,
     ):
@@ -227,7 +227,7 @@ class VLLMEngine:
         # checkpoint shards bypasses logging, so it is turned off at the source.
         if not unsupported_engine_settings({"use_tqdm_on_load": None}):
             kwargs.setdefault("use_tqdm_on_load", False)
-        if nccl_weight_sync:
+        if weight_receiver:  # the direct sync from the actor's rank (nccl_sync.py)
             from rlhf_pipe.rollout.nccl_sync import RECEIVER_CLS
 
             kwargs["worker_extension_cls"] = RECEIVER_CLS
@@ -386,17 +386,26 @@ class VLLMEngine:
         }
         return self.last_sync
 
-    # ------------------------------------------------------------------ NCCL sync (GPU)
+    # ------------------------------------------------------------------ direct sync
 
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int):
-        """Join the actor's NCCL sync group (rlhf_pipe.rollout.nccl_sync); every worker of
-        this engine takes rank `rank_offset + its tensor-parallel rank`."""
+    def init_weight_group(
+        self,
+        host: str,
+        port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+    ):
+        """Join the actor's sync group (rlhf_pipe.rollout.nccl_sync; `backend` 'nccl' or
+        'gloo'); every worker of this engine takes rank `rank_offset + its tp rank`."""
         self.llm.collective_rpc(
-            "rlhf_pipe_init_weight_group", args=(host, port, rank_offset, world_size)
+            "rlhf_pipe_init_weight_group",
+            args=(host, port, rank_offset, world_size, backend, timeout_s),
         )
 
     def receive_weights(self, layout, version: int) -> dict:
-        """Receive one sync broadcast by the actor; blocks until every bucket is loaded."""
+        """Receive one broadcast by the actor; blocks until every bucket is loaded."""
         start = time.perf_counter()
         self.llm.collective_rpc("rlhf_pipe_receive_weights", args=(layout,))
         from rlhf_pipe.distributed.buckets import nbytes as layout_bytes

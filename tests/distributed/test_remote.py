@@ -110,6 +110,8 @@ def test_a_remote_actor_answers_as_the_local_one(tiny_assets, tok):
     mine = list(local.named_weights())
     assert [n for n, _ in sent] == [n for n, _ in mine]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(sent, mine))
+    # The direct sync's layout (a list of Bucket NamedTuples) crosses as it is.
+    assert actor.weight_layout(BUCKET) == local.weight_layout(BUCKET)
 
     call_s, on_rank_s = actor.take_call_seconds()
     assert call_s >= on_rank_s > 0

@@ -78,6 +78,9 @@ def _single_process(tmp_path, engine, initial, steps, **over):
     "layout,nproc,extra",
     [
         ("one rank per role", 4, ()),
+        # The actor's rank broadcasts to the vLLM worker over a gloo group of their own, as
+        # 'nccl' does on GPUs; the same bytes as through the controller, so the same run.
+        ("one rank per role, gloo_direct", 4, ("train_config.weight_sync_backend=gloo_direct",)),
         ("actor and reference colocated", 3, ("placement_config.colocate_actor_ref=True",)),
         # A learned reward model on the critic's rank (REWARD: the tiny reward model's folder).
         (
@@ -134,6 +137,8 @@ def test_torchrun_equals_single_process(
         line for line in proc.stderr.splitlines() if "error" in line.lower()
     )[-3000:]
     assert "trained to step 2" in proc.stdout
+    if "gloo_direct" in layout:
+        assert "rlhf_pipe weight sync: gloo_direct" in proc.stderr
     dist_ckpt = tmp_path / "dist" / "checkpoints" / "step_000002"
     # The one-process run has the same batch split and the same ZeRO stage (ZeRO against
     # plain AdamW is measured in tests/pipeline/test_zero.py).

@@ -1,8 +1,10 @@
 """Run-ahead (max_staleness=1) under torchrun, gloo, in the layouts that change who runs
 what: one rank per role, every role in one process (colocate_all: torchrun with one rank),
 actor, critic and reference colocated in one process, the hf generator (the rollout on the
-actor's rank, in the controller's process), and two vLLM engines. Each ends with the weights
-of the one-process run with the same staleness and generator."""
+actor's rank, in the controller's process), and two vLLM engines; and the two syncs: each
+step's weights through the controller ('gloo'), or broadcast from the actor's rank to the vLLM
+workers out of a snapshot on the actor's device ('gloo_direct', the CPU twin of 'nccl'). Each
+ends with the weights of the one-process run with the same staleness and generator."""
 
 import json
 
@@ -15,6 +17,7 @@ from tests.distributed.test_torchrun import _single_process, _torchrun, _weights
 pytestmark = pytest.mark.slow
 STEPS = 3  # step 2 is the first one generated from published (step 0's) weights
 HF = "model_configs.policy.generator_config.generator_type=hf"
+DIRECT = "train_config.weight_sync_backend=gloo_direct"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,7 @@ def singles(tmp_path_factory, vllm_engine, initial_policy_weights):
     "layout,nproc,extra",
     [
         ("one rank per role", 4, ()),
+        ("one rank per role, gloo_direct", 4, (DIRECT,)),
         ("every role in one process", 1, ("placement_config.colocate_all=True",)),
         (
             "actor, critic and reference in one process",
@@ -58,8 +62,13 @@ def singles(tmp_path_factory, vllm_engine, initial_policy_weights):
         # Rank 0 holds the rollout (a copy of its actor's module) and the actor.
         ("hf generator with the actor", 3, (HF,)),
         # Engine 0 in the controller, engine 1 on its own rank; the generation thread drives
-        # both (EnginePool) and loads each step's weights into both over gloo.
-        ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
+        # both (EnginePool) and has the actor's rank broadcast each step's weights to both
+        # (the pool's load_weights through the controller is test_torchrun.py's at s=0).
+        (
+            "two vLLM engines, gloo_direct",
+            5,
+            ("model_configs.policy.generator_config.num_engines=2", DIRECT),
+        ),
     ],
 )
 def test_torchrun_run_ahead_equals_single_process(tmp_path, singles, layout, nproc, extra):
@@ -76,6 +85,11 @@ def test_torchrun_run_ahead_equals_single_process(tmp_path, singles, layout, npr
     n = lines[0]["samples"]
     assert [x.get("staleness/1", 0) for x in lines] == [0] + [n] * (STEPS - 1), layout
     assert all(x["staleness/violations"] == 0 for x in lines)
+    if DIRECT in extra:
+        assert "rlhf_pipe weight sync: gloo_direct" in proc.stderr
+        # Step 2 was generated after the thread had the actor's rank broadcast W(0) to every
+        # engine: its metrics carry that broadcast's report (run_ahead.last_sync).
+        assert lines[2]["sync/bytes"] > 0 and lines[2]["sync/gbps"] > 0, lines[2]
     dist_ckpt = tmp_path / "dist" / "checkpoints" / f"step_{STEPS:06d}"
     single = singles("hf" if HF in extra else "vllm")
     for part in ("actor", "critic"):

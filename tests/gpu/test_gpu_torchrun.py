@@ -80,3 +80,35 @@ def test_one_process_for_three_models_equals_a_process_each(tmp_path):
             f"{a['step_s']:.2f} s one process / {b['step_s']:.2f} s a process each"
         )
     assert [r["reward"] for r in together] == pytest.approx([r["reward"] for r in apart], abs=1e-6)
+
+
+def test_nccl_sync_with_run_ahead_equals_gloo_run_ahead(tmp_path):
+    """max_staleness=1: the actor's rank keeps each step's weights on its GPU and broadcasts
+    them over NCCL between two generates, while it trains the next step; through gloo the
+    same weights go by the controller's host memory. Same bytes, so the same run: the rewards
+    to the last digit, the final weights within bf16's tolerance (GPU kernels may sum in
+    another order from run to run)."""
+    from safetensors.torch import load_file
+
+    stale = {"train_config.max_staleness": 1}
+    nccl = _run(tmp_path, "nccl", "nccl_s1", **stale)
+    gloo = _run(tmp_path, "gloo", "gloo_s1", **stale)
+    for a, b in zip(nccl, gloo):
+        print(
+            f"s=1 step {a['step']}: reward {a['reward']:.6f} / {b['reward']:.6f}, engine load "
+            f"{a.get('sync/bytes', 0) / 1e6:.1f} MB at {a.get('sync/gbps', 0):.2f} GB/s nccl"
+        )
+    assert [r["reward"] for r in nccl] == pytest.approx([r["reward"] for r in gloo], abs=1e-6)
+    assert [r["response_len"] for r in nccl] == [r["response_len"] for r in gloo]
+    n = nccl[0]["samples"]
+    assert [r.get("staleness/1", 0) for r in nccl] == [0] + [n] * (len(nccl) - 1)
+    assert nccl[2]["sync/bytes"] > 0  # step 2 was generated from W(0), broadcast over NCCL
+
+    def actor(name):
+        folder = tmp_path / name / "checkpoints" / f"step_{len(nccl):06d}" / "actor"
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = actor("nccl_s1"), actor("gloo_s1")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1.6e-2, atol=1e-5)
