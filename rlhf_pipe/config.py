@@ -193,13 +193,13 @@ class RolloutConfig:
     prompt_logprobs: Optional[int] = field(default=None, metadata=_ge(0))
     # vLLM's log-prob of each sampled token (the behaviour policy). None: only when
     # train_config.behaviour_correction needs them. True also without a correction, for the
-    # behaviour/logp_diff metrics: on one H200 asking for them slowed generation by 0.7 s a
-    # step at the 0.5B shape (vocabulary 151936) and 0.65 s at 1.8B (BENCHMARKS.md).
+    # behaviour/logp_diff metrics. Their cost is not settled: generation was 0.65-0.7 s
+    # slower in the lease that asked, but as slow in a later one that did not (BENCHMARKS.md).
     behaviour_logprobs: Optional[bool] = None
     # True: each vLLM request samples from its own seed (rlhf_pipe.step_plan.request_seed), so
     # a run is reproducible whatever the batching, M, run-ahead or a resume. False: vLLM's one
-    # generator (not reproducible). Per-request generators cost vLLM's sampler one kernel
-    # launch per request per decode step (BENCHMARKS.md, "Seeded requests").
+    # generator (not reproducible), as TRL samples. With per-request generators vLLM's sampler
+    # draws each request's noise in a loop of its own (BENCHMARKS.md, "Seeded requests").
     request_seeds: bool = True
     # Evaluation sampling; None takes the training value.
     eval_temperature: Optional[float] = field(default=None, metadata=_ge(0.0))
