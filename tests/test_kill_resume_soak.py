@@ -14,8 +14,8 @@ through PROBE, which marks each engine.generate call's start and end in a file (
 the marks outlive a kill -9); "generate" means a mark of the aimed step's generation open at
 death. A checkpoint of such a run holds the steps in flight, so the kills mid-checkpoint
 and the resumes that follow test that those samples are trained once, after the resume.
-Wall time here (2 shared cores): 2-4 minutes per staleness, most of it vLLM starting 6-7
-times (s=0 1 min 51 s, s=1 2 min 15 s on a quiet machine).
+Wall time here (2 shared cores): most of it is vLLM starting once per kill and once more
+(s=1, 5 kills: 1.5 min in CI; s=0 has 3).
 """
 
 import json
@@ -144,10 +144,11 @@ def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
+# s=0: one kill of each kind (torchrun's kill-and-resume is tests/distributed/test_torchrun.py's).
 # s=1: five kills, two each where run-ahead adds state (generation in flight, a checkpoint
 # of in-flight samples). Generation's bar evidence is s=0's alone.
 PLANS = {
-    0: ["generate", "train", "checkpoint", "generate", "train", "checkpoint"],
+    0: ["generate", "train", "checkpoint"],
     1: ["generate", "train", "checkpoint", "generate", "checkpoint"],
 }
 
@@ -190,7 +191,7 @@ def test_kill_9_and_resume_auto_end_as_an_uninterrupted_run(
     wall = time.monotonic() - start
     kinds = {k for _, shown, _ in landed for k in shown}
     print(f"soak s={s}: {len(landed)} kills {landed}, {STEPS} steps, {wall:.0f} s")
-    assert len(landed) >= 5
+    assert len(landed) >= len(PLANS[s])
     assert set(KINDS) <= kinds, landed
 
     # The same run without kills, in this process (its engine is the same vLLM build).

@@ -2,9 +2,10 @@
 what: one rank per role, every role in one process (colocate_all: torchrun with one rank),
 actor, critic and reference colocated in one process, the hf generator (the rollout on the
 actor's rank, in the controller's process), and two vLLM engines; and the two syncs: each
-step's weights through the controller ('gloo'), or broadcast from the actor's rank to the vLLM
-workers out of a snapshot on the actor's device ('gloo_direct', the CPU twin of 'nccl'). Each
-ends with the weights of the one-process run with the same staleness and generator."""
+step's weights through the controller ('gloo': the colocated layouts), or broadcast from the
+actor's rank to the vLLM workers out of a snapshot on the actor's device ('gloo_direct', the
+CPU twin of 'nccl': one rank per role, two engines). Each ends with the weights of the
+one-process run with the same staleness and generator."""
 
 import json
 
@@ -48,7 +49,7 @@ def singles(tmp_path_factory, vllm_engine, initial_policy_weights):
 @pytest.mark.parametrize(
     "layout,nproc,extra",
     [
-        ("one rank per role", 4, ()),
+        # The sync through the controller is the next case's (its roles share one rank).
         ("one rank per role, gloo_direct", 4, (DIRECT,)),
         ("every role in one process", 1, ("placement_config.colocate_all=True",)),
         (
