@@ -98,6 +98,7 @@ SWITCHES: dict[str, dict[str, dict]] = {
     "dual_clip": {str(c): {"train_config.dual_clip_c": c} for c in (None, 3.0)},
     "behaviour": {str(c): {"train_config.behaviour_correction": c} for c in (None, "tis")},
     "behaviour_logprobs": {str(b): {"rollout_config.behaviour_logprobs": b} for b in (None, True)},
+    "request_seeds": {str(b): {"rollout_config.request_seeds": b} for b in (True, False)},
     "staleness": {str(s): {"train_config.max_staleness": s} for s in (0, 1)},
     "logit_chunk": {str(c): {"train_config.logit_chunk_tokens": c} for c in (4096, 0)},
 }
@@ -113,6 +114,7 @@ REFUSED: dict[tuple[tuple[str, str], tuple[str, str]], str] = {
     # the hf generator returns no behaviour log-probs (issue 14)
     (("generator", "hf"), ("behaviour", "tis")): "behaviour_correction: 'tis' needs the vllm",
     (("generator", "hf"), ("behaviour_logprobs", "True")): "behaviour_logprobs: needs the vllm",
+    (("generator", "hf"), ("request_seeds", "False")): "request_seeds: False applies to the vllm",
     # Replayed samples are chosen when their step trains; 'fixed' would change what runs ahead.
     (("relay", "on"), ("staleness", "1")): "max_staleness: with a relay_sample_fn, run-ahead",
     # GAE advantages only; the others normalise their own.
