@@ -692,10 +692,18 @@ def _add_utilisation(cfg, runs) -> dict:
     params = {role: n for role, n in params.items() if n}
     weight_bytes = 2 if mc.policy.trainer_config.torch_dtype != "float32" else 4
     trained = params.get("actor", 0) + params.get("critic", 0)
+    # vLLM's KV cache takes the model's dtype (rollout_config.dtype; 'auto': the weights').
+    kv_dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(
+        cfg.rollout_config.dtype, weight_bytes
+    )
+    kv_bytes = hardware.model_kv_bytes_per_token(mc.policy.model_path, kv_dtype_bytes)
+    n = cfg.plan.samples_per_step
     for run in runs.values():
         run["mfu"] = hardware.role_utilisation(
             run["role_calls_busy_s"], params, run["sequence_tokens"], peak
         )
+        response = run["response_len"]
+        kv_reads = hardware.decode_kv_reads(n, run["sequence_tokens"] / n - response, response)
         run["floors"] = hardware.stage_floors(
             trained,
             params.get("actor", 0) * weight_bytes,
@@ -703,6 +711,7 @@ def _add_utilisation(cfg, runs) -> dict:
             run["response_len_max"],
             peak,
             hbm,
+            kv_reads * (kv_bytes or 0),
         )
     return {"matmul_tflops_bf16": peak, "hbm_gbps": hbm, "params": params}
 
@@ -930,7 +939,8 @@ def format_report(r: dict) -> str:
                 "",
                 f"Floors: train {_f(fl.get('train_floor_s'))} s at that rate, generate "
                 f"{_f(fl.get('generate_floor_s'))} s ({_f(run['response_len_max'], 0)} decode "
-                f"steps, the weights read once each at {_f(hw.get('hbm_gbps'), 0)} GB/s).",
+                f"steps, each reading the weights and every sequence's KV cache once, at "
+                f"{_f(hw.get('hbm_gbps'), 0)} GB/s).",
             ]
         if run.get("devices_busy"):
             lines += [

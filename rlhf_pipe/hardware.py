@@ -4,7 +4,8 @@ Model FLOPs utilisation (MFU) follows the usual convention: a training pass over
 model of P parameters costs 6 P T (forward 2 P T, backward 4 P T), a forward pass 2 P T, both
 counted on real tokens (padding and recomputation are the implementation's own cost). The
 floors are what the hardware allows at best: training at the measured bf16 matmul rate, and
-decoding one token per sequence per step with every weight read from HBM once a step.
+decoding one token per sequence per step with every weight read from HBM once a step and each
+sequence's KV cache read once a step (its context grows by one token a step).
 """
 
 from __future__ import annotations
@@ -61,6 +62,30 @@ def model_params(model_path: str, value_head: bool = False) -> int | None:
         return None
 
 
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """Bytes of one token's keys and values over every layer of a Llama-style decoder."""
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def model_kv_bytes_per_token(model_path: str, dtype_bytes: int) -> int | None:
+    """kv_bytes_per_token of an HF folder's config.json (None when it cannot be read)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        return kv_bytes_per_token(config, dtype_bytes)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def decode_kv_reads(sequences: int, prompt_len: float, response_len: float) -> float:
+    """Tokens of KV cache read over a generation: each of `sequences` reads its context at every
+    one of its decode steps, prompt_len + t at step t. With the mean lengths this is at most the
+    true sum (lengths that spread read more), so the floor stays a floor."""
+    return sequences * (response_len * prompt_len + response_len * (response_len - 1) / 2)
+
+
 def role_utilisation(
     role_busy_s: dict[str, float],
     params: dict[str, int],
@@ -90,12 +115,14 @@ def stage_floors(
     decode_steps: float,
     peak_tflops: float | None,
     hbm: float | None,
+    kv_bytes_read: float = 0.0,
 ) -> dict[str, float | None]:
-    """Seconds a step's train and generate stages need at least on this hardware."""
+    """Seconds a step's train and generate stages need at least on this hardware.
+    `kv_bytes_read`: the KV cache the generation reads in all (decode_kv_reads x bytes)."""
     train = (
         TRAIN_FLOPS_PER_PARAM_TOKEN * trained_params * sequence_tokens / (peak_tflops * 1e12)
         if peak_tflops
         else None
     )
-    generate = decode_steps * policy_weight_bytes / (hbm * 1e9) if hbm else None
+    generate = (decode_steps * policy_weight_bytes + kv_bytes_read) / (hbm * 1e9) if hbm else None
     return {"train_floor_s": train, "generate_floor_s": generate}

@@ -32,6 +32,9 @@ def test_stage_floors():
     got = hardware.stage_floors(10**9, 2 * 10**9, 1e5, 512, 600.0, 4000.0)
     assert got["train_floor_s"] == pytest.approx(1.0)
     assert got["generate_floor_s"] == pytest.approx(0.256)
+    # the KV cache read on top: + 4e11 B / 4e12 B/s
+    with_kv = hardware.stage_floors(10**9, 2 * 10**9, 1e5, 512, 600.0, 4000.0, 4e11)
+    assert with_kv["generate_floor_s"] == pytest.approx(0.356)
     assert hardware.stage_floors(1, 1, 1, 1, None, None) == {
         "train_floor_s": None,
         "generate_floor_s": None,
@@ -63,3 +66,13 @@ def test_the_bench_times_each_role_call_for_its_mfu():
         ("train", 0, 1.0, 3.0),
     ]
     assert busy_by_role_call(timeline) == {"actor.train": 2.0, "critic.forward": 0.5}
+
+
+def test_kv_cache_reads_of_a_generation():
+    # InternLM2-1.8B's shape: 24 layers, 8 of 16 heads for keys and values, head size 128.
+    config = {"num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8}
+    config["hidden_size"] = 2048
+    assert hardware.kv_bytes_per_token(config, 2) == 2 * 24 * 8 * 128 * 2  # 96 KiB
+    # One sequence, prompt 3, answer 4: its steps read contexts of 3, 4, 5 and 6 tokens.
+    assert hardware.decode_kv_reads(1, 3, 4) == 3 + 4 + 5 + 6
+    assert hardware.decode_kv_reads(128, 3, 4) == 128 * 18
