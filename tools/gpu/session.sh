@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Phases of one GPU session on a lent machine (../shared/gpu/README.md), each one `run` call:
-#   tools/gpu/session.sh install|tests|kernels|bench2|bench1|peers
+#   tools/gpu/session.sh install|tests|kernels|bench2|bench1|decode|peers
 # `install` expects /tmp/stage to hold the three parts. Logs and results go to $OUT.
 # trainer_config.kernels='liger' needs liger-kernel: carry .gpu/peers (its wheel is there) in
 # `install` (or in `kernels`, `bench1`, `bench2`, which install it too when it is missing).
@@ -81,6 +81,14 @@ bench1)
     { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout "${LIMIT:-560}" $cmd; } > "$work/$name.log" 2>&1
     grep -E "^pipe |bench: pipe|streaming|error|Error" "$work/$name.log" | tail -30
     tar czf "$out/$name.tgz" -C "$work" "$name.log" $(cd "$work" && ls -d "$name" 2>/dev/null)
+    ;;
+decode)
+    # Where a vLLM decode step goes (benchmarks/decode_cost.py). Knobs: SHAPE (internlm2-1.8b),
+    # VARIANTS (comma-separated, see the script), LIMIT (500 s in all).
+    name=decode_cost_${SHAPE:-internlm2-1.8b}${TAG:-}
+    cmd="python3 benchmarks/decode_cost.py --shape ${SHAPE:-internlm2-1.8b} --variants ${VARIANTS:-inproc_seeded,process_seeded} --out $out/$name.json"
+    { header "$cmd"; CUDA_VISIBLE_DEVICES=0 timeout "${LIMIT:-500}" $cmd; } > "$out/$name.log" 2>&1
+    grep -vE "Warning|warn" "$out/$name.log" | tail -12
     ;;
 peers)
     # TRL's GRPOTrainer on the GRPO timing workload (benchmarks/peers/trl_grpo.py). Knobs:
