@@ -263,6 +263,7 @@ def build_vllm_engine(
         gpu_memory_utilization=r.gpu_memory_utilization,
         enforce_eager=r.enforce_eager,
         engine_kwargs=r.engine_kwargs,
+        pause_gc=r.pause_gc,
         engine_index=engine_index,
         in_process=in_process,
         weight_receiver=weight_receiver,

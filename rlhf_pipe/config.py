@@ -201,6 +201,12 @@ class RolloutConfig:
     # generator (not reproducible), as TRL samples. With per-request generators vLLM's sampler
     # draws each request's noise in a loop of its own (BENCHMARKS.md, "Seeded requests").
     request_seeds: bool = True
+    # True: Python's cyclic garbage collector is off while vLLM generates, and the heap built
+    # before the first generation is frozen out of its scans (gc.freeze). vLLM's scheduler
+    # allocates Python objects for every request at every decode step; in a trainer's heap the
+    # collections they set off cost 23% of a 1.8B generation on an H200 (BENCHMARKS.md,
+    # "The decode step"). Reference counting still frees everything that is not a cycle.
+    pause_gc: bool = True
     # Evaluation sampling; None takes the training value.
     eval_temperature: Optional[float] = field(default=None, metadata=_ge(0.0))
     eval_top_p: Optional[float] = field(default=None, metadata=_range(0.0, 1.0, lo_open=True))

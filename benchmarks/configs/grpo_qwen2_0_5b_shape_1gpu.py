@@ -19,6 +19,10 @@ rollout_config = dict(
     max_model_len=576,
     gpu_memory_utilization=0.35,
     enforce_eager=False,
+    # The prompts are short, so sharing their prefill among the 8 answers saves little, and
+    # the prefix cache's per-step bookkeeping cost 9% of a 1.8B generation (BENCHMARKS.md,
+    # "The decode step").
+    engine_kwargs=dict(enable_prefix_caching=False),
 )
 repeater_config = dict(algorithm="grpo", kl_coeff=0.0, norm_rewards=False)
 train_config = dict(

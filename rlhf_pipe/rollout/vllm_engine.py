@@ -9,6 +9,7 @@ return value is every output sorted by request id.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -191,6 +192,7 @@ class VLLMEngine:
         weight_receiver: bool = False,
         visible_devices: str | None = None,
         lora: dict | None = None,
+        pause_gc: bool = True,
     ):
         # In-process core: `llm_engine.step()` and weight loading then act on this process's
         # model. Must be set before vLLM is imported.
@@ -243,6 +245,7 @@ class VLLMEngine:
         # served now (None: the engine's own weights). Ids never repeat: vLLM caches by id.
         self.lora, self.lora_request = lora, None
         self._lora_ids = itertools.count(1)
+        self.pause_gc, self._heap_frozen = pause_gc, False
 
     def _sampling_params(self, s: SamplingSettings, seed: int, prompt_len: int):
         from vllm import SamplingParams
@@ -284,13 +287,14 @@ class VLLMEngine:
             id_base, list(prompt_indices), settings.n, self.version, self.engine_index, sink
         )
         try:
-            self.llm.generate_to_queue(
-                prompt_token_ids=prompt_ids,
-                sampling_params=params,
-                use_tqdm=False,
-                queue=request_sink,
-                lora_request=self.lora_request,
-            )
+            with self._gc_paused():
+                self.llm.generate_to_queue(
+                    prompt_token_ids=prompt_ids,
+                    sampling_params=params,
+                    use_tqdm=False,
+                    queue=request_sink,
+                    lora_request=self.lora_request,
+                )
         except BaseException:
             # A failed consumer stops us mid-batch: drop our requests so the engine is clean.
             self._abort_unfinished()
@@ -301,6 +305,25 @@ class VLLMEngine:
                 f"vLLM engine {self.engine_index} finished {request_sink.seen} "
                 f"of {expected} samples"
             )
+
+    @contextmanager
+    def _gc_paused(self):
+        """rollout_config.pause_gc: the cyclic collector off for one generation (left as it
+        was found, so a caller's gc.disable() stands), the heap of the built run frozen once."""
+        if not self.pause_gc or not gc.isenabled():
+            yield
+            return
+        if not self._heap_frozen:
+            # Everything built so far (modules, models, the engine) lives to the end of the
+            # run; collected once, then never scanned again.
+            gc.collect()
+            gc.freeze()
+            self._heap_frozen = True
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.enable()
 
     def _beam_search(self, prompt_ids, prompt_indices, s: SamplingSettings, sink) -> None:
         """Beam search with `beam_width` beams (default n); the n best are the answers.

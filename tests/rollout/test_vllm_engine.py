@@ -85,3 +85,48 @@ def test_drawn_lengths_are_reproducible_and_spread(fresh_engine):
     assert len(set(got.values())) >= 3
     draws = [drawn_length((64, 1024), s) for s in range(2000)]
     assert min(draws) >= 64 and max(draws) <= 1024 and max(draws) - min(draws) > 900
+
+
+def test_pause_gc_turns_the_collector_off_only_while_generating(fresh_engine):
+    """rollout_config.pause_gc: no cyclic collection during a generation, the collector back on
+    after it (also when the consumer fails), a caller's gc.disable() left standing, and the
+    heap frozen once."""
+    import gc
+
+    enabled_at_put = []
+
+    class Sink:
+        def put(self, item):
+            enabled_at_put.append(gc.isenabled())
+
+    def generate(sink):
+        settings = SamplingSettings(max_new_tokens=3, n=2, ignore_eos=True)
+        fresh_engine.generate([[5, 6], [7]], [0, 1], settings, [1, 2], sink)
+
+    assert fresh_engine.pause_gc and gc.isenabled()
+    generate(Sink())
+    assert len(enabled_at_put) == 4 and not any(enabled_at_put)
+    assert gc.isenabled() and gc.get_freeze_count() > 0
+
+    class FailingSink:
+        def put(self, item):
+            raise RuntimeError("consumer failed")
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        generate(FailingSink())
+    assert gc.isenabled()
+
+    gc.disable()
+    try:
+        generate(Sink())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+    enabled_at_put.clear()
+    fresh_engine.pause_gc = False
+    try:
+        generate(Sink())
+    finally:
+        fresh_engine.pause_gc = True
+    assert enabled_at_put == [True] * 4
