@@ -21,8 +21,6 @@ Variants:
 - profile: in process, seeded; one generation under torch.profiler (the GPU's kernel time
   against the wall time, and the costliest kernels) and one under cProfile (the host's
   costliest functions);
-- ipc_load: the core in its own process loads the weights from a CUDA IPC staging buffer
-  (rlhf_pipe.rollout.shared_sync), timed, and generates the same tokens from them.
 """
 
 from __future__ import annotations
@@ -157,56 +155,11 @@ def _profile(llm, prompts, params) -> dict:
     }
 
 
-def _ipc_load(assets, prompts) -> dict:
-    """The core in its own process loads weights written by this process into a CUDA IPC
-    staging buffer; the tokens of the same seeds must come out unchanged."""
-    import torch
-    from safetensors.torch import load_file
-
-    from rlhf_pipe.distributed.buckets import bucket_layout
-    from rlhf_pipe.rollout.shared_sync import RECEIVER_CLS, SharedBufferSender
-
-    llm = _engine(assets, "process", worker_extension_cls=RECEIVER_CLS)
-    params = _params(prompts, seeded=True)
-    _, before = _generate(llm, prompts, params)
-    files = sorted(Path(assets.policy).glob("*.safetensors"))
-    weights = {}
-    for f in files:
-        weights.update({k: v.to("cuda") for k, v in load_file(str(f)).items()})
-    named = list(weights.items())
-    layout = bucket_layout(named, 256 << 20)
-    sender = SharedBufferSender(layout, torch.device("cuda"))
-    start = time.perf_counter()
-    llm.collective_rpc("rlhf_pipe_open_shared_buffer", args=(sender.handle,))
-    open_s = time.perf_counter() - start
-    loads = []
-    for _ in range(3):
-        start = time.perf_counter()
-        sender.send(
-            named,
-            layout,
-            lambda b, last: llm.collective_rpc("rlhf_pipe_load_shared_bucket", args=(b, last)),
-        )
-        loads.append(time.perf_counter() - start)
-    _, after = _generate(llm, prompts, params)
-    nbytes = sum(t.numel() * t.element_size() for _, t in named)
-    return {
-        "open_s": open_s,
-        "load_s": loads,
-        "gbps": nbytes / statistics.median(loads) / 1e9,
-        "bytes": nbytes,
-        "buckets": len(layout),
-        "same_tokens_after_load": before == after,
-    }
-
-
 def child(shape: str, variant: str, repeats: int) -> dict:
     from rlhf_pipe.assets.shaped import build_shaped_assets
 
     assets = build_shaped_assets(shape)
     prompts = _prompts(assets)
-    if variant == "ipc_load":
-        return _ipc_load(assets, prompts)
     llm = _engine(assets, variant)
     params = _params(prompts, seeded="unseeded" not in variant)
     if variant == "profile":
@@ -242,7 +195,7 @@ def main() -> None:
             entry = {"error": f"timed out after {args.timeout} s"}
         entry["process_s"] = time.perf_counter() - start
         results["variants"][variant] = entry
-        summary = {k: v for k, v in entry.items() if not isinstance(v, list) or k == "load_s"}
+        summary = {k: v for k, v in entry.items() if not isinstance(v, list)}
         print(variant, json.dumps(summary)[:600], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -198,14 +198,14 @@ class RolloutConfig:
     behaviour_logprobs: Optional[bool] = None
     # True: each vLLM request samples from its own seed (rlhf_pipe.step_plan.request_seed), so
     # a run is reproducible whatever the batching, M, run-ahead or a resume. False: vLLM's one
-    # generator (not reproducible), as TRL samples. With per-request generators vLLM's sampler
-    # draws each request's noise in a loop of its own (BENCHMARKS.md, "Seeded requests").
+    # generator (not reproducible), as TRL samples. On vLLM 0.25's GPU model runner seeds cost
+    # nothing measurable: one kernel draws every request's noise (BENCHMARKS.md).
     request_seeds: bool = True
     # True: Python's cyclic garbage collector is off while vLLM generates, and the heap built
     # before the first generation is frozen out of its scans (gc.freeze). vLLM's scheduler
-    # allocates Python objects for every request at every decode step; in a trainer's heap the
-    # collections they set off cost 23% of a 1.8B generation on an H200 (BENCHMARKS.md,
-    # "The decode step"). Reference counting still frees everything that is not a cycle.
+    # allocates Python objects for every request at every decode step, and in a trainer's heap
+    # the collections they set off took 18% of a 1.8B generation (13% of the GRPO step) on an
+    # H200 (BENCHMARKS.md, "The decode step"). Reference counting still frees all but cycles.
     pause_gc: bool = True
     # Evaluation sampling; None takes the training value.
     eval_temperature: Optional[float] = field(default=None, metadata=_ge(0.0))
