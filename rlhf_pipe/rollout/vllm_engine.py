@@ -245,7 +245,7 @@ class VLLMEngine:
         # served now (None: the engine's own weights). Ids never repeat: vLLM caches by id.
         self.lora, self.lora_request = lora, None
         self._lora_ids = itertools.count(1)
-        self.pause_gc, self._heap_frozen = pause_gc, False
+        self.pause_gc = pause_gc
 
     def _sampling_params(self, s: SamplingSettings, seed: int, prompt_len: int):
         from vllm import SamplingParams
@@ -308,17 +308,12 @@ class VLLMEngine:
 
     @contextmanager
     def _gc_paused(self):
-        """rollout_config.pause_gc: the cyclic collector off for one generation (left as it
-        was found, so a caller's gc.disable() stands), the heap of the built run frozen once."""
+        """rollout_config.pause_gc: the cyclic collector off for one generation, and left as
+        it was found (a caller's gc.disable() stands). Not gc.freeze(): frozen objects are never
+        collected, so a trainer dropped later (a bench's next M) would keep its GPU memory."""
         if not self.pause_gc or not gc.isenabled():
             yield
             return
-        if not self._heap_frozen:
-            # Everything built so far (modules, models, the engine) lives to the end of the
-            # run; collected once, then never scanned again.
-            gc.collect()
-            gc.freeze()
-            self._heap_frozen = True
         gc.disable()
         try:
             yield

@@ -89,8 +89,7 @@ def test_drawn_lengths_are_reproducible_and_spread(fresh_engine):
 
 def test_pause_gc_turns_the_collector_off_only_while_generating(fresh_engine):
     """rollout_config.pause_gc: no cyclic collection during a generation, the collector back on
-    after it (also when the consumer fails), a caller's gc.disable() left standing, and the
-    heap frozen once."""
+    after it (also when the consumer fails), and a caller's gc.disable() left standing."""
     import gc
 
     enabled_at_put = []
@@ -106,7 +105,7 @@ def test_pause_gc_turns_the_collector_off_only_while_generating(fresh_engine):
     assert fresh_engine.pause_gc and gc.isenabled()
     generate(Sink())
     assert len(enabled_at_put) == 4 and not any(enabled_at_put)
-    assert gc.isenabled() and gc.get_freeze_count() > 0
+    assert gc.isenabled()
 
     class FailingSink:
         def put(self, item):
