@@ -289,6 +289,7 @@ def build_engine(cfg: RunConfig, actor, tokenizer, in_process: bool = True):
             tokenizer.pad_token_id,
             tokenizer.eos_token_id,
             chunk_size=cfg.train_config.infer_micro_bs,
+            pause_gc=cfg.rollout_config.pause_gc,
         )
     return build_vllm_engine(cfg, 0, in_process)
 

@@ -201,11 +201,8 @@ class RolloutConfig:
     # generator (not reproducible), as TRL samples. On vLLM 0.25's GPU model runner seeds cost
     # nothing measurable: one kernel draws every request's noise (BENCHMARKS.md).
     request_seeds: bool = True
-    # True: Python's cyclic garbage collector is off while vLLM generates, on again after it.
-    # vLLM's scheduler allocates Python objects for every request at every decode step, and
-    # in a trainer's heap the collections they set off took 18% of a 1.8B generation (13% of
-    # the GRPO step) on an H200 (BENCHMARKS.md, "The decode step"). Reference counting still
-    # frees everything but cycles, which wait for the collector until the generation ends.
+    # True: Python's cyclic garbage collector is off while the engine generates, on again
+    # after it (rlhf_pipe.rollout.gc_pause): 13% of the 1.8B GRPO step on an H200.
     pause_gc: bool = True
     # Evaluation sampling; None takes the training value.
     eval_temperature: Optional[float] = field(default=None, metadata=_ge(0.0))

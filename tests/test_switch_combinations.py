@@ -99,6 +99,7 @@ SWITCHES: dict[str, dict[str, dict]] = {
     "behaviour": {str(c): {"train_config.behaviour_correction": c} for c in (None, "tis")},
     "behaviour_logprobs": {str(b): {"rollout_config.behaviour_logprobs": b} for b in (None, True)},
     "request_seeds": {str(b): {"rollout_config.request_seeds": b} for b in (True, False)},
+    "pause_gc": {str(b): {"rollout_config.pause_gc": b} for b in (True, False)},
     "staleness": {str(s): {"train_config.max_staleness": s} for s in (0, 1)},
     "logit_chunk": {str(c): {"train_config.logit_chunk_tokens": c} for c in (4096, 0)},
 }

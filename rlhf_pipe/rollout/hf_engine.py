@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from rlhf_pipe.rollout.gc_pause import paused_gc
 from rlhf_pipe.rollout.types import Completion, SamplingSettings
 
 
@@ -21,17 +22,23 @@ class HFEngine:
         eos_token_id: int | None,
         chunk_size: int = 8,
         engine_index: int = 0,
+        pause_gc: bool = True,
     ):
         self.model = model.eval()
+        self.pause_gc = pause_gc
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.chunk_size, self.engine_index = chunk_size, engine_index
         self.version = 0
         self.last_sync: dict = {}
 
-    @torch.no_grad()
     def generate(self, prompt_ids, prompt_indices, settings: SamplingSettings, seeds, sink):
         if settings.stop:
             raise ValueError("the hf rollout backend does not support stop strings; use vllm")
+        with paused_gc(self.pause_gc):
+            self._generate(prompt_ids, prompt_indices, settings, seeds, sink)
+
+    @torch.no_grad()
+    def _generate(self, prompt_ids, prompt_indices, settings: SamplingSettings, seeds, sink):
         device = next(self.model.parameters()).device
         for start in range(0, len(prompt_ids), self.chunk_size):
             chunk = prompt_ids[start : start + self.chunk_size]

@@ -9,7 +9,6 @@ return value is every output sorted by request id.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
 import logging
 import os
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf_pipe.protocols import CompletionSink
+from rlhf_pipe.rollout.gc_pause import paused_gc
 from rlhf_pipe.rollout.types import Completion, SamplingSettings, drawn_length
 
 logger = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class VLLMEngine:
             id_base, list(prompt_indices), settings.n, self.version, self.engine_index, sink
         )
         try:
-            with self._gc_paused():
+            with paused_gc(self.pause_gc):
                 self.llm.generate_to_queue(
                     prompt_token_ids=prompt_ids,
                     sampling_params=params,
@@ -305,20 +305,6 @@ class VLLMEngine:
                 f"vLLM engine {self.engine_index} finished {request_sink.seen} "
                 f"of {expected} samples"
             )
-
-    @contextmanager
-    def _gc_paused(self):
-        """rollout_config.pause_gc: the cyclic collector off for one generation, and left as
-        it was found (a caller's gc.disable() stands). Not gc.freeze(): frozen objects are never
-        collected, so a trainer dropped later (a bench's next M) would keep its GPU memory."""
-        if not self.pause_gc or not gc.isenabled():
-            yield
-            return
-        gc.disable()
-        try:
-            yield
-        finally:
-            gc.enable()
 
     def _beam_search(self, prompt_ids, prompt_indices, s: SamplingSettings, sink) -> None:
         """Beam search with `beam_width` beams (default n); the n best are the answers.
