@@ -126,13 +126,16 @@ def zero2_two_ranks(tmp_path_factory):
         # The actor's rank broadcasts to the vLLM worker over a gloo group of their own, as
         # 'nccl' does on GPUs; the same bytes as through the controller, so the same run.
         ("one rank per role, gloo_direct", 4, ("train_config.weight_sync_backend=gloo_direct",)),
-        ("actor and reference colocated", 3, ("placement_config.colocate_actor_ref=True",)),
-        # A learned reward model on the critic's rank (REWARD: the tiny reward model's folder).
-        # The actor has a rank of its own here, its weights going through the controller.
+        # Both two-role colocations in one launch (they share no rank): the reference on the
+        # actor's rank, a learned reward model on the critic's (REWARD: the tiny reward
+        # model's folder); the actor's weights go through the controller. The controller
+        # sync from an actor on a rank of its own is the two-engine, data-parallel and
+        # kill-and-resume runs'.
         (
-            "critic and reward model colocated",
-            4,
+            "actor with reference, critic with reward model",
+            3,
             (
+                "placement_config.colocate_actor_ref=True",
                 "placement_config.colocate_critic_reward=True",
                 "model_configs.reward.model_path=REWARD",
             ),
