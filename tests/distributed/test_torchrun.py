@@ -123,14 +123,13 @@ def zero2_two_ranks(tmp_path_factory):
 @pytest.mark.parametrize(
     "layout,nproc,extra",
     [
-        # The actor's rank broadcasts to the vLLM worker over a gloo group of their own, as
-        # 'nccl' does on GPUs; the same bytes as through the controller, so the same run.
-        ("one rank per role, gloo_direct", 4, ("train_config.weight_sync_backend=gloo_direct",)),
+        # One rank per role with 'gloo_direct' (the actor's rank broadcasting to the vLLM
+        # worker) is the kill-and-resume chain's layout below.
         # Both two-role colocations in one launch (they share no rank): the reference on the
         # actor's rank, a learned reward model on the critic's (REWARD: the tiny reward
         # model's folder); the actor's weights go through the controller. The controller
-        # sync from an actor on a rank of its own is the two-engine, data-parallel and
-        # kill-and-resume runs'.
+        # sync from an actor on a rank of its own: the two-engine and data-parallel cases,
+        # and exactly test_zero2_checkpoint_of_two_ranks_resumes_on_one and test_multinode.py.
         (
             "actor with reference, critic with reward model",
             3,
@@ -176,8 +175,6 @@ def test_torchrun_equals_single_process(
         proc, work = _torchrun(nproc, tmp_path / "dist", 2, (*extra, SLACK)), tmp_path / "dist"
     _ok(proc)
     assert "trained to step 2" in proc.stdout
-    if "gloo_direct" in layout:
-        assert "rlhf_pipe weight sync: gloo_direct" in proc.stderr
     dist_ckpt = work / "checkpoints" / "step_000002"
     # The one-process run has the same batch split and the same ZeRO stage (ZeRO against
     # plain AdamW is measured in tests/pipeline/test_zero.py).
@@ -262,10 +259,10 @@ def _run_survivors(master_port: bytes) -> list[int]:
     ]
 
 
-def _kill_rank(proc, victim: int, ready) -> None:
+def _kill_rank(proc, victim: int, ready) -> str:
     """Once `ready()` (the run is in its steps), SIGKILL rank `victim` of the 4-rank run
     `proc`: every rank stops within 60 s, no process of the run outlives it, and torchrun
-    names the dead rank and how it died; the placement line gives its role."""
+    names the dead rank and how it died; the placement line gives its role. Its stderr."""
     try:
         deadline = time.monotonic() + 300
         while not ready():
@@ -291,6 +288,7 @@ def _kill_rank(proc, victim: int, ready) -> None:
         "rlhf_pipe placement: rank 0 rollout, rank 1 actor, rank 2 critic, rank 3 reference"
         in stderr
     )
+    return stderr
 
 
 def test_killed_ranks_stop_every_rank_and_resume_auto_continues_exactly(
@@ -299,34 +297,40 @@ def test_killed_ranks_stop_every_rank_and_resume_auto_continues_exactly(
     """kill -9 of the critic's rank mid-run, `--resume auto`, kill -9 of the controller's rank
     mid-run, `--resume auto` again through `rlhf-pipe train --nproc auto`: each kill stops
     every rank within 60 s (_kill_rank), each resume goes on from the last whole checkpoint,
-    and the run ends with the weights of an uninterrupted one-process run. (Three launches
-    where a launch for each kill, one to resume and one for the launcher took five.)"""
+    and the run ends with the weights of an uninterrupted one-process run, exactly. One rank
+    per role, the actor's rank broadcasting each step's weights to the vLLM worker over a gloo
+    group of their own ('gloo_direct', as 'nccl' does on GPUs): the same bytes as through the
+    controller (that sync's exact runs of this layout: test_zero2_checkpoint_... below and
+    test_multinode.py), so the same run. (Three launches where a launch for each kill, one
+    to resume, one for the launcher and one for this layout took six.)"""
     work = tmp_path / "dist"
-    save = ("train_config.save_interval=1",)
+    save = ("train_config.save_interval=1", "train_config.weight_sync_backend=gloo_direct")
+    direct = "rlhf_pipe weight sync: gloo_direct"
 
     def whole() -> list[int]:
         folders = (work / "checkpoints").glob("step_*")
         return sorted(int(p.name[5:]) for p in folders if (p / "COMPLETE").exists())
 
     # The critic's rank, once the first checkpoint is whole.
-    _kill_rank(_torchrun(4, work, 200, save, wait=False), 2, lambda: bool(whole()))
+    assert direct in _kill_rank(_torchrun(4, work, 200, save, wait=False), 2, lambda: bool(whole()))
     first = whole()[-1]
     # The controller's rank, once the resumed run has a whole checkpoint of its own.
     resumed = _torchrun(4, work, 200, save, wait=False, args=("--resume", "auto"))
-    _kill_rank(resumed, 0, lambda: whole()[-1] > first)
+    assert direct in _kill_rank(resumed, 0, lambda: whole()[-1] > first)
     last = whole()[-1]
     total = last + 2
     # `rlhf-pipe train --nproc auto` launches torchrun with the placement's 4 ranks and
     # forwards --max-steps, --work-dir, --resume and --set.
     cmd = [sys.executable, "-m", "rlhf_pipe", "train", str(TINY_CONFIG), "--nproc", "auto"]
     cmd += ["--max-steps", str(total), "--work-dir", str(work), "--resume", "auto"]
-    for k, v in {**QUIET, "train_config.save_interval": 1}.items():
-        cmd += ["--set", f"{k}={v}"]
+    for item in (*(f"{k}={v}" for k, v in QUIET.items()), *save):
+        cmd += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--nproc-per-node 4 -m rlhf_pipe.train" in proc.stdout
     assert f"trained to step {total}" in proc.stdout
+    assert direct in proc.stderr
     assert (work / "checkpoints" / f"step_{total:06d}" / "COMPLETE").exists()
     steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert steps[-2:] == [last + 1, last + 2]  # the last run logged only the new steps
