@@ -148,11 +148,16 @@ def zero2_two_ranks(tmp_path_factory):
                 "placement_config.colocate_actor_critic=True",
             ),
         ),
-        ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
+        # Two vLLM engines (the pool's weights through the controller) and the actor on 2
+        # data-parallel ranks, in one launch: rollout, engine 1, actor x 2, critic, reference.
         (
-            "actor on two data-parallel ranks",
-            5,
-            ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2"),
+            "two vLLM engines, actor on two data-parallel ranks",
+            6,
+            (
+                "model_configs.policy.generator_config.num_engines=2",
+                "model_configs.policy.trainer_config.parallel.data.size=2",
+                "PIPE_MICRO_BATCH_NUM=2",
+            ),
         ),
         # DeepSpeed: actor and critic each under ZeRO, the actor on 2 data-parallel ranks. With
         # 4 mini-batches of one train chunk each, rank 1 gets no chunk: it joins ZeRO's
