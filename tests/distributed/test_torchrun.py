@@ -313,8 +313,10 @@ def test_killed_ranks_stop_every_rank_and_resume_auto_continues_exactly(
     direct = "rlhf_pipe weight sync: gloo_direct"
 
     def whole() -> list[int]:
+        """The steps of the whole checkpoints (not the step_N.tmp folders being written)."""
         folders = (work / "checkpoints").glob("step_*")
-        return sorted(int(p.name[5:]) for p in folders if (p / "COMPLETE").exists())
+        steps = (p.name[5:] for p in folders if (p / "COMPLETE").exists())
+        return sorted(int(n) for n in steps if n.isdigit())
 
     # The critic's rank, once the first checkpoint is whole.
     assert direct in _kill_rank(_torchrun(4, work, 200, save, wait=False), 2, lambda: bool(whole()))
