@@ -46,15 +46,31 @@ def _weights(trainer):
     }
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, vllm_engine, initial_policy_weights):
+    """overrides -> the weights after 2 steps with them. The plain run and the ZeRO-2 one are
+    references of several tests here: each is trained once for the module."""
+    made = {}
+
+    def get(**over):
+        key = repr(sorted(over.items()))
+        if key not in made:
+            path = tmp_path_factory.mktemp("trained")
+            made[key] = _train(path, vllm_engine, initial_policy_weights, **over)[1]
+        return made[key]
+
+    return get
+
+
 def _max_diff(a, b):
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_zero2_matches_plain_and_pipelining_stays_exact(
-    tmp_path, vllm_engine, initial_policy_weights
+    tmp_path, vllm_engine, initial_policy_weights, trained
 ):
-    _, plain = _train(tmp_path / "plain", vllm_engine, initial_policy_weights)
+    plain = trained()
     _, z1 = _train(
         tmp_path / "z1",
         vllm_engine,
@@ -62,13 +78,7 @@ def test_zero2_matches_plain_and_pipelining_stays_exact(
         PIPE_MICRO_BATCH_NUM=1,
         **_both(_ds(2)),
     )
-    _, z4 = _train(
-        tmp_path / "z4",
-        vllm_engine,
-        initial_policy_weights,
-        PIPE_MICRO_BATCH_NUM=4,
-        **_both(_ds(2)),
-    )
+    z4 = trained(PIPE_MICRO_BATCH_NUM=4, **_both(_ds(2)))
     _, off = _train(
         tmp_path / "off",
         vllm_engine,
@@ -85,8 +95,10 @@ def test_zero2_matches_plain_and_pipelining_stays_exact(
             assert diff <= TOL, (name, part, diff)
 
 
-def test_zero3_trains_syncs_vllm_and_resumes(tmp_path, vllm_engine, initial_policy_weights):
-    _, plain = _train(tmp_path / "plain", vllm_engine, initial_policy_weights)
+def test_zero3_trains_syncs_vllm_and_resumes(
+    tmp_path, vllm_engine, initial_policy_weights, trained
+):
+    plain = trained()
     over = {**_both(_ds(3)), "train_config.save_interval": 1}
     trainer, z3 = _train(tmp_path / "z3", vllm_engine, initial_policy_weights, **over)
     for part in ("actor", "critic"):
@@ -121,7 +133,7 @@ def test_zero3_trains_syncs_vllm_and_resumes(tmp_path, vllm_engine, initial_poli
 
 
 def test_gradient_checkpointing_gives_the_same_weights(
-    tmp_path, vllm_engine, initial_policy_weights
+    tmp_path, vllm_engine, initial_policy_weights, trained
 ):
     gc = {
         "model_configs.policy.trainer_config.gradient_checkpointing": True,
@@ -133,11 +145,16 @@ def test_gradient_checkpointing_gives_the_same_weights(
     assert not any(
         m.training for m in trainer.actor.model.modules() if isinstance(m, torch.nn.Dropout)
     )
-    _, without = _train(tmp_path / "plain", vllm_engine, initial_policy_weights)
+    without = trained()
     _, zero_gc = _train(
-        tmp_path / "zgc", vllm_engine, initial_policy_weights, **gc, **_both(_ds(2))
+        tmp_path / "zgc",
+        vllm_engine,
+        initial_policy_weights,
+        PIPE_MICRO_BATCH_NUM=4,
+        **gc,
+        **_both(_ds(2)),
     )
-    _, zero = _train(tmp_path / "z", vllm_engine, initial_policy_weights, **_both(_ds(2)))
+    zero = trained(PIPE_MICRO_BATCH_NUM=4, **_both(_ds(2)))
     for part in ("actor", "critic"):
         # The recomputed forward is the same arithmetic: exact, with or without DeepSpeed.
         assert all(torch.equal(with_gc[part][k], without[part][k]) for k in without[part]), (
@@ -164,6 +181,38 @@ class _NanOnFirstStep:
         return [float("nan")] + scores[1:] if self.calls == 1 else scores
 
 
+def _nan_first_step(tmp_path, engine, initial, ds: dict) -> dict:
+    """Two steps, the first batch holding a NaN score: the first update is skipped and leaves
+    the actor's weights as they were. The weights after the second (a finite) step."""
+    # PIPE 1: the reward function sees the whole first batch in its first call.
+    over = {
+        "train_config.on_nonfinite": "skip",
+        "repeater_config.norm_rewards": False,
+        "PIPE_MICRO_BATCH_NUM": 1,
+    }
+    engine.load_weights(initial.items(), version=0)
+    trainer = RLHFTrainer(
+        tiny_config(tmp_path, **over, **ds),
+        engine=engine,
+        reward_fn=_NanOnFirstStep(),
+        console=False,
+    )
+    first = trainer.train_step()
+    assert first["nonfinite_skipped"] == 1.0
+    actor = dict(_named_full_weights(trainer.actor.model, getattr(trainer.actor, "stage", 0)))
+    assert all(torch.equal(actor[k], initial[k]) for k in actor)
+    trainer.train_step()  # a finite step: the dropped NaN gradients must be gone
+    trainer.close()
+    return _weights(trainer)
+
+
+@pytest.fixture(scope="module")
+def nan_plain(tmp_path_factory, vllm_engine, initial_policy_weights):
+    """The plain AdamW run of the NaN case, made once for the three ZeRO settings."""
+    path = tmp_path_factory.mktemp("nan_plain")
+    return _nan_first_step(path, vllm_engine, initial_policy_weights, {})
+
+
 @pytest.mark.parametrize(
     "zero",
     [
@@ -173,33 +222,12 @@ class _NanOnFirstStep:
     ],
 )
 def test_skipped_nonfinite_update_leaves_zero_partitions_clean(
-    tmp_path, vllm_engine, initial_policy_weights, zero
+    tmp_path, vllm_engine, initial_policy_weights, nan_plain, zero
 ):
-    # PIPE 1: the reward function sees the whole first batch in its first call.
-    over = {
-        "train_config.on_nonfinite": "skip",
-        "repeater_config.norm_rewards": False,
-        "PIPE_MICRO_BATCH_NUM": 1,
-    }
-    out = {}
-    for name, ds in (("plain", {}), ("zero", _both(zero))):
-        vllm_engine.load_weights(initial_policy_weights.items(), version=0)
-        trainer = RLHFTrainer(
-            tiny_config(tmp_path / name, **over, **ds),
-            engine=vllm_engine,
-            reward_fn=_NanOnFirstStep(),
-            console=False,
-        )
-        first = trainer.train_step()
-        assert first["nonfinite_skipped"] == 1.0
-        actor = dict(_named_full_weights(trainer.actor.model, getattr(trainer.actor, "stage", 0)))
-        assert all(torch.equal(actor[k], initial_policy_weights[k]) for k in actor)
-        trainer.train_step()  # a finite step: the dropped NaN gradients must be gone
-        trainer.close()
-        out[name] = _weights(trainer)
+    out = _nan_first_step(tmp_path / "zero", vllm_engine, initial_policy_weights, _both(zero))
     for part in ("actor", "critic"):
-        assert all(torch.isfinite(v).all() for v in out["zero"][part].values())
-        assert _max_diff(out["plain"][part], out["zero"][part]) <= TOL
+        assert all(torch.isfinite(v).all() for v in out[part].values())
+        assert _max_diff(nan_plain[part], out[part]) <= TOL
 
 
 def test_a_build_lock_older_than_a_build_is_found(tmp_path):

@@ -123,16 +123,18 @@ def zero2_two_ranks(tmp_path_factory):
 @pytest.mark.parametrize(
     "layout,nproc,extra",
     [
-        # The actor's rank broadcasts to the vLLM worker over a gloo group of their own, as
-        # 'nccl' does on GPUs; the same bytes as through the controller, so the same run.
-        ("one rank per role, gloo_direct", 4, ("train_config.weight_sync_backend=gloo_direct",)),
-        ("actor and reference colocated", 3, ("placement_config.colocate_actor_ref=True",)),
-        # A learned reward model on the critic's rank (REWARD: the tiny reward model's folder).
-        # The actor has a rank of its own here, its weights going through the controller.
+        # One rank per role with 'gloo_direct' (the actor's rank broadcasting to the vLLM
+        # worker) is the kill-and-resume chain's layout below.
+        # Both two-role colocations in one launch (they share no rank): the reference on the
+        # actor's rank, a learned reward model on the critic's (REWARD: the tiny reward
+        # model's folder); the actor's weights go through the controller. The controller
+        # sync from an actor on a rank of its own: the two-engine and data-parallel cases,
+        # and exactly test_zero2_checkpoint_of_two_ranks_resumes_on_one and test_multinode.py.
         (
-            "critic and reward model colocated",
-            4,
+            "actor with reference, critic with reward model",
+            3,
             (
+                "placement_config.colocate_actor_ref=True",
                 "placement_config.colocate_critic_reward=True",
                 "model_configs.reward.model_path=REWARD",
             ),
@@ -146,11 +148,16 @@ def zero2_two_ranks(tmp_path_factory):
                 "placement_config.colocate_actor_critic=True",
             ),
         ),
-        ("two vLLM engines", 5, ("model_configs.policy.generator_config.num_engines=2",)),
+        # Two vLLM engines (the pool's weights through the controller) and the actor on 2
+        # data-parallel ranks, in one launch: rollout, engine 1, actor x 2, critic, reference.
         (
-            "actor on two data-parallel ranks",
-            5,
-            ("model_configs.policy.trainer_config.parallel.data.size=2", "PIPE_MICRO_BATCH_NUM=2"),
+            "two vLLM engines, actor on two data-parallel ranks",
+            6,
+            (
+                "model_configs.policy.generator_config.num_engines=2",
+                "model_configs.policy.trainer_config.parallel.data.size=2",
+                "PIPE_MICRO_BATCH_NUM=2",
+            ),
         ),
         # DeepSpeed: actor and critic each under ZeRO, the actor on 2 data-parallel ranks. With
         # 4 mini-batches of one train chunk each, rank 1 gets no chunk: it joins ZeRO's
@@ -173,8 +180,6 @@ def test_torchrun_equals_single_process(
         proc, work = _torchrun(nproc, tmp_path / "dist", 2, (*extra, SLACK)), tmp_path / "dist"
     _ok(proc)
     assert "trained to step 2" in proc.stdout
-    if "gloo_direct" in layout:
-        assert "rlhf_pipe weight sync: gloo_direct" in proc.stderr
     dist_ckpt = work / "checkpoints" / "step_000002"
     # The one-process run has the same batch split and the same ZeRO stage (ZeRO against
     # plain AdamW is measured in tests/pipeline/test_zero.py).
@@ -259,16 +264,16 @@ def _run_survivors(master_port: bytes) -> list[int]:
     ]
 
 
-@pytest.mark.parametrize("victim", [2, 0])
-def test_killed_rank_stops_every_rank_within_60s(tmp_path, victim):
-    work = tmp_path / "dist"
-    proc = _torchrun(4, work, 200, wait=False)
+def _kill_rank(proc, victim: int, ready) -> str:
+    """Once `ready()` (the run is in its steps), SIGKILL rank `victim` of the 4-rank run
+    `proc`: every rank stops within 60 s, no process of the run outlives it, and torchrun
+    names the dead rank and how it died; the placement line gives its role. Its stderr."""
     try:
         deadline = time.monotonic() + 300
-        while not (work / "metrics.jsonl").exists():  # the run is in its steps
+        while not ready():
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline
-            time.sleep(0.5)
+            time.sleep(0.2)
         pids = _rank_pids(proc.pid)
         assert sorted(pids) == [0, 1, 2, 3], pids
         port = _processes()[1][pids[0]][b"MASTER_PORT"]
@@ -280,80 +285,67 @@ def test_killed_rank_stops_every_rank_within_60s(tmp_path, victim):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
-    assert elapsed < 60, elapsed
+    assert elapsed < 60, (victim, elapsed)
     time.sleep(1)
-    assert not _run_survivors(port), "a process of the run outlived it"
-    # torchrun names the dead rank and how it died; the placement line gives its role.
+    assert not _run_survivors(port), f"a process of the run outlived it (rank {victim} killed)"
     assert f"exitcode: -9) local_rank: {victim}" in stderr, stderr[-3000:]
     assert (
         "rlhf_pipe placement: rank 0 rollout, rank 1 actor, rank 2 critic, rank 3 reference"
         in stderr
     )
+    return stderr
 
 
-def test_kill_then_resume_auto_continues_exactly(tmp_path, vllm_engine, initial_policy_weights):
-    """kill -9 of the critic's rank mid-run, then `--resume auto`: the run goes on from the last
-    whole checkpoint and ends with the weights of an uninterrupted one-process run."""
+def test_killed_ranks_stop_every_rank_and_resume_auto_continues_exactly(
+    tmp_path, vllm_engine, initial_policy_weights
+):
+    """kill -9 of the critic's rank mid-run, `--resume auto`, kill -9 of the controller's rank
+    mid-run, `--resume auto` again through `rlhf-pipe train --nproc auto`: each kill stops
+    every rank within 60 s (_kill_rank), each resume goes on from the last whole checkpoint,
+    and the run ends with the weights of an uninterrupted one-process run, exactly. One rank
+    per role, the actor's rank broadcasting each step's weights to the vLLM worker over a gloo
+    group of their own ('gloo_direct', as 'nccl' does on GPUs): the same bytes as through the
+    controller (that sync's exact runs of this layout: test_zero2_checkpoint_... below and
+    test_multinode.py), so the same run. (Three launches where a launch for each kill, one
+    to resume, one for the launcher and one for this layout took six.)"""
     work = tmp_path / "dist"
-    proc = _torchrun(4, work, 200, ("train_config.save_interval=1",), wait=False)
-    try:
-        deadline = time.monotonic() + 300
-        while not (work / "checkpoints" / "step_000002" / "COMPLETE").exists():
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        os.kill(_rank_pids(proc.pid)[2], signal.SIGKILL)
-        proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
-    done = sorted(p.name for p in (work / "checkpoints").iterdir() if (p / "COMPLETE").exists())
-    last = int(done[-1].removeprefix("step_"))
+    save = ("train_config.save_interval=1", "train_config.weight_sync_backend=gloo_direct")
+    direct = "rlhf_pipe weight sync: gloo_direct"
+
+    def whole() -> list[int]:
+        """The steps of the whole checkpoints (not the step_N.tmp folders being written)."""
+        folders = (work / "checkpoints").glob("step_*")
+        steps = (p.name[5:] for p in folders if (p / "COMPLETE").exists())
+        return sorted(int(n) for n in steps if n.isdigit())
+
+    # The critic's rank, once the first checkpoint is whole.
+    assert direct in _kill_rank(_torchrun(4, work, 200, save, wait=False), 2, lambda: bool(whole()))
+    first = whole()[-1]
+    # The controller's rank, once the resumed run has a whole checkpoint of its own.
+    resumed = _torchrun(4, work, 200, save, wait=False, args=("--resume", "auto"))
+    assert direct in _kill_rank(resumed, 0, lambda: whole()[-1] > first)
+    last = whole()[-1]
     total = last + 2
-    resumed = _torchrun(
-        4, work, total, ("train_config.save_interval=1",), args=("--resume", "auto")
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"trained to step {total}" in resumed.stdout
+    # `rlhf-pipe train --nproc auto` launches torchrun with the placement's 4 ranks and
+    # forwards --max-steps, --work-dir, --resume and --set.
+    cmd = [sys.executable, "-m", "rlhf_pipe", "train", str(TINY_CONFIG), "--nproc", "auto"]
+    cmd += ["--max-steps", str(total), "--work-dir", str(work), "--resume", "auto"]
+    for item in (*(f"{k}={v}" for k, v in QUIET.items()), *save):
+        cmd += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--nproc-per-node 4 -m rlhf_pipe.train" in proc.stdout
+    assert f"trained to step {total}" in proc.stdout
+    assert direct in proc.stderr
+    assert (work / "checkpoints" / f"step_{total:06d}" / "COMPLETE").exists()
     steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-2:] == [last + 1, last + 2]  # the resumed run logged only the new steps
+    assert steps[-2:] == [last + 1, last + 2]  # the last run logged only the new steps
     single = _single_process(tmp_path / "single", vllm_engine, initial_policy_weights, total)
     for part in ("actor", "critic"):
         a = _weights(work / "checkpoints" / f"step_{total:06d}" / part)
         b = _weights(single / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-
-
-def test_rlhf_pipe_train_launches_torchrun_for_one_node(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rlhf_pipe",
-            "train",
-            str(TINY_CONFIG),
-            "--nproc",
-            "auto",
-            "--max-steps",
-            "1",
-            "--work-dir",
-            str(tmp_path / "w"),
-            "--set",
-            "train_config.progress_bar=False",
-            "--set",
-            "train_config.tensorboard=False",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "--nproc-per-node 4 -m rlhf_pipe.train" in proc.stdout
-    assert "trained to step 1" in proc.stdout
-    assert (tmp_path / "w" / "checkpoints" / "step_000001" / "COMPLETE").exists()
 
 
 def test_zero2_checkpoint_of_two_ranks_resumes_on_one(

