@@ -45,7 +45,7 @@ def _prompts(assets) -> list[list[int]]:
     return [tokenizer(json.loads(line)["prompt"])["input_ids"] for line in lines]
 
 
-def _engine(assets, variant: str, **extra):
+def _engine(assets, variant: str):
     from vllm import LLM
 
     kwargs = dict(
@@ -68,7 +68,6 @@ def _engine(assets, variant: str, **extra):
             kwargs["block_size"] = int(m[5:])
         elif m != "nogc":
             raise ValueError(f"unknown variant modifier {m!r}")
-    kwargs.update(extra)
     return LLM(**kwargs)
 
 
@@ -97,11 +96,10 @@ def _generate(llm, prompts, params, collect_garbage: bool = True):
     if not collect_garbage:
         gc.disable()
     start = time.perf_counter()
-    outputs = llm.generate(inputs, params, use_tqdm=False)
+    llm.generate(inputs, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     gc.enable()
-    tokens = [list(c.token_ids) for o in outputs for c in o.outputs]
-    return seconds, tokens
+    return seconds
 
 
 def _timed(llm, prompts, params, repeats: int, collect_garbage: bool = True) -> dict:
@@ -111,7 +109,7 @@ def _timed(llm, prompts, params, repeats: int, collect_garbage: bool = True) -> 
         gc.collect()
         gc.freeze()  # what is alive now is never scanned again
     _generate(llm, prompts, params, collect_garbage)  # warm-up
-    times = [_generate(llm, prompts, params, collect_garbage)[0] for _ in range(repeats)]
+    times = [_generate(llm, prompts, params, collect_garbage) for _ in range(repeats)]
     median = statistics.median(times)
     return {
         "seconds": times,
@@ -131,14 +129,14 @@ def _profile(llm, prompts, params) -> dict:
 
     _generate(llm, prompts, params)  # warm-up
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall, _ = _generate(llm, prompts, params)
+        wall = _generate(llm, prompts, params)
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     kernel_us = sum(e.self_device_time_total for e in kernels)
     top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:12]
     host = cProfile.Profile()
     host.enable()
-    host_wall, _ = _generate(llm, prompts, params)
+    host_wall = _generate(llm, prompts, params)
     host.disable()
     text = io.StringIO()
     pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(30)

